@@ -1,0 +1,819 @@
+"""The aiohttp client of the Insight data bulk import API: calls, auth, regions, retries, errors.
+
+One :class:`InsightClient` wraps one reused ``aiohttp.ClientSession``. Each call is retried with
+stamina on 5xx answers, dropped connections and timeouts, bounded by attempts *and* total time;
+a 429 rate limit waits what the API asks (``Retry-After`` / ``x-ratelimit-reset``) inside the
+same budget. Every other error status maps to one class of :mod:`orchestrator.errors` at once.
+Nothing here logs or formats credentials, request bodies or record contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import enum
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+import stamina
+import structlog
+from aiohttp import payload as aiohttp_payload
+
+from orchestrator.errors import (
+    AccountFullError,
+    ApiError,
+    ApiErrorDetail,
+    AuthenticationError,
+    BadRequestError,
+    BodyTooLargeError,
+    ConfigError,
+    ForbiddenError,
+    NotFoundError,
+    RateLimitedError,
+    TransientError,
+)
+
+__all__ = [
+    "REGIONS",
+    "ClientSettings",
+    "ImportState",
+    "ImportStatus",
+    "ImportSummary",
+    "InsightClient",
+    "RecordFailure",
+    "RetryPolicy",
+    "SubmitReceipt",
+    "parse_error_body",
+]
+
+_log = structlog.get_logger()
+
+#: The regional API hosts; an account lives in exactly one of them.
+REGIONS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "r1": "https://r1-api.dotdigital.com",
+        "r2": "https://r2-api.dotdigital.com",
+        "r3": "https://r3-api.dotdigital.com",
+    }
+)
+
+IMPORT_PATH: Final = "/insightData/v3/import"
+ACCOUNT_INFO_PATH: Final = "/v2/account-info"
+_USER_AGENT: Final = "insight-orchestrator"
+# x-ratelimit-reset is seconds-until-reset in one source and an epoch in another.
+_EPOCH_THRESHOLD: Final = 10**6
+# An API description is short prose; cap what goes into a message anyway.
+_MAX_DESCRIPTION_CHARS: Final = 300
+
+_SUCCESS_WORDS: Final = frozenset({"Finished", "Complete"})
+_FAILURE_WORDS: Final = frozenset(
+    {
+        "Failed",
+        "RejectedByWatchdog",
+        "InvalidFileFormat",
+        "Unknown",
+        "ExceedsAllowedContactLimit",
+        "NotAvailableInThisVersion",
+    }
+)
+_RUNNING_WORDS: Final = frozenset({"NotStarted", "Processing"})
+_unknown_words_seen: set[str] = set()
+
+
+def _check_seconds(name: str, value: object, *, positive: bool) -> None:
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    ):
+        return
+    bound = "> 0" if positive else ">= 0"
+    raise ConfigError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How one API call is retried: capped, jittered, bounded by attempts and by total time.
+
+    Args:
+        attempts: tries per call, the first one included (>= 1).
+        timeout: total seconds one call may take, waits included; a rate-limit wait that would
+            end past it raises :class:`~orchestrator.errors.RateLimitedError` at once.
+        wait_initial: seconds of backoff before the first retry.
+        wait_max: the cap on one backoff, in seconds.
+        wait_jitter: at most this many random seconds added to each backoff.
+    """
+
+    attempts: int = 8
+    timeout: float = 600.0
+    wait_initial: float = 0.5
+    wait_max: float = 30.0
+    wait_jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        if self.attempts < 1:
+            raise ConfigError(f"attempts must be >= 1 (1 = no retry), got {self.attempts}")
+        _check_seconds("timeout", self.timeout, positive=True)
+        for name in ("wait_initial", "wait_max", "wait_jitter"):
+            _check_seconds(name, getattr(self, name), positive=False)
+
+    @classmethod
+    def immediate(cls, *, attempts: int = 8, timeout: float = 30.0) -> RetryPolicy:
+        """A policy that retries without any backoff, for tests and the simulator.
+
+        Args:
+            attempts: tries per call, the first one included.
+            timeout: total seconds one call may take.
+        """
+        return cls(
+            attempts=attempts, timeout=timeout, wait_initial=0.0, wait_max=0.0, wait_jitter=0.0
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientSettings:
+    """Where and as whom the client calls the API; the password never shows in a repr or message.
+
+    Args:
+        username: the API user (``apiuser-…@apiconnector.com``).
+        password: the API user's password.
+        base_url: an explicit API root (e.g. a simulator's); when unset, ``region`` picks the host.
+        region: ``r1`` (Europe), ``r2`` (North America) or ``r3`` (Asia Pacific).
+        integration_token: sent as ``x-ddg-integration-token`` on every call when set.
+        request_timeout: seconds one HTTP request may take, reading the answer included.
+        connect_timeout: seconds to wait for a connection.
+        retry: how each call is retried.
+    """
+
+    username: str
+    password: str = field(repr=False)
+    base_url: str | None = None
+    region: str = "r1"
+    integration_token: str | None = field(default=None, repr=False)
+    request_timeout: float = 120.0
+    connect_timeout: float = 15.0
+    retry: RetryPolicy = RetryPolicy()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.username, str) or not self.username:
+            raise ConfigError("username is empty: set DOTDIGITAL_API_USER to the API user's name")
+        if ":" in self.username:
+            raise ConfigError("username must not contain ':' (HTTP Basic auth cannot carry it)")
+        if not isinstance(self.password, str) or not self.password:
+            raise ConfigError(
+                "password is empty: set DOTDIGITAL_API_PASSWORD to the API user's password"
+            )
+        if self.region not in REGIONS:
+            raise ConfigError(f"region must be one of {', '.join(REGIONS)}, got {self.region!r}")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"base_url must start with https:// (or http:// for a local simulator), "
+                f"got {self.base_url!r}"
+            )
+        _check_seconds("request_timeout", self.request_timeout, positive=True)
+        _check_seconds("connect_timeout", self.connect_timeout, positive=True)
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ClientSettings:
+        """Build settings from ``DOTDIGITAL_API_USER``, ``DOTDIGITAL_API_PASSWORD`` and
+        ``DOTDIGITAL_INTEGRATION_TOKEN``; keyword overrides win over the environment.
+
+        Args:
+            environ: where to read the variables (``os.environ`` by default).
+            overrides: any other field of :class:`ClientSettings` (or a credential to use
+                instead of the environment's).
+        """
+        values: dict[str, Any] = {}
+        for name, var in (
+            ("username", "DOTDIGITAL_API_USER"),
+            ("password", "DOTDIGITAL_API_PASSWORD"),
+        ):
+            if name in overrides:
+                continue
+            value = environ.get(var, "")
+            if not value:
+                raise ConfigError(
+                    f"{var} is not set: export the API user's credentials as "
+                    "DOTDIGITAL_API_USER and DOTDIGITAL_API_PASSWORD"
+                )
+            values[name] = value
+        if "integration_token" not in overrides:
+            values["integration_token"] = environ.get("DOTDIGITAL_INTEGRATION_TOKEN") or None
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+            raise ConfigError(f"unknown client setting(s): {', '.join(unknown)}") from exc
+
+    @property
+    def api_root(self) -> str:
+        """The API root every path is appended to, without a trailing slash."""
+        if self.base_url is not None:
+            return self.base_url.rstrip("/")
+        return REGIONS[self.region]
+
+
+class ImportState(enum.Enum):
+    """Where an import stands, folded from the API's open set of status words."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSummary:
+    """The counts a finished import reports."""
+
+    total_records: int
+    total_imported: int
+    total_rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailure:
+    """One record the API rejected; the record's contents (``json``) are deliberately dropped.
+
+    Args:
+        key: the record's key, when the API named it.
+        reason: the API's ``failureReason`` (an open set of words, e.g. ``DuplicateKey``).
+        details: the API's detail strings.
+        contact_identity: ``(identifier, value)`` for a contact-scope record.
+    """
+
+    key: str | None
+    reason: str
+    details: tuple[str, ...]
+    contact_identity: tuple[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportStatus:
+    """One status answer of an import.
+
+    Args:
+        import_id: the import's id.
+        status: the raw status word the API sent.
+        state: that word folded into running / succeeded / failed.
+        summary: the counts, once the import is finished.
+        failures: the per-record failures, once the import is finished.
+    """
+
+    import_id: str
+    status: str
+    state: ImportState
+    summary: ImportSummary | None
+    failures: tuple[RecordFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitReceipt:
+    """What a successful bulk import submit returned, and what it took.
+
+    Args:
+        import_id: the id the API gave the import.
+        attempts: PUT attempts made (``attempts - 1`` were re-sends).
+        lost_responses: attempts whose answer was lost after the body was fully sent; each may
+            have started a stray import that holds an account slot until it finishes.
+    """
+
+    import_id: str
+    attempts: int
+    lost_responses: int
+
+
+def import_state(word: str) -> ImportState:
+    """Fold an API status word into an :class:`ImportState`; unknown words count as running.
+
+    Args:
+        word: the ``status`` of a status answer.
+    """
+    if word in _SUCCESS_WORDS:
+        return ImportState.SUCCEEDED
+    if word in _FAILURE_WORDS:
+        return ImportState.FAILED
+    if word not in _RUNNING_WORDS and word not in _unknown_words_seen:
+        _unknown_words_seen.add(word)
+        _log.warning("status.unknown_word", status=word)
+    return ImportState.RUNNING
+
+
+def parse_error_body(raw: bytes) -> tuple[str | None, str | None, tuple[ApiErrorDetail, ...]]:
+    """Read ``(errorCode, description, details)`` from an API error body, whatever it holds.
+
+    Both documented detail shapes are read (``{"item", "description"}`` and ``{"item",
+    "error"}``); a body that is not JSON, or not the expected shape, yields ``None``/empty parts.
+
+    Args:
+        raw: the answer's body bytes.
+    """
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None, None, ()
+    if not isinstance(data, dict):
+        return None, None, ()
+    code = data.get("errorCode")
+    description = data.get("description", data.get("message"))
+    details: list[ApiErrorDetail] = []
+    raw_details = data.get("details")
+    if isinstance(raw_details, list):
+        for entry in raw_details:
+            if isinstance(entry, dict):
+                item = entry.get("item")
+                text = entry.get("description", entry.get("error"))
+                details.append(
+                    ApiErrorDetail(
+                        item=str(item) if item is not None else None,
+                        description=str(text) if text is not None else None,
+                    )
+                )
+            elif isinstance(entry, str):
+                details.append(ApiErrorDetail(item=None, description=entry))
+    return (
+        str(code) if code is not None else None,
+        str(description) if description is not None else None,
+        tuple(details),
+    )
+
+
+def _parse_status(import_id: str, data: object) -> ImportStatus:
+    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+        raise ApiError(
+            f"the status answer of import {import_id} has no status word; "
+            "check the base URL points at the Insight data API",
+            status=200,
+        )
+    word: str = data["status"]
+    summary = None
+    raw_summary = data.get("summary")
+    if isinstance(raw_summary, dict):
+        summary = ImportSummary(
+            total_records=int(raw_summary.get("totalRecords") or 0),
+            total_imported=int(raw_summary.get("totalImported") or 0),
+            total_rejected=int(raw_summary.get("totalRejected") or 0),
+        )
+    failures: list[RecordFailure] = []
+    raw_failures = data.get("failures")
+    if isinstance(raw_failures, list):
+        for entry in raw_failures:
+            if isinstance(entry, dict):
+                failures.append(_parse_failure(entry))
+    return ImportStatus(
+        import_id=str(data.get("importId") or import_id),
+        status=word,
+        state=import_state(word),
+        summary=summary,
+        failures=tuple(failures),
+    )
+
+
+def _parse_failure(entry: dict[str, Any]) -> RecordFailure:
+    key = entry.get("key")
+    details = entry.get("details")
+    identity = None
+    owner = entry.get("collectionOwner")
+    if isinstance(owner, dict):
+        contact = owner.get("contactIdentity")
+        if isinstance(contact, dict) and "identifier" in contact and "value" in contact:
+            identity = (str(contact["identifier"]), str(contact["value"]))
+    return RecordFailure(
+        key=str(key) if key is not None else None,
+        reason=str(entry.get("failureReason") or "Unknown"),
+        details=tuple(str(d) for d in details) if isinstance(details, list) else (),
+        contact_identity=identity,
+    )
+
+
+def _rate_limit_wait(headers: Mapping[str, str]) -> float | None:
+    """Seconds the API asks to wait, from ``Retry-After`` else ``x-ratelimit-reset``."""
+    retry_after = headers.get("Retry-After")
+    if retry_after is not None:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(retry_after)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    reset = headers.get("X-RateLimit-Reset")
+    if reset is not None:
+        try:
+            value = float(reset)
+        except ValueError:
+            return None
+        if not math.isfinite(value):
+            return None
+        if value >= _EPOCH_THRESHOLD:
+            return max(0.0, value - time.time())
+        return max(0.0, value)
+    return None
+
+
+def _has_rate_limit_headers(headers: Mapping[str, str]) -> bool:
+    return "Retry-After" in headers or any(
+        name.lower().startswith("x-ratelimit-") for name in headers
+    )
+
+
+class _JsonBody(aiohttp_payload.BytesPayload):
+    """The request body as the caller's bytes object, never copied.
+
+    ``BytesPayload`` warns (``ResourceWarning``) for bodies over 1 MB, but bulk import bodies are
+    up to 50 MB by design and the event loop's transport writes them without blocking.
+    """
+
+    def __init__(self, value: bytes) -> None:
+        aiohttp_payload.Payload.__init__(self, value, content_type="application/json")
+        self._size = len(value)
+
+
+@dataclass(slots=True)
+class _CallState:
+    attempts: int = 0
+    hidden_sends: int = 0
+    lost_responses: int = 0
+    last_reason: str = ""
+    rate_limit_wait: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    data: object
+
+
+class InsightClient:
+    """An async client of the Insight data bulk import API.
+
+    Use it as ``async with InsightClient(settings) as client:``; it opens one
+    ``aiohttp.ClientSession`` (unless given one, which it then leaves open) and reuses it for
+    every call. ``calls`` counts HTTP requests made, retries included; ``lost_responses`` counts
+    PUT answers lost after the body was sent, over the client's life.
+
+    Args:
+        settings: where and as whom to call the API, and how to retry.
+        session: an existing session to use instead of opening one.
+    """
+
+    def __init__(
+        self, settings: ClientSettings, *, session: aiohttp.ClientSession | None = None
+    ) -> None:
+        self.settings = settings
+        self.calls = 0
+        self.lost_responses = 0
+        self._session = session
+        self._owns_session = session is None
+        credentials = f"{settings.username}:{settings.password}".encode()
+        headers = {
+            "Accept": "application/json",
+            "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii"),
+            "User-Agent": _USER_AGENT,
+        }
+        if settings.integration_token:
+            headers["x-ddg-integration-token"] = settings.integration_token
+        self._headers: Mapping[str, str] = MappingProxyType(headers)
+
+    def __repr__(self) -> str:
+        return f"InsightClient(api_root={self.settings.api_root!r}, calls={self.calls})"
+
+    async def __aenter__(self) -> Self:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session if this client opened it; calling it twice is harmless."""
+        if self._owns_session and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            if not self._owns_session:
+                raise ConfigError("the aiohttp session given to InsightClient is closed")
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=self.settings.request_timeout, connect=self.settings.connect_timeout
+                ),
+                raise_for_status=False,
+            )
+            # aiohttp silently re-sends an idempotent request (PUT included) once when the
+            # connection drops; that hidden re-send may start a stray import we could not count,
+            # so our own retry policy is the only one on sessions we own.
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
+        return self._session
+
+    async def submit_import(self, body: bytes) -> SubmitReceipt:
+        """Start a bulk import: ``PUT /insightData/v3/import`` with ``body`` sent as given.
+
+        A PUT whose answer was lost after the body went out is sent again (records are
+        upserted by key, so that is safe) and counted in the receipt's ``lost_responses``.
+
+        Args:
+            body: the complete JSON request body, already encoded; it is never copied.
+
+        Raises:
+            AccountFullError: all import slots of the account are taken (not retried here).
+            BadRequestError: the API refused the body as a whole.
+            BodyTooLargeError: the body is over the API's size limit.
+            RateLimitedError: rate limited beyond the retry budget.
+            TransientError: 5xx / connection failures outlived the retry budget.
+        """
+        answer, state = await self._call("PUT", IMPORT_PATH, body=body)
+        data = answer.data
+        import_id = data.get("importId") if isinstance(data, dict) else None
+        if not isinstance(import_id, str) or not import_id:
+            raise ApiError(
+                f"the import submit answered {answer.status} without an importId; "
+                "check the base URL points at the Insight data API",
+                status=answer.status,
+            )
+        return SubmitReceipt(
+            import_id=import_id,
+            attempts=state.attempts + state.hidden_sends,
+            lost_responses=state.lost_responses,
+        )
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """Read an import's status: ``GET /insightData/v3/import/{import_id}``.
+
+        Args:
+            import_id: the id from :meth:`submit_import`.
+
+        Raises:
+            NotFoundError: the id is unknown or no longer kept.
+            BadRequestError: the id is malformed.
+        """
+        path = f"{IMPORT_PATH}/{quote(import_id, safe='')}"
+        answer, _ = await self._call("GET", path)
+        return _parse_status(import_id, answer.data)
+
+    async def account_api_endpoint(self) -> str:
+        """The account's own API root: the ``ApiEndpoint`` property of ``GET /v2/account-info``.
+
+        Call it on any region's host to learn which region the account lives in.
+        """
+        answer, _ = await self._call("GET", ACCOUNT_INFO_PATH)
+        data = answer.data
+        properties = data.get("properties") if isinstance(data, dict) else None
+        if isinstance(properties, list):
+            for prop in properties:
+                if isinstance(prop, dict) and prop.get("name") == "ApiEndpoint":
+                    value = prop.get("value")
+                    if isinstance(value, str) and value:
+                        return value.rstrip("/")
+        raise ApiError(
+            "the account-info answer has no ApiEndpoint property; "
+            "check the base URL points at the Dotdigital API",
+            status=answer.status,
+        )
+
+    async def _call(
+        self, method: str, path: str, *, body: bytes | None = None
+    ) -> tuple[_Answer, _CallState]:
+        policy = self.settings.retry
+        state = _CallState()
+        clock = time.monotonic
+        deadline = clock() + policy.timeout
+
+        def backoff(exc: Exception) -> bool | float:
+            if isinstance(exc, RateLimitedError):
+                wait = state.rate_limit_wait
+                if wait is None:
+                    return True
+                # Sleeping past the budget only to fail is worse than telling the caller now.
+                return wait if wait <= deadline - clock() else False
+            return isinstance(exc, TransientError)
+
+        try:
+            async for attempt in stamina.retry_context(
+                on=backoff,
+                attempts=policy.attempts,
+                timeout=policy.timeout,
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            ):
+                with attempt:
+                    state.attempts = attempt.num
+                    if attempt.num > 1:
+                        _log.info(
+                            "api.retrying",
+                            method=method,
+                            path=path,
+                            attempt=attempt.num,
+                            reason=state.last_reason,
+                        )
+                        if body is not None:
+                            _log.info(
+                                "import.put_retry", attempt=attempt.num, reason=state.last_reason
+                            )
+                    remaining = max(deadline - clock(), 0.001)
+                    return await self._once(method, path, body, state, remaining), state
+        except TransientError as exc:
+            raise TransientError(
+                f"{method} {path} failed {state.attempts} time(s) within "
+                f"{policy.timeout:g} s, last: {exc}; the API or the network is unwell: "
+                "try again later",
+                status=exc.status,
+                error_code=exc.error_code,
+                description=exc.description,
+                details=exc.details,
+            ) from exc
+        except RateLimitedError as exc:
+            raise RateLimitedError(
+                f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
+                f"the API asks to wait {exc.retry_after:g} s, beyond the call's budget of "
+                f"{policy.timeout:g} s: lower the call rate or wait, then retry",
+                retry_after=exc.retry_after,
+                status=exc.status,
+                error_code=exc.error_code,
+                description=exc.description,
+                details=exc.details,
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(
+        self, method: str, path: str, body: bytes | None, state: _CallState, remaining: float
+    ) -> _Answer:
+        session = self._ensure_session()
+        timeout = aiohttp.ClientTimeout(
+            total=min(self.settings.request_timeout, remaining),
+            connect=self.settings.connect_timeout,
+        )
+        # The tracker tells whether the body was fully sent, and how many times aiohttp itself
+        # sent the request (a session not opened by us may re-send once on a dropped connection).
+        tracker = aiohttp.UploadTracker()
+        try:
+            async with session.request(
+                method,
+                self.settings.api_root + path,
+                data=_JsonBody(body) if body is not None else None,
+                headers=self._headers,
+                timeout=timeout,
+                allow_redirects=False,
+                upload_tracker=tracker,
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = resp.headers
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "connection"
+            reason = f"{kind} ({type(exc).__name__})"
+            self._count_sends(tracker, state, body)
+            if body is not None and _fully_sent(tracker):
+                state.lost_responses += 1
+                self.lost_responses += 1
+                reason = f"lost response: {reason} after the body was sent"
+            state.last_reason = reason
+            _log.warning(
+                "api.call_failed",
+                method=method,
+                path=path,
+                status=0,
+                error_code=None,
+                attempt=state.attempts,
+                reason=reason,
+            )
+            raise TransientError(f"{method} {path}: {reason}", status=0) from exc
+        self._count_sends(tracker, state, body)
+        if 200 <= status < 300:
+            try:
+                return _Answer(status, orjson.loads(raw) if raw else None)
+            except orjson.JSONDecodeError:
+                raise ApiError(
+                    f"{method} {path} answered {status} with a body that is not JSON; "
+                    "check the base URL points at the Dotdigital API",
+                    status=status,
+                ) from None
+        error = self._error_for(method, path, status, headers, raw, state, put=body is not None)
+        _log.warning(
+            "api.call_failed",
+            method=method,
+            path=path,
+            status=status,
+            error_code=error.error_code,
+            attempt=state.attempts,
+        )
+        raise error
+
+    def _count_sends(
+        self, tracker: aiohttp.UploadTracker, state: _CallState, body: bytes | None
+    ) -> None:
+        sends = max(tracker.attempts, 1)
+        self.calls += sends
+        if sends > 1:
+            # Hidden re-sends follow a dropped connection whose fate is unknown: count each as
+            # a possibly lost response, the safe side for slot accounting.
+            state.hidden_sends += sends - 1
+            if body is not None:
+                state.lost_responses += sends - 1
+                self.lost_responses += sends - 1
+
+    def _error_for(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        headers: Mapping[str, str],
+        raw: bytes,
+        state: _CallState,
+        *,
+        put: bool,
+    ) -> ApiError:
+        code, description, details = parse_error_body(raw)
+        fields: dict[str, Any] = {
+            "status": status,
+            "error_code": code,
+            "description": description,
+            "details": details,
+        }
+        said = f"{status}" + (f" {code}" if code else "")
+        if description:
+            said += f": {description[:_MAX_DESCRIPTION_CHARS]}"
+        what = f"{method} {path} answered {said}"
+        if status == 429:
+            full = code is not None and "toomanyactiveimports" in code.lower()
+            if full or (put and not _has_rate_limit_headers(headers)):
+                return AccountFullError(
+                    f"{what}; every import slot of the account is taken (by this run, a lost "
+                    "submit or another integration): wait for an import to finish, then submit "
+                    "again",
+                    **fields,
+                )
+            wait = _rate_limit_wait(headers)
+            state.rate_limit_wait = wait
+            state.last_reason = "rate limited"
+            _log.warning(
+                "api.rate_limited",
+                method=method,
+                path=path,
+                wait_s=wait,
+                scope=headers.get("X-RateLimit-Scope"),
+                limit=headers.get("X-RateLimit-Limit"),
+            )
+            retry_after = wait if wait is not None else self.settings.retry.wait_max
+            return RateLimitedError(
+                f"{what}; rate limited: wait {retry_after:g} s", retry_after=retry_after, **fields
+            )
+        if status >= 500:
+            state.last_reason = f"server error {status}"
+            return TransientError(what, **fields)
+        if status == 401:
+            return AuthenticationError(
+                f"{what}; the API user or password was refused: check DOTDIGITAL_API_USER and "
+                "DOTDIGITAL_API_PASSWORD (and DOTDIGITAL_INTEGRATION_TOKEN if set)",
+                **fields,
+            )
+        if status == 403:
+            return ForbiddenError(
+                f"{what}; access denied by {self.settings.api_root}: wrong region? the account "
+                "may live on another regional host: check --region / --base-url (the "
+                "ApiEndpoint of /v2/account-info names the right one)",
+                **fields,
+            )
+        if status == 404:
+            return NotFoundError(
+                f"{what}; not found: the import id is unknown or no longer kept", **fields
+            )
+        if status == 400:
+            return BadRequestError(
+                f"{what}; the request was refused as a whole: see the error's details", **fields
+            )
+        if status == 413:
+            return BodyTooLargeError(
+                f"{what}; the body is over the API's size limit: split the batch and send the "
+                "parts",
+                **fields,
+            )
+        return ApiError(f"{what}; unexpected answer", **fields)
+
+
+def _fully_sent(tracker: aiohttp.UploadTracker) -> bool:
+    done = tracker.upload_complete
+    return done.done() and not done.cancelled() and done.exception() is None

@@ -1,0 +1,941 @@
+"""The pipeline: producer -> batcher -> slot gate -> submit -> poller -> outcome.
+
+One run imports one stream of records into one collection:
+
+- the **producer** reads inputs chunk by chunk (blocking reads and validation happen in worker
+  threads), feeds the batch assembler and seals batches into the journal. It holds at most
+  ``max_concurrent + 1`` unfinished batches, so memory stays flat whatever the input size;
+- each sealed batch gets a **batch task**: it waits for the batches it depends on (an earlier batch
+  holding one of its keys: last write wins), takes one of the account's slots, submits, polls until
+  a terminal status, maps failures back to the records' sources, records the outcome and frees the
+  slot.
+
+Everything runs inside one task group owned by the caller's ``await``: leaving it waits for or
+cancels every task. The journal makes each step durable, so a crashed run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import orjson
+import structlog
+from anyio.abc import TaskGroup
+
+from orchestrator.batching import Batch, BatchAssembler, RecordRef
+from orchestrator.client import ImportState, ImportStatus, InsightClient
+from orchestrator.errors import (
+    AccountFullError,
+    BadRequestError,
+    BodyTooLargeError,
+    JournalMismatch,
+    NotFoundError,
+    OrchestratorError,
+    RateLimitedError,
+    RecordError,
+    TransientError,
+)
+from orchestrator.journal import (
+    BatchPhase,
+    DeadLetter,
+    InputProgress,
+    Journal,
+    MemoryJournal,
+    RunSpec,
+    StoredBatch,
+)
+from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
+from orchestrator.polling import PollPlanner
+from orchestrator.records import (
+    Collection,
+    EncodedRecord,
+    RejectedRecord,
+    Source,
+    encode_line,
+    encode_lines,
+    encode_record,
+)
+from orchestrator.settings import Settings
+from orchestrator.sources import JsonLinesReader
+
+__all__ = ["Orchestrator"]
+
+log = structlog.get_logger("orchestrator.engine")
+
+OutcomeHandler = Callable[[ImportOutcome], Any]
+
+# How many records of an iterable are encoded between two yields to the event loop.
+_ITERABLE_CHUNK = 2_000
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Validated records of consecutive lines of one input."""
+
+    results: list[EncodedRecord | RejectedRecord]
+    first_line: int
+    last_line: int
+    digest_through: Callable[[int], str]
+
+
+class _Input(Protocol):
+    origin: str
+
+    async def skip(self, lines: int) -> str: ...
+
+    def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
+        """Chunks in order; ``None`` when the input pauses (seal what is pending)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _FileInput:
+    def __init__(self, path: str) -> None:
+        self._reader = JsonLinesReader(path)
+        self.origin = self._reader.origin
+
+    async def skip(self, lines: int) -> str:
+        return await self._reader.skip(lines)
+
+    async def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
+        async for chunk in self._reader.chunks():
+            results = await anyio.to_thread.run_sync(
+                lambda c=chunk: encode_lines(
+                    c.lines, collection, origin=c.origin, first_line=c.first_line
+                )
+            )
+            yield _Chunk(results, chunk.first_line, chunk.last_line, chunk.digest_through)
+
+    async def aclose(self) -> None:
+        await self._reader.aclose()
+
+
+class _IterableInput:
+    """Records from an iterable or async iterable of mappings (or JSON lines as bytes).
+
+    An async iterable is drained by a pump task into a bounded stream, so a pause in the source
+    can be noticed (and the pending batch sealed) without cancelling the iterator itself.
+    """
+
+    origin = "<records>"
+
+    def __init__(
+        self, records: Iterable[Any] | AsyncIterable[Any], task_group: TaskGroup, seal_after: float
+    ) -> None:
+        self._records = records
+        self._task_group = task_group
+        self._seal_after = seal_after
+        self._skip = 0
+
+    async def skip(self, lines: int) -> str:
+        self._skip = lines
+        return ""
+
+    async def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
+        if isinstance(self._records, AsyncIterable):
+            async for chunk in self._async_chunks(self._records, collection):
+                yield chunk
+            return
+        position = 0
+        batch: list[EncodedRecord | RejectedRecord] = []
+        for item in self._records:
+            position += 1
+            if position <= self._skip:
+                continue
+            batch.append(_encode_item(item, collection, position))
+            if len(batch) >= _ITERABLE_CHUNK:
+                yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
+                batch = []
+                await anyio.lowlevel.checkpoint()
+        if batch:
+            yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
+
+    async def _async_chunks(
+        self, records: AsyncIterable[Any], collection: Collection
+    ) -> AsyncIterator[_Chunk | None]:
+        send, receive = anyio.create_memory_object_stream[Any](_ITERABLE_CHUNK)
+
+        async def pump() -> None:
+            async with send:
+                async for item in records:
+                    await send.send(item)
+
+        self._task_group.start_soon(pump)
+        position = 0
+        async with receive:
+            while True:
+                item: Any = _PAUSE
+                with anyio.move_on_after(self._seal_after):
+                    try:
+                        item = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                if item is _PAUSE:
+                    yield None
+                    continue
+                position += 1
+                if position <= self._skip:
+                    continue
+                batch = [_encode_item(item, collection, position)]
+                while len(batch) < _ITERABLE_CHUNK:  # take what is already there, without waiting
+                    try:
+                        item = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    except anyio.EndOfStream:
+                        yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
+                        return
+                    position += 1
+                    batch.append(_encode_item(item, collection, position))
+                yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
+
+    async def aclose(self) -> None:
+        return None
+
+
+_PAUSE = object()
+
+
+def _no_digest(count: int) -> str:
+    return ""
+
+
+def _encode_item(item: Any, collection: Collection, position: int) -> EncodedRecord | RejectedRecord:
+    source = Source("<records>", position)
+    try:
+        if isinstance(item, bytes | bytearray | memoryview):
+            return encode_line(bytes(item), collection, source=source)
+        return encode_record(item, collection, source=source)
+    except RecordError as error:
+        return RejectedRecord(error=error, raw=_raw_of(item))
+
+
+def _raw_of(item: Any) -> bytes:
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    try:
+        return orjson.dumps(item, default=str)
+    except TypeError:
+        return b"null"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(slots=True, eq=False)
+class _BatchTask:
+    """The in-memory side of one unfinished batch."""
+
+    batch_id: int
+    record_count: int
+    body_bytes: int
+    refs: list[RecordRef]
+    depends_on: tuple[int, ...]
+    body: bytes | None = None  # held until the first PUT; reloaded from the journal if needed
+    import_id: str | None = None
+    attempts: int = 0
+    polls: int = 0
+    resubmits: int = 0
+    submitted_at: float | None = None
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Orchestrator:
+    """Imports records into Dotdigital Insight data collections, as fast as one account allows.
+
+    Use it as an async context manager; it owns one :class:`asyncio.Semaphore` of
+    ``settings.max_concurrent`` import slots for the client's account, shared by every run started
+    from it (so two concurrent :meth:`import_records` calls together respect the API's limit).
+
+    Args:
+        client: the API client of one account; entered and closed with the orchestrator.
+        settings: batching, slot and polling settings (production defaults when omitted).
+    """
+
+    def __init__(self, client: InsightClient, settings: Settings | None = None) -> None:
+        self.client = client
+        self.settings = settings if settings is not None else Settings()
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent)
+        self._planner = PollPlanner(
+            poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
+        )
+        self._entered = False
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.client.__aenter__()
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._entered = False
+        await self.client.aclose()
+
+    async def import_records(
+        self,
+        collection: Collection,
+        records: Iterable[Any] | AsyncIterable[Any],
+        *,
+        journal: Journal | None = None,
+        on_outcome: OutcomeHandler | None = None,
+        stats: RunStats | None = None,
+    ) -> ImportResult:
+        """Import records from an iterable or async iterable into ``collection``.
+
+        Records are mappings ``{"key", "json", "contactIdentity"?}`` (or JSON lines as bytes).
+        Invalid records do not stop the run: they end in ``result.dead_letters`` with their
+        position and the rule they broke.
+
+        Args:
+            collection: where the records go (name, scope, type).
+            records: the records, in order; for one key the last occurrence wins.
+            journal: durable state to resume from; in memory when omitted.
+            on_outcome: called with each :class:`ImportOutcome` as its batch ends.
+            stats: live counters to update (for a progress display).
+        """
+        return await self._run(
+            collection,
+            lambda tg: [_IterableInput(records, tg, self.settings.seal_after)],
+            inputs=("<records>",),
+            journal=journal,
+            on_outcome=on_outcome,
+            stats=stats,
+        )
+
+    async def import_files(
+        self,
+        collection: Collection,
+        paths: Sequence[str],
+        *,
+        journal: Journal | None = None,
+        fresh: bool = False,
+        on_outcome: OutcomeHandler | None = None,
+        stats: RunStats | None = None,
+    ) -> ImportResult:
+        """Import JSON Lines files (``.gz`` allowed, ``-`` for stdin) into ``collection``.
+
+        Args:
+            collection: where the records go.
+            paths: input files, read in order.
+            journal: durable state; with the same journal a re-run resumes after a crash.
+            fresh: discard what the journal holds and start over.
+            on_outcome: called with each :class:`ImportOutcome` as its batch ends.
+            stats: live counters to update (for a progress display).
+        """
+        return await self._run(
+            collection,
+            lambda tg: [_FileInput(path) for path in paths],
+            inputs=tuple(paths),
+            journal=journal,
+            fresh=fresh,
+            on_outcome=on_outcome,
+            stats=stats,
+        )
+
+    async def _run(
+        self,
+        collection: Collection,
+        make_inputs: Callable[[TaskGroup], list[_Input]],
+        *,
+        inputs: tuple[str, ...],
+        journal: Journal | None,
+        fresh: bool = False,
+        on_outcome: OutcomeHandler | None,
+        stats: RunStats | None,
+    ) -> ImportResult:
+        if not self._entered:
+            raise OrchestratorError(
+                "the Orchestrator is not open: use `async with Orchestrator(client) as orch:`"
+            )
+        own_journal = journal is None
+        journal = journal if journal is not None else MemoryJournal()
+        run = _Run(
+            orchestrator=self,
+            collection=collection,
+            journal=journal,
+            on_outcome=on_outcome,
+            stats=stats if stats is not None else RunStats(),
+        )
+        try:
+            spec = RunSpec(
+                collection=collection.name,
+                scope=str(collection.scope),
+                collection_type=collection.type,
+                inputs=inputs,
+                account=_account_id(self.client),
+            )
+            return await run.execute(spec, make_inputs, fresh=fresh)
+        finally:
+            if own_journal:
+                await journal.close()
+
+
+def _account_id(client: InsightClient) -> str:
+    """An opaque id of the client's account (API root and user, hashed; never the password)."""
+    identity = f"{client.settings.api_root}\0{client.settings.username}".encode()
+    return hashlib.sha256(identity).hexdigest()[:16]
+
+
+class _Run:
+    def __init__(
+        self,
+        *,
+        orchestrator: Orchestrator,
+        collection: Collection,
+        journal: Journal,
+        on_outcome: OutcomeHandler | None,
+        stats: RunStats,
+    ) -> None:
+        self.orch = orchestrator
+        self.settings = orchestrator.settings
+        self.client = orchestrator.client
+        self.collection = collection
+        self.journal = journal
+        self.on_outcome = on_outcome
+        self.stats = stats
+        self.planner = orchestrator._planner
+        self.tasks: dict[int, _BatchTask] = {}
+        # identity -> batch id of the newest unfinished batch holding that identity
+        self.in_flight: dict[object, int] = {}
+        self.capacity = anyio.Semaphore(self.settings.max_concurrent + 1)
+
+    # ----------------------------------------------------------------- the run
+
+    async def execute(
+        self,
+        spec: RunSpec,
+        make_inputs: Callable[[TaskGroup], list[_Input]],
+        *,
+        fresh: bool,
+    ) -> ImportResult:
+        started = time.monotonic()
+        state = await self.journal.open(spec, fresh=fresh)
+        if state.complete:
+            log.info("run.nothing_to_do", collection=self.collection.name)
+            return await self._result(started, nothing_to_do=True)
+        if not state.fresh:
+            log.info(
+                "run.resumed",
+                collection=self.collection.name,
+                unfinished_batches=len(state.unfinished),
+                lines_done=[progress.lines for progress in state.inputs],
+            )
+        with structlog.contextvars.bound_contextvars(collection=self.collection.name):
+            async with anyio.create_task_group() as tg:
+                for stored in state.unfinished:
+                    await self._resume_batch(tg, stored)
+                inputs = make_inputs(tg)
+                try:
+                    await self._produce(tg, inputs, state.inputs)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        for source in inputs:
+                            await source.aclose()
+        await self.journal.mark_complete()
+        return await self._result(started, nothing_to_do=False)
+
+    async def _result(self, started: float, *, nothing_to_do: bool) -> ImportResult:
+        return ImportResult(
+            collection=self.collection.name,
+            counters=await self.journal.counters(),
+            imports=tuple(await self.journal.batches()),
+            dead_letters=tuple(await self.journal.dead_letters()),
+            duration_s=time.monotonic() - started,
+            nothing_to_do=nothing_to_do,
+        )
+
+    # ----------------------------------------------------------------- producer
+
+    async def _produce(
+        self, tg: TaskGroup, inputs: list[_Input], progress: Sequence[InputProgress]
+    ) -> None:
+        producer = _Producer(self, tg)
+        for index, source in enumerate(inputs):
+            done = progress[index] if index < len(progress) else None
+            if done is not None and done.done:
+                continue
+            if done is not None and done.lines:
+                digest = await source.skip(done.lines)
+                if digest and done.digest and digest != done.digest:
+                    raise JournalMismatch(
+                        f"{source.origin} changed since the journal recorded its first "
+                        f"{done.lines} lines; re-run with --fresh to import it anew, or restore "
+                        "the original file to resume"
+                    )
+            await producer.consume(index, source)
+        await producer.finish()
+
+    async def _launch(self, tg: TaskGroup, task: _BatchTask) -> None:
+        self.tasks[task.batch_id] = task
+        for ref in task.refs:
+            self.in_flight[ref.identity] = task.batch_id
+        tg.start_soon(self._run_batch, task, name=f"batch-{task.batch_id}")
+
+    async def _resume_batch(self, tg: TaskGroup, stored: StoredBatch) -> None:
+        await self.capacity.acquire()
+        refs = await self.journal.load_refs(stored.batch_id)
+        task = _BatchTask(
+            batch_id=stored.batch_id,
+            record_count=stored.record_count,
+            body_bytes=stored.body_bytes,
+            refs=refs,
+            depends_on=tuple(d for d in stored.depends_on if d in self.tasks),
+            import_id=stored.import_id if stored.phase is BatchPhase.SUBMITTED else None,
+            attempts=stored.attempts,
+            polls=stored.polls,
+            resubmits=stored.resubmits,
+            submitted_at=stored.submitted_at,
+        )
+        await self._launch(tg, task)
+
+    # ----------------------------------------------------------------- one batch
+
+    async def _run_batch(self, task: _BatchTask) -> None:
+        try:
+            for dependency in task.depends_on:
+                waiting_for = self.tasks.get(dependency)
+                if waiting_for is not None:
+                    await waiting_for.finished.wait()
+            if self._slots_full():
+                log.debug("slot.waiting", batch_id=task.batch_id)
+            async with self.orch._slots:
+                self.stats.imports_in_flight += 1
+                try:
+                    outcome = await self._import_batch(task)
+                finally:
+                    self.stats.imports_in_flight -= 1
+            self.stats.imports_finished += 1
+            self.stats.records_imported += outcome.imported
+            self.stats.records_failed += len(outcome.failures)
+            if self.on_outcome is not None:
+                result = self.on_outcome(outcome)
+                if hasattr(result, "__await__"):
+                    await result
+        finally:
+            for ref in task.refs:
+                if self.in_flight.get(ref.identity) == task.batch_id:
+                    del self.in_flight[ref.identity]
+            task.finished.set()
+            self.tasks.pop(task.batch_id, None)
+            self.capacity.release()
+
+    def _slots_full(self) -> bool:
+        return self.orch._slots.locked()
+
+    async def _import_batch(self, task: _BatchTask) -> ImportOutcome:
+        """Submit and poll until the batch ends; resubmit a Failed import a bounded number of times."""
+        while True:
+            if task.import_id is None:
+                error = await self._submit(task)
+                if error is not None:
+                    return await self._give_up(task, status=error[0], message=error[1])
+            status = await self._poll_until_done(task)
+            if status is not None and status.state is ImportState.SUCCEEDED:
+                return await self._succeed(task, status)
+            # Failed, or forgotten by the API (404 on a known id): send it again, a bounded
+            # number of times (upsert by key makes a repeat harmless).
+            word = status.status if status is not None else "importNotFound"
+            if task.resubmits < self.settings.max_resubmits:
+                log.warning(
+                    "import.resubmitting",
+                    batch_id=task.batch_id,
+                    import_id=task.import_id,
+                    status=word,
+                    resubmits=task.resubmits + 1,
+                )
+                task.resubmits += 1
+                await self.journal.mark_resubmit(task.batch_id)
+                task.import_id = None
+                continue
+            return await self._give_up(
+                task,
+                status=word,
+                message=(
+                    f"the import ended {word!r} {task.resubmits + 1} times; "
+                    "the records were not imported"
+                ),
+            )
+
+    async def _submit(self, task: _BatchTask) -> tuple[str, str] | None:
+        """PUT the batch's body; on success ``task.import_id`` is set, else (status, message)."""
+        body = task.body if task.body is not None else await self.journal.load_body(task.batch_id)
+        full_waits = 0
+        while True:
+            await self.journal.mark_submitting(task.batch_id)
+            try:
+                # A submit in progress is finished even when the run is being cancelled: the
+                # import id is worth recording (else the import is in doubt and sent again).
+                with anyio.CancelScope(shield=True):
+                    receipt = await self.client.submit_import(body)
+                    task.attempts += receipt.attempts
+                    task.import_id = receipt.import_id
+                    task.submitted_at = time.time()
+                    await self.journal.mark_submitted(
+                        task.batch_id, receipt.import_id, task.submitted_at
+                    )
+            except AccountFullError:
+                task.attempts += 1
+                full_waits += 1
+                await self.journal.add_counters({"account_full_waits": 1})
+                limit = self.settings.max_account_full_waits
+                if limit is not None and full_waits > limit:
+                    raise
+                wait = min(
+                    self.settings.account_full_wait * 2 ** (full_waits - 1), self.settings.poll_max
+                )
+                wait *= random.uniform(0.8, 1.2)
+                log.warning(
+                    "slot.account_full", batch_id=task.batch_id, wait_s=round(wait, 3), waits=full_waits
+                )
+                await anyio.sleep(wait)
+                continue
+            except RateLimitedError as error:
+                log.warning("api.rate_limit_wait", batch_id=task.batch_id, wait_s=error.retry_after)
+                await anyio.sleep(error.retry_after)
+                continue
+            except BodyTooLargeError as error:
+                return ("BodyTooLarge", _api_message(error, "lower --max-body-bytes"))
+            except BadRequestError as error:
+                return (error.error_code or "BadRequest", _api_message(error, "fix the records"))
+            task.body = None
+            if receipt.lost_responses:
+                await self.journal.add_counters({"lost_responses": receipt.lost_responses})
+            log.info(
+                "import.submitted",
+                batch_id=task.batch_id,
+                import_id=receipt.import_id,
+                records=task.record_count,
+                body_bytes=task.body_bytes,
+                attempts=receipt.attempts,
+                lost_responses=receipt.lost_responses,
+            )
+            return None
+
+    async def _poll_until_done(self, task: _BatchTask) -> ImportStatus | None:
+        """Poll within [poll_min, poll_max]; the finished status, or None if the import is unknown."""
+        assert task.import_id is not None
+        settings = self.settings
+        submitted = anyio.current_time()
+        # Measured from the answer of the previous call (the later end), so that even seen from
+        # the server two polls are never closer than poll_min.
+        last_answer = submitted
+        running_at: float | None = None
+        errors_in_row = 0
+        while True:
+            elapsed = anyio.current_time() - submitted
+            delay = self.planner.next_delay(records=task.record_count, elapsed=elapsed)
+            await anyio.sleep(max(0.0, last_answer + delay - anyio.current_time()))
+            asked_at = anyio.current_time()
+            try:
+                status = await self.client.import_status(task.import_id)
+            except NotFoundError:
+                log.warning("import.forgotten", batch_id=task.batch_id, import_id=task.import_id)
+                return None
+            except RateLimitedError as error:
+                # The API asked us to wait: the only case where polls may be further apart.
+                await anyio.sleep(error.retry_after)
+                last_answer = anyio.current_time()
+                continue
+            except TransientError:
+                errors_in_row += 1
+                if errors_in_row >= settings.status_error_budget:
+                    raise
+                last_answer = anyio.current_time()
+                continue
+            finally:
+                task.polls += 1
+            errors_in_row = 0
+            last_answer = anyio.current_time()
+            await self.journal.mark_polled(task.batch_id, task.polls)
+            if status.state is ImportState.RUNNING:
+                running_at = asked_at - submitted
+                continue
+            if status.state is ImportState.SUCCEEDED:
+                self.planner.observe(
+                    records=task.record_count,
+                    running_at=running_at,
+                    finished_by=asked_at - submitted,
+                )
+            return status
+
+    async def _succeed(self, task: _BatchTask, status: ImportStatus) -> ImportOutcome:
+        failures = _map_failures(task, status)
+        imported = task.record_count - len(failures)
+        return await self._finish(task, status.status, imported, failures)
+
+    async def _give_up(self, task: _BatchTask, *, status: str, message: str) -> ImportOutcome:
+        failures = tuple(
+            DeadLetter(
+                source=str(ref.source) if ref.source is not None else None,
+                key=ref.key,
+                reason=status,
+                message=message,
+                import_id=task.import_id,
+            )
+            for ref in task.refs
+        )
+        return await self._finish(task, status, 0, failures)
+
+    async def _finish(
+        self, task: _BatchTask, status: str, imported: int, failures: tuple[DeadLetter, ...]
+    ) -> ImportOutcome:
+        finished_at = time.time()
+        await self.journal.mark_finished(
+            task.batch_id,
+            status=status,
+            imported=imported,
+            dead_letters=failures,
+            finished_at=finished_at,
+            counters={"records_imported": imported, "records_failed": len(failures)},
+        )
+        log.info(
+            "import.finished",
+            batch_id=task.batch_id,
+            import_id=task.import_id,
+            status=status,
+            records=task.record_count,
+            imported=imported,
+            failed=len(failures),
+            body_bytes=task.body_bytes,
+            attempts=task.attempts,
+            polls=task.polls,
+            resubmits=task.resubmits,
+            duration_s=round(finished_at - task.submitted_at, 3) if task.submitted_at else None,
+        )
+        return ImportOutcome(
+            batch_id=task.batch_id,
+            import_id=task.import_id,
+            status=status,
+            records=task.record_count,
+            imported=imported,
+            failures=failures,
+            body_bytes=task.body_bytes,
+            attempts=task.attempts,
+            polls=task.polls,
+            submitted_at=task.submitted_at,
+            finished_at=finished_at,
+        )
+
+
+def _api_message(error: OrchestratorError, advice: str) -> str:
+    return f"the API refused the whole import ({error}); {advice}"
+
+
+def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, ...]:
+    """Per-record failures of the API, mapped back to the records' sources."""
+    if not status.failures:
+        return ()
+    by_identity: dict[object, RecordRef] = {ref.identity: ref for ref in task.refs}
+    by_key: dict[str, RecordRef] = {}
+    for ref in task.refs:
+        by_key.setdefault(ref.key, ref)
+    letters = []
+    for failure in status.failures:
+        ref: RecordRef | None = None
+        if failure.key is not None:
+            if failure.contact_identity is not None:
+                ref = by_identity.get((*failure.contact_identity, failure.key))
+            if ref is None:
+                ref = by_identity.get(failure.key) or by_key.get(failure.key)
+        letters.append(
+            DeadLetter(
+                source=str(ref.source) if ref is not None and ref.source is not None else None,
+                key=failure.key,
+                reason=failure.reason,
+                message=f"the API rejected the record: {failure.reason}",
+                details=failure.details,
+                import_id=task.import_id,
+            )
+        )
+    return tuple(letters)
+
+
+# --------------------------------------------------------------------------- producer
+
+
+def _progress_after(index: int, chunk: _Chunk) -> InputProgress:
+    """Progress through the last line of ``chunk``."""
+    return InputProgress(
+        index=index,
+        lines=chunk.last_line,
+        digest=chunk.digest_through(chunk.last_line - chunk.first_line + 1),
+    )
+
+
+class _Producer:
+    """Turns inputs into sealed batches, saving input progress with each seal.
+
+    Records go to the *main* batch, except those whose identity is still in an unfinished import:
+    those go to a *held* batch that depends on the imports holding their keys, so the newer
+    version can never be applied before the older one (last write wins) while the main stream
+    keeps all slots busy. The held batch is sealed together with the main one, so every line
+    before the progress mark is in a sealed batch or dead-lettered: a crash loses nothing and
+    re-sends nothing that was sealed.
+    """
+
+    def __init__(self, run: _Run, tg: TaskGroup) -> None:
+        self.run = run
+        self.tg = tg
+        self.main = BatchAssembler(
+            run.collection, max_body_bytes=run.settings.max_body_bytes, on_superseded=self._superseded
+        )
+        self.held = BatchAssembler(
+            run.collection, max_body_bytes=run.settings.max_body_bytes, on_superseded=self._superseded
+        )
+        self.held_depends_on: set[int] = set()
+        self.dead_letters: list[DeadLetter] = []
+        self.counters: dict[str, int] = {}
+        # inputs read to the end whose last records are still in an open batch
+        self.finished_inputs: list[InputProgress] = []
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _superseded(self, record: EncodedRecord) -> None:
+        self._count("records_superseded")
+
+    async def consume(self, index: int, source: _Input) -> None:
+        run = self.run
+        last: _Chunk | None = None
+        async for chunk in source.chunks(run.collection):
+            if chunk is None:  # the source paused: do not keep what we have waiting
+                if last is not None:
+                    await self._seal_open(progress=_progress_after(index, last))
+                continue
+            last = chunk
+            for result in chunk.results:
+                if isinstance(result, RejectedRecord):
+                    self._reject(result.error, result.raw)
+                    continue
+                await self._add(result, index, chunk)
+            run.stats.records_read += len(chunk.results)
+        end = _progress_after(index, last) if last is not None else InputProgress(index, 0, "")
+        self.finished_inputs.append(
+            InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)
+        )
+
+    async def _add(self, record: EncodedRecord, index: int, chunk: _Chunk) -> None:
+        identity = record.identity
+        holder = self.run.in_flight.get(identity)
+        to_held = holder is not None or identity in self.held
+        try:
+            sealed = (self.held if to_held else self.main).add(record)
+        except RecordError as error:
+            self._reject(error, record.data)
+            return
+        if sealed is not None:
+            if to_held:  # the held batch filled up: it goes alone, the main batch stays open
+                await self._seal(sealed, depends_on=self._take_held_depends(), progress=None)
+            else:
+                line = record.source.line if record.source is not None else chunk.first_line
+                progress = InputProgress(
+                    index=index,
+                    lines=line - 1,
+                    digest=chunk.digest_through(line - chunk.first_line),
+                )
+                await self._seal_held()
+                await self._seal(sealed, depends_on=(), progress=progress)
+        if holder is not None:
+            self.held_depends_on.add(holder)
+        self._count("records_read")
+
+    def _take_held_depends(self) -> tuple[int, ...]:
+        depends_on = tuple(sorted(self.held_depends_on))
+        self.held_depends_on = set()
+        return depends_on
+
+    def _reject(self, error: RecordError, raw: bytes) -> None:
+        self._count("records_read")
+        self._count("records_rejected")
+        self.run.stats.records_rejected += 1
+        self.dead_letters.append(
+            DeadLetter(
+                source=str(error.source) if error.source is not None else None,
+                key=error.key,
+                reason=error.rule,
+                message=error.message,
+                record=raw,
+            )
+        )
+
+    async def _seal_held(self) -> None:
+        batch = self.held.seal()
+        if batch is not None:
+            await self._seal(batch, depends_on=self._take_held_depends(), progress=None)
+
+    async def _seal_open(self, *, progress: InputProgress | None) -> None:
+        """Seal both open batches; the progress mark goes with the last one sealed."""
+        main = self.main.seal()
+        held = self.held.seal()
+        if held is not None:
+            await self._seal(
+                held,
+                depends_on=self._take_held_depends(),
+                progress=progress if main is None else None,
+            )
+        if main is not None:
+            await self._seal(main, depends_on=(), progress=progress)
+        elif held is None and progress is not None:
+            await self._save(progress)
+
+    async def _seal(
+        self, batch: Batch, *, depends_on: tuple[int, ...], progress: InputProgress | None
+    ) -> None:
+        await self.run.capacity.acquire()
+        self._count("records_submitted", batch.record_count)
+        progresses = [*self.finished_inputs, *([progress] if progress is not None else [])]
+        batch_id = await self.run.journal.seal_batch(
+            body=batch.body,
+            refs=batch.refs,
+            depends_on=depends_on,
+            progress=progresses,
+            dead_letters=self.dead_letters,
+            counters=self.counters,
+        )
+        self.finished_inputs = []
+        self.dead_letters = []
+        self.counters = {}
+        self.run.stats.batches_sealed += 1
+        log.info(
+            "batch.sealed",
+            batch_id=batch_id,
+            records=batch.record_count,
+            body_bytes=batch.body_bytes,
+            fill=round(batch.body_bytes / self.run.settings.max_body_bytes, 4),
+            depends_on=list(depends_on),
+        )
+        task = _BatchTask(
+            batch_id=batch_id,
+            record_count=batch.record_count,
+            body_bytes=batch.body_bytes,
+            refs=list(batch.refs),
+            depends_on=depends_on,
+            body=batch.body,
+        )
+        await self.run._launch(self.tg, task)
+
+    async def _save(self, progress: InputProgress | None) -> None:
+        await self.run.journal.save_progress(
+            progress=[*self.finished_inputs, *([progress] if progress is not None else [])],
+            dead_letters=self.dead_letters,
+            counters=self.counters,
+        )
+        self.finished_inputs = []
+        self.dead_letters = []
+        self.counters = {}
+
+    async def finish(self) -> None:
+        """Seal what is left and record that every input was read."""
+        await self._seal_open(progress=None)
+        if self.finished_inputs or self.dead_letters or self.counters:
+            await self._save(None)

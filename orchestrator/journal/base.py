@@ -1,0 +1,420 @@
+"""The journal's interface: the value types of a run's durable state and the ``Journal`` protocol.
+
+A journal holds exactly one *run* (a collection and its inputs). Every state change is one
+transaction, so a crash at any instant followed by a re-run resumes: imports in flight are polled
+by their ids, submits in doubt are sent again, input already handled is skipped, and input that
+changed since is detected. Backends (SQLite, memory, later PostgreSQL) keep their storage specifics
+to themselves; the engine sees only this module.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self
+
+import orjson
+
+if TYPE_CHECKING:
+    from orchestrator.batching import RecordRef
+
+__all__ = [
+    "BatchPhase",
+    "DeadLetter",
+    "InputProgress",
+    "Journal",
+    "RunSpec",
+    "RunState",
+    "StoredBatch",
+]
+
+#: Counter bumped once per submit found in doubt when a journal is opened.
+SUBMITS_IN_DOUBT = "submits_in_doubt"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """What identifies a run; a journal holds exactly one, and refuses to resume another.
+
+    Args:
+        collection: the collection name.
+        scope: the collection scope (``account`` or ``contact``).
+        collection_type: the collection type, e.g. ``custom``.
+        inputs: the input origins as given (absolute paths; ``"-"`` for standard input).
+        account: an opaque account id (a hash of the API user; never a password).
+    """
+
+    collection: str
+    scope: str
+    collection_type: str
+    inputs: tuple[str, ...]
+    account: str
+
+    def describe(self) -> str:
+        """Return a short human description of the run, for error messages."""
+        inputs = ", ".join(self.inputs) if self.inputs else "none"
+        return f"collection {self.collection!r}, inputs {inputs}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputProgress:
+    """How far one input has been handled durably.
+
+    Args:
+        index: the input's position in ``RunSpec.inputs``.
+        lines: lines fully handled (in a sealed batch, dead-lettered or superseded).
+        digest: the sha256 fingerprint of those lines (``sources.LineChunk.digest_through``);
+            empty while ``lines`` is 0.
+        done: the whole input was read.
+    """
+
+    index: int
+    lines: int
+    digest: str
+    done: bool = False
+
+
+class BatchPhase(enum.StrEnum):
+    """Where a batch stands between sealing and its terminal status."""
+
+    SEALED = "sealed"  # body stored, not yet sent
+    SUBMITTING = "submitting"  # intent written before a PUT: a crash now leaves the submit in doubt
+    SUBMITTED = "submitted"  # importId known
+    FINISHED = "finished"  # terminal: succeeded, failed past the resubmit budget, or dead
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """One batch as the journal knows it.
+
+    Args:
+        batch_id: the batch's id, monotonic within the run.
+        phase: where the batch stands.
+        import_id: the API's import id while submitted (and after it finished).
+        record_count: records in the body.
+        body_bytes: the body's size in bytes as sent.
+        depends_on: batch ids that must finish before this one is submitted.
+        attempts: PUT intents written so far (all submits of this batch).
+        resubmits: times a ``Failed`` import was sent again.
+        in_doubt: submits found in doubt when a journal was opened (intent without an id).
+        polls: status polls so far, as last given to ``mark_polled``.
+        submitted_at: epoch seconds of the last submit.
+        finished_at: epoch seconds of the terminal status.
+        status: the raw final API status word, or a local reason such as ``"dead"``.
+        imported: records the API reported imported, once finished.
+    """
+
+    batch_id: int
+    phase: BatchPhase
+    import_id: str | None
+    record_count: int
+    body_bytes: int
+    depends_on: tuple[int, ...]
+    attempts: int
+    resubmits: int
+    in_doubt: int
+    polls: int
+    submitted_at: float | None
+    finished_at: float | None
+    status: str | None
+    imported: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record that was not imported, with the reason.
+
+    Args:
+        source: where the record came from (``file:line``), when known.
+        key: the record's key, when it could be read.
+        reason: a rule id or the API's ``failureReason``, e.g. ``"json-nested-array"`` or
+            ``"ContactEmailDoesNotExist"``.
+        message: a human explanation (never the record's values).
+        details: further explanations, e.g. the API's ``details``.
+        import_id: the import that refused the record, for API failures.
+        record: the raw record or line, so users can fix and replay it.
+    """
+
+    source: str | None
+    key: str | None
+    reason: str
+    message: str
+    details: tuple[str, ...] = ()
+    import_id: str | None = None
+    record: bytes | None = field(default=None, repr=False)
+
+    def to_json(self) -> bytes:
+        """Return this dead letter as one line of the dead-letter file, without the newline.
+
+        The object has the keys ``source``, ``key``, ``reason``, ``message``, ``details``,
+        ``import_id`` and ``record``; ``record`` is the record as JSON when it parses (its bytes
+        kept exactly, so large numbers survive), else its raw text as a string.
+        """
+        return orjson.dumps(
+            {
+                "source": self.source,
+                "key": self.key,
+                "reason": self.reason,
+                "message": self.message,
+                "details": list(self.details),
+                "import_id": self.import_id,
+                "record": _record_json(self.record),
+            }
+        )
+
+
+def _record_json(record: bytes | None) -> object:
+    if record is None:
+        return None
+    raw = record.strip()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return record.decode("utf-8", errors="replace")
+    # Embedding the bytes as they are keeps integers orjson would turn into floats; a line break
+    # inside a pretty-printed record would split the dead-letter line, so re-encode those.
+    if b"\n" in raw or b"\r" in raw:
+        return parsed
+    return orjson.Fragment(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """What ``Journal.open`` found: where to resume.
+
+    Args:
+        fresh: True when the journal held no run and a new one was created.
+        inputs: one progress per ``RunSpec.inputs`` entry (``lines`` 0 when never read).
+        unfinished: the batches not finished, in ``batch_id`` order.
+        complete: a previous run was marked complete (nothing left to do).
+        counters: the totals so far (``records_read``, ``submits_in_doubt``, ...).
+    """
+
+    fresh: bool
+    inputs: tuple[InputProgress, ...]
+    unfinished: tuple[StoredBatch, ...]
+    complete: bool
+    counters: Mapping[str, int]
+
+
+class Journal(Protocol):
+    """The durable state of one run; every method that changes state is one transaction.
+
+    Implementations: ``SqliteJournal`` (durable, the default) and ``MemoryJournal`` (the same
+    semantics without durability, for embedded use). Both are async context managers that close
+    on exit. A failed call raises ``JournalError`` and leaves the previous state intact.
+    """
+
+    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+        """Open the run ``spec``, creating it when the journal is empty.
+
+        A journal that holds another run raises ``JournalMismatch``; ``fresh=True`` wipes any
+        previous run first. A batch left in the SUBMITTING phase is in doubt: its ``in_doubt`` and
+        the ``submits_in_doubt`` counter grow by one and it goes back to SEALED.
+
+        Args:
+            spec: the run to open.
+            fresh: wipe whatever the journal holds and start a new run.
+        """
+        ...
+
+    async def seal_batch(
+        self,
+        *,
+        body: bytes,
+        refs: Sequence[RecordRef],
+        depends_on: Sequence[int],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> int:
+        """Store a sealed batch with the progress, dead letters and counter deltas that go with it.
+
+        Args:
+            body: the request body, exactly as it will be sent.
+            refs: the batch's records, in body order.
+            depends_on: batch ids that must finish before this one is submitted.
+            progress: the input progress this batch completes (one per input it touches, applied
+                in order), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+
+        Returns:
+            The new batch's id (monotonic within the run).
+        """
+        ...
+
+    async def save_progress(
+        self,
+        *,
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> None:
+        """Like ``seal_batch`` without a batch: progress, dead letters and counter deltas at once.
+
+        Args:
+            progress: the input progress to record (one per input, applied in order), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        ...
+
+    async def add_counters(self, counters: Mapping[str, int]) -> None:
+        """Add deltas to the run's counters, in one transaction.
+
+        Args:
+            counters: deltas to add, e.g. ``{"account_full_waits": 1}``.
+        """
+        ...
+
+    async def mark_submitting(self, batch_id: int) -> None:
+        """Write the intent to PUT a batch (``attempts`` + 1, phase SUBMITTING).
+
+        Args:
+            batch_id: the batch about to be sent.
+        """
+        ...
+
+    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+        """Record the import id the API gave a batch (phase SUBMITTED).
+
+        Args:
+            batch_id: the batch sent.
+            import_id: the API's import id.
+            submitted_at: epoch seconds of the submit.
+        """
+        ...
+
+    async def mark_polled(self, batch_id: int, polls: int) -> None:
+        """Record how many status polls a batch's import took so far (cheap: not fsync'd).
+
+        Args:
+            batch_id: the batch polled.
+            polls: the poll count so far (absolute, not a delta).
+        """
+        ...
+
+    async def mark_resubmit(self, batch_id: int) -> None:
+        """Put a batch whose import ended ``Failed`` back to SEALED to send it again.
+
+        Args:
+            batch_id: the batch to send again (``resubmits`` + 1, ``import_id`` cleared).
+        """
+        ...
+
+    async def mark_finished(
+        self,
+        batch_id: int,
+        *,
+        status: str,
+        imported: int,
+        dead_letters: Sequence[DeadLetter],
+        finished_at: float,
+        counters: Mapping[str, int],
+    ) -> None:
+        """Finish a batch with its API failures and counter deltas; its body and refs are dropped.
+
+        Args:
+            batch_id: the batch that reached a terminal status.
+            status: the raw final API status word, or a local reason such as ``"dead"``.
+            imported: records the API reported imported.
+            dead_letters: the records not imported.
+            finished_at: epoch seconds of the terminal status.
+            counters: deltas to add to the run's counters.
+        """
+        ...
+
+    async def load_body(self, batch_id: int) -> bytes:
+        """Return the stored body of an unfinished batch.
+
+        Args:
+            batch_id: the batch.
+        """
+        ...
+
+    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+        """Return the record refs of an unfinished batch, in body order.
+
+        Args:
+            batch_id: the batch.
+        """
+        ...
+
+    async def mark_complete(self) -> None:
+        """Mark the run complete: all input read and every batch finished."""
+        ...
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Return every dead letter of the run, in insertion order."""
+        ...
+
+    async def batches(self) -> list[StoredBatch]:
+        """Return every batch of the run, in ``batch_id`` order."""
+        ...
+
+    async def counters(self) -> dict[str, int]:
+        """Return the run's counters."""
+        ...
+
+    async def close(self) -> None:
+        """Release the journal; safe to call twice."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        """Return the journal itself."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the journal."""
+        ...
+
+
+def progress_list(
+    spec: RunSpec, progress: InputProgress | Sequence[InputProgress] | None
+) -> tuple[InputProgress, ...]:
+    """Return ``progress`` as a tuple; ``ValueError`` when one names an input the run lacks."""
+    if progress is None:
+        items: tuple[InputProgress, ...] = ()
+    elif isinstance(progress, InputProgress):
+        items = (progress,)
+    else:
+        items = tuple(progress)
+    for item in items:
+        if not 0 <= item.index < len(spec.inputs):
+            raise ValueError(
+                f"input progress index {item.index} is out of range: the run has "
+                f"{len(spec.inputs)} input(s)"
+            )
+    return items
+
+
+def check_phase(
+    batch_id: int, phase: BatchPhase | None, allowed: tuple[BatchPhase, ...], action: str
+) -> None:
+    """Raise ``ValueError`` when a batch is unknown or its phase does not allow ``action``."""
+    if phase is None:
+        raise ValueError(f"cannot {action}: batch {batch_id} is not in the journal")
+    if phase not in allowed:
+        wanted = " or ".join(p.value for p in allowed)
+        raise ValueError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
+
+
+def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:
+    """Explain why a journal's run is not ``ours``, and what to do."""
+    differs = [
+        name
+        for name in ("collection", "scope", "collection_type", "inputs", "account")
+        if getattr(theirs, name) != getattr(ours, name)
+    ]
+    return (
+        f"this journal belongs to another run ({theirs.describe()}; differs in "
+        f"{', '.join(differs)}); use another --journal or --fresh"
+    )

@@ -1,0 +1,322 @@
+"""A journal in memory: the SQLite journal's semantics without durability, for embedded use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from orchestrator.errors import JournalMismatch
+from orchestrator.journal.base import (
+    SUBMITS_IN_DOUBT,
+    BatchPhase,
+    DeadLetter,
+    InputProgress,
+    RunSpec,
+    RunState,
+    StoredBatch,
+    check_phase,
+    mismatch_message,
+    progress_list,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.batching import RecordRef
+
+__all__ = ["MemoryJournal"]
+
+_UNFINISHED = (BatchPhase.SEALED, BatchPhase.SUBMITTING, BatchPhase.SUBMITTED)
+
+
+@dataclass(slots=True)
+class _Run:
+    spec: RunSpec
+    inputs: list[InputProgress]
+    batches: dict[int, StoredBatch]
+    payloads: dict[int, tuple[bytes, tuple[RecordRef, ...]]]
+    dead_letters: list[DeadLetter]
+    counters: dict[str, int]
+    next_batch_id: int = 1
+    complete: bool = False
+
+
+class MemoryJournal:
+    """A journal kept in memory: same behaviour as ``SqliteJournal``, gone when the process ends.
+
+    Closing it keeps the state, so ``open`` on the same object resumes the run (and finds submits
+    in doubt, like a durable journal after a crash). Usable as an async context manager.
+    """
+
+    def __init__(self) -> None:
+        self._run: _Run | None = None
+        self._open = False
+
+    def __repr__(self) -> str:
+        return "MemoryJournal()"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+        """Open the run ``spec``; see ``Journal.open``.
+
+        Args:
+            spec: the run to open.
+            fresh: wipe whatever the journal holds and start a new run.
+        """
+        created = fresh or self._run is None
+        if not created and self._run is not None and self._run.spec != spec:
+            raise JournalMismatch(mismatch_message(self._run.spec, spec))
+        if created:
+            self._run = _Run(
+                spec=spec,
+                inputs=[InputProgress(i, 0, "") for i in range(len(spec.inputs))],
+                batches={},
+                payloads={},
+                dead_letters=[],
+                counters={},
+            )
+        run = self._require(opening=True)
+        for batch_id, batch in run.batches.items():
+            if batch.phase is BatchPhase.SUBMITTING:
+                run.batches[batch_id] = replace(
+                    batch, phase=BatchPhase.SEALED, in_doubt=batch.in_doubt + 1
+                )
+                _add(run.counters, {SUBMITS_IN_DOUBT: 1})
+        self._open = True
+        return RunState(
+            fresh=created,
+            inputs=tuple(run.inputs),
+            unfinished=tuple(
+                b for _, b in sorted(run.batches.items()) if b.phase is not BatchPhase.FINISHED
+            ),
+            complete=run.complete,
+            counters=dict(run.counters),
+        )
+
+    async def seal_batch(
+        self,
+        *,
+        body: bytes,
+        refs: Sequence[RecordRef],
+        depends_on: Sequence[int],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> int:
+        """Store a sealed batch; see ``Journal.seal_batch``.
+
+        Args:
+            body: the request body, exactly as it will be sent.
+            refs: the batch's records, in body order.
+            depends_on: batch ids that must finish before this one is submitted.
+            progress: the input progress this batch completes (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        run = self._require()
+        progresses = progress_list(run.spec, progress)
+        batch_id = run.next_batch_id
+        run.next_batch_id += 1
+        run.batches[batch_id] = StoredBatch(
+            batch_id=batch_id,
+            phase=BatchPhase.SEALED,
+            import_id=None,
+            record_count=len(refs),
+            body_bytes=len(body),
+            depends_on=tuple(depends_on),
+            attempts=0,
+            resubmits=0,
+            in_doubt=0,
+            polls=0,
+            submitted_at=None,
+            finished_at=None,
+            status=None,
+        )
+        run.payloads[batch_id] = (bytes(body), tuple(refs))
+        self._apply(run, progresses, dead_letters, counters)
+        return batch_id
+
+    async def save_progress(
+        self,
+        *,
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> None:
+        """Record progress, dead letters and counter deltas; see ``Journal.save_progress``.
+
+        Args:
+            progress: the input progress to record (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        run = self._require()
+        self._apply(run, progress_list(run.spec, progress), dead_letters, counters)
+
+    async def add_counters(self, counters: Mapping[str, int]) -> None:
+        """Add deltas to the run's counters.
+
+        Args:
+            counters: deltas to add.
+        """
+        _add(self._require().counters, counters)
+
+    async def mark_submitting(self, batch_id: int) -> None:
+        """Write the intent to PUT a batch; see ``Journal.mark_submitting``.
+
+        Args:
+            batch_id: the batch about to be sent.
+        """
+        run, batch = self._batch(
+            batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting"
+        )
+        run.batches[batch_id] = replace(
+            batch, phase=BatchPhase.SUBMITTING, attempts=batch.attempts + 1
+        )
+
+    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+        """Record a batch's import id; see ``Journal.mark_submitted``.
+
+        Args:
+            batch_id: the batch sent.
+            import_id: the API's import id.
+            submitted_at: epoch seconds of the submit.
+        """
+        run, batch = self._batch(batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
+        run.batches[batch_id] = replace(
+            batch,
+            phase=BatchPhase.SUBMITTED,
+            import_id=import_id,
+            submitted_at=submitted_at,
+        )
+
+    async def mark_polled(self, batch_id: int, polls: int) -> None:
+        """Record a batch's poll count; see ``Journal.mark_polled``.
+
+        Args:
+            batch_id: the batch polled.
+            polls: the poll count so far.
+        """
+        run, batch = self._batch(batch_id, tuple(BatchPhase), "record its polls")
+        run.batches[batch_id] = replace(batch, polls=polls)
+
+    async def mark_resubmit(self, batch_id: int) -> None:
+        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``.
+
+        Args:
+            batch_id: the batch to send again.
+        """
+        run, batch = self._batch(batch_id, _UNFINISHED, "resubmit it")
+        run.batches[batch_id] = replace(
+            batch, phase=BatchPhase.SEALED, import_id=None, resubmits=batch.resubmits + 1
+        )
+
+    async def mark_finished(
+        self,
+        batch_id: int,
+        *,
+        status: str,
+        imported: int,
+        dead_letters: Sequence[DeadLetter],
+        finished_at: float,
+        counters: Mapping[str, int],
+    ) -> None:
+        """Finish a batch; see ``Journal.mark_finished``.
+
+        Args:
+            batch_id: the batch that reached a terminal status.
+            status: the raw final API status word, or a local reason such as ``"dead"``.
+            imported: records the API reported imported.
+            dead_letters: the records not imported.
+            finished_at: epoch seconds of the terminal status.
+            counters: deltas to add to the run's counters.
+        """
+        run, batch = self._batch(batch_id, _UNFINISHED, "finish it")
+        run.batches[batch_id] = replace(
+            batch,
+            phase=BatchPhase.FINISHED,
+            status=status,
+            imported=imported,
+            finished_at=finished_at,
+        )
+        run.payloads.pop(batch_id, None)
+        self._apply(run, (), dead_letters, counters)
+
+    async def load_body(self, batch_id: int) -> bytes:
+        """Return the stored body of an unfinished batch.
+
+        Args:
+            batch_id: the batch.
+        """
+        run, _ = self._batch(batch_id, _UNFINISHED, "load its body")
+        return run.payloads[batch_id][0]
+
+    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+        """Return the record refs of an unfinished batch, in body order.
+
+        Args:
+            batch_id: the batch.
+        """
+        run, _ = self._batch(batch_id, _UNFINISHED, "load its refs")
+        return list(run.payloads[batch_id][1])
+
+    async def mark_complete(self) -> None:
+        """Mark the run complete."""
+        self._require().complete = True
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Return every dead letter of the run, in insertion order."""
+        return list(self._require().dead_letters)
+
+    async def batches(self) -> list[StoredBatch]:
+        """Return every batch of the run, in ``batch_id`` order."""
+        return [b for _, b in sorted(self._require().batches.items())]
+
+    async def counters(self) -> dict[str, int]:
+        """Return the run's counters."""
+        return dict(self._require().counters)
+
+    async def close(self) -> None:
+        """Close the journal; its state stays for a later ``open`` of the same object."""
+        self._open = False
+
+    def _require(self, *, opening: bool = False) -> _Run:
+        if self._run is None or not (self._open or opening):
+            raise RuntimeError("the journal is not open: call open() first")
+        return self._run
+
+    def _batch(
+        self, batch_id: int, allowed: tuple[BatchPhase, ...], action: str
+    ) -> tuple[_Run, StoredBatch]:
+        run = self._require()
+        batch = run.batches.get(batch_id)
+        check_phase(batch_id, batch.phase if batch else None, allowed, action)
+        assert batch is not None  # check_phase raised otherwise
+        return run, batch
+
+    @staticmethod
+    def _apply(
+        run: _Run,
+        progresses: tuple[InputProgress, ...],
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> None:
+        for progress in progresses:
+            run.inputs[progress.index] = progress
+        run.dead_letters.extend(dead_letters)
+        _add(run.counters, counters)
+
+
+def _add(counters: dict[str, int], deltas: Mapping[str, int]) -> None:
+    for name, delta in deltas.items():
+        counters[name] = counters.get(name, 0) + delta

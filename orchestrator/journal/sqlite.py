@@ -1,0 +1,825 @@
+"""The durable journal: one SQLite file per run, every state change one fsync'd transaction.
+
+The file is in WAL mode with ``synchronous=FULL``, so a committed change survives a crash of the
+process and a loss of power; only poll counts are written without an fsync (they become durable
+with the next commit). All SQLite calls run on a worker thread, one at a time, never on the event
+loop. An exclusive ``flock`` on ``<journal>.lock`` keeps a second process out while the journal is
+open; the kernel drops it when the process dies, so a kill -9 never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.to_thread
+import orjson
+import structlog
+
+from orchestrator.batching import RecordRef
+from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.journal.base import (
+    SUBMITS_IN_DOUBT,
+    BatchPhase,
+    DeadLetter,
+    InputProgress,
+    RunSpec,
+    RunState,
+    StoredBatch,
+    check_phase,
+    mismatch_message,
+    progress_list,
+)
+from orchestrator.records import Source
+
+__all__ = ["SqliteJournal"]
+
+_log = structlog.get_logger()
+
+_T = TypeVar("_T")
+
+_SCHEMA_VERSION = 1
+_APPLICATION_ID = 0x494E5349  # "INSI": marks the file as one of our journals
+
+_SCHEMA = """
+CREATE TABLE run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    spec BLOB NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE inputs (
+    idx INTEGER PRIMARY KEY,
+    lines INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    done INTEGER NOT NULL
+);
+CREATE TABLE batches (
+    batch_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    phase TEXT NOT NULL,
+    import_id TEXT,
+    record_count INTEGER NOT NULL,
+    body_bytes INTEGER NOT NULL,
+    depends_on BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    resubmits INTEGER NOT NULL DEFAULT 0,
+    in_doubt INTEGER NOT NULL DEFAULT 0,
+    polls INTEGER NOT NULL DEFAULT 0,
+    submitted_at REAL,
+    finished_at REAL,
+    status TEXT,
+    imported INTEGER
+);
+CREATE INDEX batches_unfinished ON batches (phase) WHERE phase != 'finished';
+CREATE TABLE payloads (
+    batch_id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    refs BLOB NOT NULL
+);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT,
+    key TEXT,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    details BLOB NOT NULL,
+    import_id TEXT,
+    record BLOB
+);
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_BATCH_COLUMNS = (
+    "batch_id, phase, import_id, record_count, body_bytes, depends_on, attempts, resubmits, "
+    "in_doubt, polls, submitted_at, finished_at, status, imported"
+)
+_UNFINISHED = (BatchPhase.SEALED, BatchPhase.SUBMITTING, BatchPhase.SUBMITTED)
+
+_IN_USE = "another process is using the journal: let it finish or pass another --journal"
+# What to do about a failure, by SQLite's primary result code.
+_ADVICE = {
+    "SQLITE_FULL": "the disk is full: free some space, then run the same command again to resume",
+    "SQLITE_READONLY": "the journal is read-only: fix its permissions or pass another --journal",
+    "SQLITE_CANTOPEN": (
+        "the journal cannot be opened: check that it and its directory are writable, "
+        "or pass another --journal"
+    ),
+    "SQLITE_PERM": "permission denied: fix the journal's permissions or pass another --journal",
+    "SQLITE_BUSY": _IN_USE,
+    "SQLITE_LOCKED": _IN_USE,
+    "SQLITE_CORRUPT": "the journal file is damaged: move it away or pass another --journal",
+    "SQLITE_NOTADB": "the file is not a journal: move it away or pass another --journal",
+    "SQLITE_IOERR": "the disk failed a read or write: check it, then run the same command again",
+}
+_DEFAULT_ADVICE = "check the journal file and its disk, then run the same command again to resume"
+
+
+class SqliteJournal:
+    """The durable journal of one run, in a SQLite file (WAL mode, fsync'd commits).
+
+    The file and its parent directories are created when missing (the file with mode 0600: bodies
+    hold customer data). While open, the journal holds an exclusive lock on ``<path>.lock``; a
+    second process opening it gets ``JournalError``. Usable as an async context manager, which
+    connects on entry and closes on exit; ``open`` connects on its own otherwise.
+
+    Args:
+        path: the journal file.
+        busy_timeout: seconds SQLite waits for a lock held by another reader of the file.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 2.0) -> None:
+        self._path = Path(path).expanduser()
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._spec: RunSpec | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def __repr__(self) -> str:
+        return f"SqliteJournal({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The journal file."""
+        return self._path
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_connected()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+        """Open the run ``spec``; see ``Journal.open``.
+
+        Args:
+            spec: the run to open.
+            fresh: wipe whatever the journal holds and start a new run.
+        """
+        connected_here = await self._ensure_connected()
+        try:
+            state, in_doubt = await self._run(
+                lambda conn: self._transaction(conn, lambda: self._open_sync(conn, spec, fresh)),
+                "open the run",
+            )
+        except BaseException:
+            if connected_here:
+                await self.close()
+            raise
+        self._spec = spec
+        _log.info(
+            "journal.opened",
+            path=str(self._path),
+            fresh=state.fresh,
+            complete=state.complete,
+            unfinished=len(state.unfinished),
+            submits_in_doubt=in_doubt,
+        )
+        return state
+
+    async def seal_batch(
+        self,
+        *,
+        body: bytes,
+        refs: Sequence[RecordRef],
+        depends_on: Sequence[int],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> int:
+        """Store a sealed batch in one transaction; see ``Journal.seal_batch``.
+
+        Args:
+            body: the request body, exactly as it will be sent.
+            refs: the batch's records, in body order.
+            depends_on: batch ids that must finish before this one is submitted.
+            progress: the input progress this batch completes (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        progresses = progress_list(self._require_spec(), progress)
+        # Copies taken on the loop: the caller may reuse its lists while the thread writes.
+        refs = tuple(refs)
+        deps = tuple(depends_on)
+        letters = tuple(dead_letters)
+        deltas = dict(counters)
+
+        def write(conn: sqlite3.Connection) -> int:
+            encoded_refs = _encode_refs(refs)
+            cursor = conn.execute(
+                "INSERT INTO batches (phase, record_count, body_bytes, depends_on) "
+                "VALUES (?, ?, ?, ?)",
+                (BatchPhase.SEALED.value, len(refs), len(body), orjson.dumps(deps)),
+            )
+            batch_id = cursor.lastrowid
+            assert batch_id is not None  # an INSERT into a rowid table always sets it
+            conn.execute(
+                "INSERT INTO payloads (batch_id, body, refs) VALUES (?, ?, ?)",
+                (batch_id, body, encoded_refs),
+            )
+            _apply(conn, progresses, letters, deltas)
+            return batch_id
+
+        return await self._write(write, "seal a batch")
+
+    async def save_progress(
+        self,
+        *,
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> None:
+        """Record progress, dead letters and counter deltas in one transaction.
+
+        Args:
+            progress: the input progress to record (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        progresses = progress_list(self._require_spec(), progress)
+        letters = tuple(dead_letters)
+        deltas = dict(counters)
+        await self._write(lambda conn: _apply(conn, progresses, letters, deltas), "save progress")
+
+    async def add_counters(self, counters: Mapping[str, int]) -> None:
+        """Add deltas to the run's counters, in one transaction.
+
+        Args:
+            counters: deltas to add.
+        """
+        deltas = dict(counters)
+        await self._write(lambda conn: _add_counters(conn, deltas), "add to the counters")
+
+    async def mark_submitting(self, batch_id: int) -> None:
+        """Write the intent to PUT a batch; see ``Journal.mark_submitting``.
+
+        Args:
+            batch_id: the batch about to be sent.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            _check(conn, batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting")
+            conn.execute(
+                "UPDATE batches SET phase = ?, attempts = attempts + 1 WHERE batch_id = ?",
+                (BatchPhase.SUBMITTING.value, batch_id),
+            )
+
+        await self._write(write, f"mark batch {batch_id} submitting")
+
+    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+        """Record a batch's import id; see ``Journal.mark_submitted``.
+
+        Args:
+            batch_id: the batch sent.
+            import_id: the API's import id.
+            submitted_at: epoch seconds of the submit.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            _check(conn, batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
+            conn.execute(
+                "UPDATE batches SET phase = ?, import_id = ?, submitted_at = ? WHERE batch_id = ?",
+                (BatchPhase.SUBMITTED.value, import_id, submitted_at, batch_id),
+            )
+
+        await self._write(write, f"mark batch {batch_id} submitted")
+
+    async def mark_polled(self, batch_id: int, polls: int) -> None:
+        """Record a batch's poll count without an fsync; it is made durable by the next commit.
+
+        Args:
+            batch_id: the batch polled.
+            polls: the poll count so far.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            _check(conn, batch_id, tuple(BatchPhase), "record its polls")
+            conn.execute("UPDATE batches SET polls = ? WHERE batch_id = ?", (polls, batch_id))
+
+        def cheap(conn: sqlite3.Connection) -> None:
+            # Under WAL, NORMAL skips the fsync of this commit; losing a poll count is harmless.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                self._transaction(conn, lambda: write(conn))
+            finally:
+                conn.execute("PRAGMA synchronous = FULL")
+
+        self._require_spec()
+        await self._run(cheap, f"record the polls of batch {batch_id}")
+
+    async def mark_resubmit(self, batch_id: int) -> None:
+        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``.
+
+        Args:
+            batch_id: the batch to send again.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            _check(conn, batch_id, _UNFINISHED, "resubmit it")
+            conn.execute(
+                "UPDATE batches SET phase = ?, import_id = NULL, resubmits = resubmits + 1 "
+                "WHERE batch_id = ?",
+                (BatchPhase.SEALED.value, batch_id),
+            )
+
+        await self._write(write, f"mark batch {batch_id} for resubmission")
+
+    async def mark_finished(
+        self,
+        batch_id: int,
+        *,
+        status: str,
+        imported: int,
+        dead_letters: Sequence[DeadLetter],
+        finished_at: float,
+        counters: Mapping[str, int],
+    ) -> None:
+        """Finish a batch in one transaction, dropping its body and refs.
+
+        Args:
+            batch_id: the batch that reached a terminal status.
+            status: the raw final API status word, or a local reason such as ``"dead"``.
+            imported: records the API reported imported.
+            dead_letters: the records not imported.
+            finished_at: epoch seconds of the terminal status.
+            counters: deltas to add to the run's counters.
+        """
+        letters = tuple(dead_letters)
+        deltas = dict(counters)
+
+        def write(conn: sqlite3.Connection) -> None:
+            _check(conn, batch_id, _UNFINISHED, "finish it")
+            conn.execute(
+                "UPDATE batches SET phase = ?, status = ?, imported = ?, finished_at = ? "
+                "WHERE batch_id = ?",
+                (BatchPhase.FINISHED.value, status, imported, finished_at, batch_id),
+            )
+            conn.execute("DELETE FROM payloads WHERE batch_id = ?", (batch_id,))
+            _apply(conn, (), letters, deltas)
+
+        await self._write(write, f"finish batch {batch_id}")
+
+    async def load_body(self, batch_id: int) -> bytes:
+        """Return the stored body of an unfinished batch.
+
+        Args:
+            batch_id: the batch.
+        """
+        raw = await self._read(
+            lambda conn: _payload(conn, batch_id, "body", "load its body"),
+            f"load the body of batch {batch_id}",
+        )
+        return bytes(raw)
+
+    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+        """Return the record refs of an unfinished batch, in body order.
+
+        Args:
+            batch_id: the batch.
+        """
+        return await self._read(
+            lambda conn: _decode_refs(_payload(conn, batch_id, "refs", "load its refs")),
+            f"load the refs of batch {batch_id}",
+        )
+
+    async def mark_complete(self) -> None:
+        """Mark the run complete, then give the space of dropped bodies back to the disk."""
+        await self._write(lambda conn: conn.execute("UPDATE run SET complete = 1"), "complete")
+        await self._run(self._vacuum, "reclaim space")
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Return every dead letter of the run, in insertion order."""
+
+        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT source, key, reason, message, details, import_id, record "
+                "FROM dead_letters ORDER BY id"
+            )
+            return [
+                DeadLetter(
+                    source=source,
+                    key=key,
+                    reason=reason,
+                    message=message,
+                    details=tuple(orjson.loads(details)),
+                    import_id=import_id,
+                    record=None if record is None else bytes(record),
+                )
+                for source, key, reason, message, details, import_id, record in rows
+            ]
+
+        return await self._read(read, "read the dead letters")
+
+    async def batches(self) -> list[StoredBatch]:
+        """Return every batch of the run, in ``batch_id`` order."""
+        return await self._read(
+            lambda conn: _batches(conn, "1 = 1"),
+            "read the batches",
+        )
+
+    async def counters(self) -> dict[str, int]:
+        """Return the run's counters."""
+        return await self._read(_counters, "read the counters")
+
+    async def close(self) -> None:
+        """Close the file and release the lock; safe to call twice."""
+        if self._conn is None and self._lock_fd is None:
+            return
+        # Shielded: a cancelled caller must still release the lock and the file.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+        self._spec = None
+        _log.debug("journal.closed", path=str(self._path))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _ensure_connected(self) -> bool:
+        if self._conn is not None:
+            return False
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        await anyio.to_thread.run_sync(self._connect_sync, limiter=self._limiter)
+        return True
+
+    def _require_spec(self) -> RunSpec:
+        if self._spec is None or self._conn is None:
+            raise RuntimeError("the journal is not open: call open() first")
+        return self._spec
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        """Run ``fn`` on the worker thread; SQLite and OS errors become ``JournalError``."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the journal is not open: call open() first")
+
+        def call() -> _T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                raise JournalError(self._explain(what, exc)) from exc
+
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        self._require_spec()
+        return await self._run(lambda conn: self._transaction(conn, lambda: fn(conn)), what)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        self._require_spec()
+        return await self._run(fn, what)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, body: Callable[[], _T]) -> _T:
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way on it.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # SQLite rolls back by itself when it cannot; the first error is the one to report.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _explain(self, what: str, exc: sqlite3.Error) -> str:
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        advice = next(
+            (text for code, text in _ADVICE.items() if name == code or name.startswith(code + "_")),
+            _DEFAULT_ADVICE,
+        )
+        return f"journal {self._path}: cannot {what}: {exc}; {advice}"
+
+    def _connect_sync(self) -> None:
+        lock_path = self._path.with_name(self._path.name + ".lock")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = _lock(lock_path)
+        except BlockingIOError:
+            raise JournalError(
+                f"journal {self._path}: the journal is in use by another process "
+                "(another run of the same command?); let it finish or pass another --journal"
+            ) from None
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self._path}: cannot open it: {exc.strerror or exc}; check that its "
+                "directory is writable, or pass another --journal"
+            ) from exc
+        try:
+            self._conn = self._open_file()
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _open_file(self) -> sqlite3.Connection:
+        try:
+            # Created here with 0600 (bodies hold customer data); SQLite gives -wal/-shm the same.
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self._path}: cannot create it: {exc.strerror or exc}; check that its "
+                "directory is writable, or pass another --journal"
+            ) from exc
+        if not os.access(self._path, os.R_OK | os.W_OK):
+            raise JournalError(
+                f"journal {self._path}: the file is not readable and writable by this user: "
+                "fix its permissions or pass another --journal"
+            )
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._prepare(conn)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise JournalError(self._explain("open it", exc)) from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+        if app_id not in (0, _APPLICATION_ID) or (app_id == 0 and tables):
+            raise JournalError(
+                f"journal {self._path}: the file is an SQLite database but not a journal of "
+                "insight-import; pass another --journal"
+            )
+        if version > _SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self._path}: written by a newer insight-import (schema {version}); "
+                "upgrade, or pass another --journal"
+            )
+        if tables == 0:
+            # Only settable before the first table: lets mark_complete hand freed pages back.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(
+                f"journal {self._path}: cannot switch it to WAL mode (got {mode}); check that it "
+                "and its directory are writable, or pass another --journal"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        if tables == 0:
+
+            def create() -> None:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+            self._transaction(conn, create)
+
+    def _open_sync(
+        self, conn: sqlite3.Connection, spec: RunSpec, fresh: bool
+    ) -> tuple[RunState, int]:
+        row = conn.execute("SELECT spec, complete FROM run").fetchone()
+        created = fresh or row is None
+        if not created:
+            theirs = _decode_spec(row[0])
+            if theirs != spec:
+                raise JournalMismatch(mismatch_message(theirs, spec))
+        if created:
+            for table in ("run", "inputs", "batches", "payloads", "dead_letters", "counters"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("DELETE FROM sqlite_sequence")
+            conn.execute(
+                "INSERT INTO run (id, spec, complete, created_at) VALUES (1, ?, 0, ?)",
+                (_encode_spec(spec), time.time()),
+            )
+            conn.executemany(
+                "INSERT INTO inputs (idx, lines, digest, done) VALUES (?, 0, '', 0)",
+                [(i,) for i in range(len(spec.inputs))],
+            )
+        doubtful = conn.execute(
+            "UPDATE batches SET phase = ?, in_doubt = in_doubt + 1 WHERE phase = ?",
+            (BatchPhase.SEALED.value, BatchPhase.SUBMITTING.value),
+        ).rowcount
+        if doubtful:
+            _add_counters(conn, {SUBMITS_IN_DOUBT: doubtful})
+        inputs = tuple(
+            InputProgress(index=idx, lines=lines, digest=digest, done=bool(done))
+            for idx, lines, digest, done in conn.execute(
+                "SELECT idx, lines, digest, done FROM inputs ORDER BY idx"
+            )
+        )
+        state = RunState(
+            fresh=created,
+            inputs=inputs,
+            unfinished=tuple(_batches(conn, "phase != 'finished'")),
+            complete=bool(conn.execute("SELECT complete FROM run").fetchone()[0]),
+            counters=_counters(conn),
+        )
+        return state, doubtful
+
+    @staticmethod
+    def _vacuum(conn: sqlite3.Connection) -> None:
+        try:
+            # executescript steps the pragma to the end; execute() frees only one page.
+            conn.executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error as exc:
+            # The run is already recorded complete; a file larger than needed is no failure.
+            _log.warning("journal.vacuum_failed", error=str(exc))
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        fd, self._lock_fd = self._lock_fd, None
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the flock
+
+
+def _lock(lock_path: Path) -> int:
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        # A read-only directory: the lock file may still exist, and a read-only fd can hold it.
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check(
+    conn: sqlite3.Connection, batch_id: int, allowed: tuple[BatchPhase, ...], action: str
+) -> None:
+    row = conn.execute("SELECT phase FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+    check_phase(batch_id, None if row is None else BatchPhase(row[0]), allowed, action)
+
+
+def _payload(conn: sqlite3.Connection, batch_id: int, column: str, action: str) -> bytes:
+    _check(conn, batch_id, _UNFINISHED, action)
+    row = conn.execute(
+        f"SELECT {column} FROM payloads WHERE batch_id = ?",
+        (batch_id,),
+    ).fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError(f"the payload of unfinished batch {batch_id} is missing")
+    return bytes(row[0])
+
+
+def _apply(
+    conn: sqlite3.Connection,
+    progresses: Iterable[InputProgress],
+    dead_letters: Iterable[DeadLetter],
+    counters: Mapping[str, int],
+) -> None:
+    for progress in progresses:
+        conn.execute(
+            "UPDATE inputs SET lines = ?, digest = ?, done = ? WHERE idx = ?",
+            (progress.lines, progress.digest, int(progress.done), progress.index),
+        )
+    conn.executemany(
+        "INSERT INTO dead_letters (source, key, reason, message, details, import_id, record) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            (
+                d.source,
+                d.key,
+                d.reason,
+                d.message,
+                orjson.dumps(list(d.details)),
+                d.import_id,
+                d.record,
+            )
+            for d in dead_letters
+        ),
+    )
+    _add_counters(conn, counters)
+
+
+def _add_counters(conn: sqlite3.Connection, counters: Mapping[str, int]) -> None:
+    conn.executemany(
+        "INSERT INTO counters (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        counters.items(),
+    )
+
+
+def _counters(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT name, value FROM counters ORDER BY name"))
+
+
+def _batches(conn: sqlite3.Connection, where: str) -> list[StoredBatch]:
+    rows = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE {where} ORDER BY batch_id")
+    return [_stored_batch(row) for row in rows]
+
+
+def _stored_batch(row: tuple[Any, ...]) -> StoredBatch:
+    (
+        batch_id,
+        phase,
+        import_id,
+        record_count,
+        body_bytes,
+        depends_on,
+        attempts,
+        resubmits,
+        in_doubt,
+        polls,
+        submitted_at,
+        finished_at,
+        status,
+        imported,
+    ) = row
+    return StoredBatch(
+        batch_id=batch_id,
+        phase=BatchPhase(phase),
+        import_id=import_id,
+        record_count=record_count,
+        body_bytes=body_bytes,
+        depends_on=tuple(orjson.loads(depends_on)),
+        attempts=attempts,
+        resubmits=resubmits,
+        in_doubt=in_doubt,
+        polls=polls,
+        submitted_at=submitted_at,
+        finished_at=finished_at,
+        status=status,
+        imported=imported,
+    )
+
+
+def _encode_spec(spec: RunSpec) -> bytes:
+    return orjson.dumps(
+        {
+            "collection": spec.collection,
+            "scope": spec.scope,
+            "collection_type": spec.collection_type,
+            "inputs": list(spec.inputs),
+            "account": spec.account,
+        }
+    )
+
+
+def _decode_spec(raw: bytes) -> RunSpec:
+    data = orjson.loads(raw)
+    return RunSpec(
+        collection=data["collection"],
+        scope=data["scope"],
+        collection_type=data["collection_type"],
+        inputs=tuple(data["inputs"]),
+        account=data["account"],
+    )
+
+
+def _encode_refs(refs: Sequence[RecordRef]) -> bytes:
+    # Compact: origins are listed once and named by position; a ref is [key, contact, source].
+    origins: dict[str, int] = {}
+    rows: list[list[object]] = []
+    for ref in refs:
+        contact = None if ref.contact is None else [ref.contact[0], ref.contact[1]]
+        source = None
+        if ref.source is not None:
+            at = origins.setdefault(ref.source.origin, len(origins))
+            source = [at, ref.source.line]
+        rows.append([ref.key, contact, source])
+    return orjson.dumps([list(origins), rows])
+
+
+def _decode_refs(raw: bytes) -> list[RecordRef]:
+    origins, rows = orjson.loads(raw)
+    return [
+        RecordRef(
+            key=key,
+            contact=None if contact is None else (contact[0], contact[1]),
+            source=None if source is None else Source(origin=origins[source[0]], line=source[1]),
+        )
+        for key, contact, source in rows
+    ]

@@ -1,0 +1,165 @@
+"""What a run produced: per-import outcomes, the run's result, its live counters and the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.journal import DeadLetter, StoredBatch
+
+__all__ = ["ImportOutcome", "ImportResult", "RunStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    """One batch that reached its end: imported, or given up with its records dead-lettered.
+
+    Args:
+        batch_id: the batch's number in the journal.
+        import_id: the API's id of the last import of this batch (``None`` if never accepted).
+        status: the final API status word (``Finished``, ``Failed``...) or a local reason.
+        records: records in the batch.
+        imported: records the API stored.
+        failures: the batch's records that were not imported, with their reasons.
+        body_bytes: size of the request body as sent.
+        attempts: PUTs made for this batch (retries and resubmits included).
+        polls: status calls made for this batch.
+        submitted_at: epoch seconds of the accepted submit.
+        finished_at: epoch seconds when the end was seen.
+    """
+
+    batch_id: int
+    import_id: str | None
+    status: str
+    records: int
+    imported: int
+    failures: tuple[DeadLetter, ...]
+    body_bytes: int
+    attempts: int
+    polls: int
+    submitted_at: float | None
+    finished_at: float | None
+
+    @property
+    def succeeded(self) -> bool:
+        """True when every record of the batch was imported."""
+        return self.imported == self.records
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """The result of one import run into one collection.
+
+    Args:
+        collection: the collection's name.
+        counters: totals: ``records_read``, ``records_rejected`` (local rules),
+            ``records_superseded`` (a later occurrence of the same key replaced them),
+            ``records_submitted``, ``records_imported``, ``records_failed`` (rejected by the API),
+            and events such as ``lost_responses``, ``account_full_waits``, ``submits_in_doubt``,
+            ``resubmits``.
+        imports: every batch of the run, as stored in the journal.
+        dead_letters: every record not imported, with its source and reason.
+        duration_s: wall-clock seconds of this run (this process only).
+        nothing_to_do: the journal says an earlier run already finished this work.
+    """
+
+    collection: str
+    counters: dict[str, int]
+    imports: tuple[StoredBatch, ...]
+    dead_letters: tuple[DeadLetter, ...]
+    duration_s: float
+    nothing_to_do: bool = False
+
+    @property
+    def records_read(self) -> int:
+        """Records read from the input (blank lines aside)."""
+        return self.counters.get("records_read", 0)
+
+    @property
+    def records_rejected(self) -> int:
+        """Records that broke a local rule and were never sent."""
+        return self.counters.get("records_rejected", 0)
+
+    @property
+    def records_imported(self) -> int:
+        """Records the API stored."""
+        return self.counters.get("records_imported", 0)
+
+    @property
+    def records_failed(self) -> int:
+        """Records the API rejected (or whose import failed past the resubmit budget)."""
+        return self.counters.get("records_failed", 0)
+
+    @property
+    def ok(self) -> bool:
+        """True when every record read was imported (nothing rejected or failed)."""
+        return not self.dead_letters
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report of the contract (``--report``), with extra counters."""
+        counts = {name: self.counters.get(name, 0) for name in _REPORT_COUNTERS}
+        return {
+            "collection": self.collection,
+            **counts,
+            "dead_letters": len(self.dead_letters),
+            "duration_s": round(self.duration_s, 3),
+            "nothing_to_do": self.nothing_to_do,
+            "imports": [
+                {
+                    "import_id": batch.import_id,
+                    "records": batch.record_count,
+                    "body_bytes": batch.body_bytes,
+                    "status": batch.status,
+                    "attempts": batch.attempts,
+                    "polls": batch.polls,
+                    "resubmits": batch.resubmits,
+                    "submitted_at": _iso(batch.submitted_at),
+                    "finished_at": _iso(batch.finished_at),
+                }
+                for batch in self.imports
+            ],
+        }
+
+
+_REPORT_COUNTERS = (
+    "records_read",
+    "records_rejected",
+    "records_superseded",
+    "records_submitted",
+    "records_imported",
+    "records_failed",
+    "lost_responses",
+    "account_full_waits",
+    "submits_in_doubt",
+    "resubmits",
+    "status_calls",
+)
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Live counters of a run, updated by the engine as it goes (read them for a progress display).
+
+    Plain integers on one event loop: reading them from the same loop is always consistent.
+    """
+
+    records_read: int = 0
+    records_rejected: int = 0
+    batches_sealed: int = 0
+    imports_in_flight: int = 0
+    imports_finished: int = 0
+    records_imported: int = 0
+    records_failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        """Records read per second since the start."""
+        elapsed = time.monotonic() - self.started
+        return self.records_read / elapsed if elapsed > 0 else 0.0

@@ -1,0 +1,95 @@
+"""The engine's settings: one frozen object with production defaults, validated on creation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from orchestrator.errors import ConfigError
+
+__all__ = ["Settings"]
+
+#: The API's documented body cap ("50 MB"), read as 50,000,000 bytes of body as sent.
+API_MAX_BODY_BYTES = 50_000_000
+#: The API's documented limit of concurrent bulk imports per account.
+API_MAX_CONCURRENT = 5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """How the engine batches, submits and polls; the defaults are the API's documented limits.
+
+    Args:
+        max_concurrent: bulk imports in flight per account (the API allows 5).
+        max_body_bytes: hard cap on one request body, in bytes as sent.
+        poll_min: seconds: never poll one import sooner than this after its submit or last poll.
+        poll_max: seconds: never leave one import unpolled longer than this (unless the API asks to
+            wait).
+        max_resubmits: how many times a whole import that ends ``Failed`` is sent again before its
+            records are dead-lettered.
+        account_full_wait: seconds to wait before retrying a submit refused with "too many active
+            imports" (another integration holds slots, or an earlier response was lost); doubles up
+            to ``poll_max``.
+        max_account_full_waits: how many such refusals in a row one batch tolerates before the run
+            aborts; ``None`` waits forever.
+        seal_after: seconds: seal a partly filled batch when the input pauses this long (a trickle
+            from an async source still gets imported).
+        status_error_budget: consecutive failed status polls of one import (after the client's own
+            retries) before the engine gives that import up as lost.
+    """
+
+    max_concurrent: int = API_MAX_CONCURRENT
+    max_body_bytes: int = API_MAX_BODY_BYTES
+    poll_min: float = 5.0
+    poll_max: float = 30.0
+    max_resubmits: int = 2
+    account_full_wait: float = 5.0
+    max_account_full_waits: int | None = None
+    seal_after: float = 2.0
+    status_error_budget: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_concurrent <= 100:
+            raise ConfigError(
+                f"max_concurrent must be between 1 and 100, got {self.max_concurrent}; "
+                f"the API allows {API_MAX_CONCURRENT} imports in flight per account"
+            )
+        if not 1_000 <= self.max_body_bytes <= API_MAX_BODY_BYTES:
+            raise ConfigError(
+                f"max_body_bytes must be between 1000 and {API_MAX_BODY_BYTES} "
+                f"(the API's limit), got {self.max_body_bytes}"
+            )
+        for name in ("poll_min", "poll_max", "account_full_wait", "seal_after"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        if self.poll_max < self.poll_min:
+            raise ConfigError(
+                f"poll_max ({self.poll_max}) must be at least poll_min ({self.poll_min})"
+            )
+        if self.max_resubmits < 0:
+            raise ConfigError(f"max_resubmits must be >= 0, got {self.max_resubmits}")
+        if self.max_account_full_waits is not None and self.max_account_full_waits < 1:
+            raise ConfigError(
+                f"max_account_full_waits must be >= 1 or None, got {self.max_account_full_waits}"
+            )
+        if self.status_error_budget < 1:
+            raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
+
+    @classmethod
+    def scaled(cls, factor: float, **overrides: object) -> Settings:
+        """Production settings with every interval multiplied by ``factor`` (for tests and demos).
+
+        Args:
+            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s.
+            overrides: any other field.
+        """
+        base = cls()
+        values: dict[str, object] = {
+            "poll_min": base.poll_min * factor,
+            "poll_max": base.poll_max * factor,
+            "account_full_wait": base.account_full_wait * factor,
+            "seal_after": base.seal_after * factor,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,359 @@
+"""JSON Lines readers (plain, gzip, standard input) that keep each line's file and number.
+
+Blocking reads and gzip decompression run in a worker thread, one chunk of about ``chunk_bytes``
+(cut at a line boundary) per hop, so the event loop never blocks. Each chunk carries a running
+SHA-256 fingerprint of the input up to it, which lets a journal notice that an input changed between
+a crash and the re-run that resumes it.
+
+Lines are numbered from 1; a final line without a newline counts; ``\\r\\n`` endings are stripped;
+a UTF-8 byte order mark at the start of the input is dropped. gzip is recognised by its magic bytes,
+whatever the file is called.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import sys
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, BinaryIO
+
+import anyio
+import anyio.to_thread
+
+from orchestrator import errors
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+__all__ = ["JsonLinesReader", "LineChunk", "validate_inputs"]
+
+STDIN = "-"
+STDIN_ORIGIN = "<stdin>"
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class LineChunk:
+    """A run of consecutive lines of one input.
+
+    Args:
+        origin: the input's display name: the path as given, or ``"<stdin>"``.
+        first_line: the 1-based line number of ``lines[0]``.
+        lines: the lines' contents without their terminators (blank lines kept as ``b""``).
+    """
+
+    origin: str
+    first_line: int
+    lines: list[bytes]
+    # the running hash of every line before this chunk; None means the chunk starts the input
+    _start: _Hash | None = field(default=None, repr=False, compare=False)
+    _end: str | None = field(default=None, repr=False, compare=False)
+
+    def _hash_through(self, count: int) -> _Hash:
+        if self._start is None:
+            if self.first_line != 1:
+                raise ValueError("a chunk built without its start hash must start at line 1")
+            state = hashlib.sha256()
+        else:
+            state = self._start.copy()
+        if count:
+            state.update(b"\n".join(self.lines[:count]))
+            state.update(b"\n")
+        return state
+
+    def digest_through(self, count: int) -> str:
+        """Return the fingerprint of the input from its start through ``lines[count - 1]``.
+
+        The fingerprint is the hex SHA-256 over every line's content followed by ``b"\\n"``, from
+        line 1 to line ``first_line - 1 + count``.
+
+        Args:
+            count: how many of this chunk's lines to include, 0 to ``len(lines)``.
+        """
+        if not 0 <= count <= len(self.lines):
+            raise ValueError(f"count must be between 0 and {len(self.lines)}, not {count}")
+        if count == len(self.lines) and self._end is not None:
+            return self._end
+        return self._hash_through(count).hexdigest()
+
+    @property
+    def end_digest(self) -> str:
+        """The fingerprint of the input through this chunk's last line."""
+        return self.digest_through(len(self.lines))
+
+    @property
+    def last_line(self) -> int:
+        """The 1-based line number of the chunk's last line (``first_line - 1`` when empty)."""
+        return self.first_line + len(self.lines) - 1
+
+
+def _display(path: str) -> str:
+    return STDIN_ORIGIN if path == STDIN else path
+
+
+def _open_error(path: str, error: OSError) -> errors.InputError:
+    shown = repr(path)
+    if isinstance(error, FileNotFoundError):
+        return errors.InputError(f"input file {shown} does not exist; check the path")
+    if isinstance(error, IsADirectoryError):
+        return errors.InputError(
+            f"input {shown} is a directory; give a JSON Lines file (.jsonl or .jsonl.gz)"
+        )
+    if isinstance(error, PermissionError):
+        return errors.InputError(
+            f"input file {shown} cannot be read (permission denied); check its permissions"
+        )
+    return errors.InputError(f"input {shown} cannot be read ({error.strerror or error}); check it")
+
+
+def _corrupt_error(path: str) -> errors.InputError:
+    return errors.InputError(
+        f"input {_display(path)!r} is not a valid gzip file (corrupt or truncated); re-create it"
+        " or give the uncompressed file"
+    )
+
+
+class _Opened:
+    """An open input: the raw stream and, for gzip, the decompressing reader on top of it."""
+
+    __slots__ = ("raw", "reader", "stdin")
+
+    def __init__(self, path: str) -> None:
+        self.stdin = path == STDIN
+        raw: BinaryIO
+        if self.stdin:
+            raw = sys.stdin.buffer
+        else:
+            try:
+                raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+            except OSError as error:
+                raise _open_error(path, error) from None
+        self.raw = raw
+        try:
+            head = _peek(raw, 2)
+        except OSError as error:
+            self.close()
+            raise _open_error(path, error) from None
+        self.reader: BinaryIO = raw
+        if head == _GZIP_MAGIC:
+            self.reader = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+
+    def close(self) -> None:
+        if self.reader is not self.raw:
+            self.reader.close()  # a GzipFile given a fileobj leaves it open
+        if not self.stdin:
+            self.raw.close()
+
+
+def _peek(raw: BinaryIO, size: int) -> bytes:
+    peek = getattr(raw, "peek", None)
+    if peek is not None:
+        return bytes(peek(size)[:size])
+    if raw.seekable():
+        position = raw.tell()
+        head = raw.read(size)
+        raw.seek(position)
+        return head
+    raise OSError("the input can neither peek nor seek")
+
+
+class JsonLinesReader:
+    """Reads a JSON Lines input (a path, a gzip file, or ``"-"`` for standard input) in chunks.
+
+    Use it as an async context manager (or call ``aclose``), optionally ``skip`` lines already
+    handled, then iterate ``chunks()`` once. Not safe for concurrent use by several tasks.
+
+    Args:
+        path: the input path as given, or ``"-"`` for standard input.
+        chunk_bytes: about how many bytes to read per hop to the worker thread.
+    """
+
+    def __init__(self, path: str, *, chunk_bytes: int = 1 << 20) -> None:
+        if chunk_bytes < 1:
+            raise errors.ConfigError(f"chunk_bytes must be at least 1, not {chunk_bytes}")
+        self.path = path
+        self.origin = _display(path)
+        self._chunk_bytes = chunk_bytes
+        self._opened: _Opened | None = None
+        self._tail: list[bytes] = []
+        self._next_line = 1
+        self._hash = hashlib.sha256()
+        self._eof = False
+        self._closed = False
+        self._pending: LineChunk | None = None
+
+    def __repr__(self) -> str:
+        return f"JsonLinesReader({self.path!r}, chunk_bytes={self._chunk_bytes})"
+
+    def _read(self, size: int) -> bytes:
+        if self._opened is None:
+            self._opened = _Opened(self.path)
+        opened = self._opened
+        try:
+            if opened.stdin:
+                # latency over throughput on a pipe: take what is there
+                return opened.reader.read1(size)  # type: ignore[attr-defined,no-any-return]
+            return opened.reader.read(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            raise _corrupt_error(self.path) from None
+        except OSError as error:
+            raise _open_error(self.path, error) from None
+
+    def _read_chunk(self) -> LineChunk | None:
+        """Read the next chunk (in a worker thread); ``None`` at the end of the input."""
+        if self._closed:
+            raise errors.InputError(f"input {self.origin!r} was closed; open a new reader")
+        if self._eof:
+            return None
+        parts = self._tail
+        while True:
+            data = self._read(self._chunk_bytes)
+            if not data:
+                self._eof = True
+                self._tail = []
+                if not parts:
+                    return None
+                buf = b"".join(parts)
+                lines = [buf]
+                end = len(buf)
+                break
+            if data.rfind(b"\n") != -1:
+                parts.append(data)
+                buf = b"".join(parts) if len(parts) > 1 else data
+                lines = buf.split(b"\n")
+                tail = lines.pop()
+                self._tail = [tail] if tail else []
+                end = len(buf) - len(tail)
+                break
+            parts.append(data)
+        normalized = False
+        if b"\r" in buf:
+            lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+            normalized = True
+        if self._next_line == 1 and lines[0].startswith(_BOM):
+            lines[0] = lines[0][len(_BOM) :]
+            normalized = True
+        start = self._hash.copy()
+        if normalized or self._eof:
+            self._hash.update(b"\n".join(lines))
+            self._hash.update(b"\n")
+        else:  # the raw bytes are already the lines each followed by "\n"
+            self._hash.update(memoryview(buf)[:end])
+        chunk = LineChunk(self.origin, self._next_line, lines, start, self._hash.hexdigest())
+        self._next_line += len(lines)
+        return chunk
+
+    async def skip(self, lines: int) -> str:
+        """Consume the first ``lines`` lines (to resume) and return their fingerprint.
+
+        Call it before ``chunks()``. The fingerprint is what ``LineChunk.digest_through`` gives for
+        the same lines, so a journal can check that the input did not change.
+
+        Args:
+            lines: how many lines to skip.
+
+        Raises:
+            errors.InputError: the input has fewer lines than that (it changed since).
+        """
+        if lines < 0:
+            raise ValueError(f"lines must be >= 0, not {lines}")
+        if self._next_line != 1 or self._pending is not None:
+            raise RuntimeError("skip() must be called once, before chunks()")
+        digest = hashlib.sha256().hexdigest()
+        remaining = lines
+        while remaining > 0:
+            chunk = await anyio.to_thread.run_sync(self._read_chunk)
+            if chunk is None:
+                read = lines - remaining
+                raise errors.InputError(
+                    f"input {self.origin!r} has only {read} lines, but {lines} were already"
+                    " handled by the run being resumed: the input changed; use a new journal"
+                    " or restore the original input"
+                )
+            count = len(chunk.lines)
+            if count <= remaining:
+                remaining -= count
+                digest = chunk.end_digest
+                continue
+            state = chunk._hash_through(remaining)
+            digest = state.hexdigest()
+            self._pending = LineChunk(
+                self.origin,
+                chunk.first_line + remaining,
+                chunk.lines[remaining:],
+                state,
+                chunk._end,
+            )
+            remaining = 0
+        return digest
+
+    async def chunks(self) -> AsyncIterator[LineChunk]:
+        """Yield the input's chunks in order, each ending at a line boundary.
+
+        Raises:
+            errors.InputError: the input cannot be read or is a corrupt gzip file.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            yield pending
+        while True:
+            chunk = await anyio.to_thread.run_sync(self._read_chunk)
+            if chunk is None:
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        """Close the input (standard input itself stays open)."""
+        self._closed = True
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await anyio.to_thread.run_sync(opened.close)
+
+    async def __aenter__(self) -> JsonLinesReader:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
+
+def _validate(paths: list[str]) -> None:
+    if not paths:
+        raise errors.InputError("no input given; name at least one JSON Lines file, or '-'")
+    if paths.count(STDIN) > 1:
+        raise errors.InputError("standard input ('-') can be given only once")
+    for path in paths:
+        if path == STDIN:
+            continue
+        opened = _Opened(path)
+        try:
+            if opened.reader is not opened.raw:
+                opened.reader.read(1)  # checks the gzip header
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            raise _corrupt_error(path) from None
+        except OSError as error:
+            raise _open_error(path, error) from None
+        finally:
+            opened.close()
+
+
+async def validate_inputs(paths: Iterable[str]) -> None:
+    """Check up front that every input exists and can be read, before any import starts.
+
+    Args:
+        paths: the inputs as given; ``"-"`` (standard input) may appear once.
+
+    Raises:
+        errors.InputError: an input is missing, a directory, unreadable or a corrupt gzip file.
+    """
+    await anyio.to_thread.run_sync(_validate, list(paths))

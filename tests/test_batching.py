@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator import errors
+from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
+from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_record
+
+ACCOUNT = Collection("Orders")
+CONTACT = Collection("Orders", scope=Scope.CONTACT)
+
+
+def make(key: str, size: int = 0, *, email: str | None = None, line: int = 1) -> EncodedRecord:
+    """An encoded record with a json payload of about ``size`` bytes."""
+    obj: dict[str, object] = {"key": key, "json": {"p": "x" * size}}
+    collection = ACCOUNT
+    if email is not None:
+        obj["contactIdentity"] = {"identifier": "email", "value": email}
+        collection = CONTACT
+    return encode_record(obj, collection, source=Source("t", line))
+
+
+def records_of(batch: Batch) -> list[object]:
+    return list(orjson.loads(batch.body)["records"])
+
+
+def test_seal_builds_an_exact_body() -> None:
+    """A sealed body is the envelope around the records, comma-separated, sized exactly."""
+    assembler = BatchAssembler(ACCOUNT)
+    a, b = make("a", 3), make("b", 5)
+    assert assembler.pending_bytes == 0
+    assert assembler.add(a) is None
+    assert assembler.add(b) is None
+    expected_size = assembler.pending_bytes
+    assert len(assembler) == 2
+    batch = assembler.seal()
+    assert batch is not None
+    prefix, suffix = ACCOUNT.envelope()
+    assert batch.body == prefix + a.data + b"," + b.data + suffix
+    assert batch.body_bytes == len(batch.body) == expected_size
+    assert batch.record_count == 2
+    assert batch.refs == (RecordRef("a", None, Source("t", 1)), RecordRef("b", None, Source("t", 1)))
+    assert len(assembler) == 0
+    assert assembler.seal() is None
+
+
+def test_last_write_wins_within_a_batch() -> None:
+    """A repeated identity replaces the older record, which is reported, and moves to the end."""
+    superseded: list[EncodedRecord] = []
+    assembler = BatchAssembler(ACCOUNT, on_superseded=superseded.append)
+    first = make("a", 1, line=1)
+    assembler.add(first)
+    assembler.add(make("b", 1, line=2))
+    assembler.add(make("a", 2, line=3))
+    assert superseded == [first]
+    assert "a" in assembler
+    assert "c" not in assembler
+    batch = assembler.seal()
+    assert batch is not None
+    assert [ref.key for ref in batch.refs] == ["b", "a"]
+    assert batch.refs[1].source == Source("t", 3)
+    assert records_of(batch)[1] == {"key": "a", "json": {"p": "xx"}}
+    assert batch.body_bytes == len(batch.body)
+
+
+def test_contact_scope_identity_includes_the_contact() -> None:
+    """In contact scope the same key for two contacts is two records."""
+    assembler = BatchAssembler(CONTACT)
+    assembler.add(make("k", email="a@x.io"))
+    assembler.add(make("k", email="b@x.io"))
+    assert ("email", "a@x.io", "k") in assembler
+    batch = assembler.seal()
+    assert batch is not None
+    assert batch.record_count == 2
+    assert batch.refs[0].identity == ("email", "a@x.io", "k")
+    assert batch.refs[0].contact == ("email", "a@x.io")
+
+
+def test_full_batch_is_sealed_and_returned() -> None:
+    """When the next record would overflow the cap, the open batch is sealed and returned."""
+    a = make("a", 10)
+    prefix, suffix = ACCOUNT.envelope()
+    cap = len(prefix) + len(suffix) + 2 * len(a.data) + 1  # exactly two records
+    assembler = BatchAssembler(ACCOUNT, max_body_bytes=cap)
+    assert assembler.add(a) is None
+    assert assembler.add(make("b", 10)) is None
+    assert assembler.pending_bytes == cap
+    sealed = assembler.add(make("c", 10))
+    assert sealed is not None
+    assert sealed.body_bytes == cap
+    assert [ref.key for ref in sealed.refs] == ["a", "b"]
+    assert len(assembler) == 1
+    assert "c" in assembler
+
+
+def test_too_large_record_is_rejected_and_state_kept() -> None:
+    """A record that alone exceeds the cap raises record-too-large and changes nothing."""
+    prefix, suffix = ACCOUNT.envelope()
+    small = make("a", 1)
+    cap = len(prefix) + len(suffix) + len(small.data) + 40
+    superseded: list[EncodedRecord] = []
+    assembler = BatchAssembler(ACCOUNT, max_body_bytes=cap, on_superseded=superseded.append)
+    assembler.add(small)
+    before = assembler.pending_bytes
+    with pytest.raises(errors.RecordError) as caught:
+        assembler.add(make("a", 100, line=9))
+    assert caught.value.rule == "record-too-large"
+    assert caught.value.key == "a"
+    assert caught.value.source == Source("t", 9)
+    assert assembler.pending_bytes == before
+    assert superseded == []
+    batch = assembler.seal()
+    assert batch is not None
+    assert records_of(batch) == [orjson.loads(small.data)]
+
+
+def test_a_record_exactly_at_the_cap_fits() -> None:
+    """A record whose body is exactly the cap is accepted."""
+    record = make("a", 50)
+    prefix, suffix = ACCOUNT.envelope()
+    cap = len(prefix) + len(suffix) + len(record.data)
+    assembler = BatchAssembler(ACCOUNT, max_body_bytes=cap)
+    assembler.add(record)
+    batch = assembler.seal()
+    assert batch is not None
+    assert batch.body_bytes == cap
+
+
+def test_cap_too_small_for_any_record() -> None:
+    """A cap that cannot hold the envelope and a minimal record is a ConfigError."""
+    with pytest.raises(errors.ConfigError, match="max_body_bytes"):
+        BatchAssembler(ACCOUNT, max_body_bytes=50)
+
+
+def test_small_records_fill_a_1mb_body() -> None:
+    """With small records, bodies are packed to at least 95% of a 1 MB cap."""
+    cap = 1_000_000
+    assembler = BatchAssembler(ACCOUNT, max_body_bytes=cap)
+    sealed = []
+    for i in range(20_000):
+        batch = assembler.add(make(f"k{i}", 100 + i % 300))
+        if batch is not None:
+            sealed.append(batch)
+    assert len(sealed) >= 3
+    assert all(0.95 * cap <= batch.body_bytes <= cap for batch in sealed)
+
+
+def test_split_batch_halves_and_keeps_bytes() -> None:
+    """split_batch cuts a body into two exact halves with refs aligned and bytes unchanged."""
+    assembler = BatchAssembler(CONTACT)
+    tricky = encode_record(
+        {
+            "key": 'x,"}]',
+            "json": {"s": 'a"b\\",{[', "items": [{"a": [1, 2]}, {}]},
+            "contactIdentity": {"identifier": "email", "value": "z@x.io"},
+        },
+        CONTACT,
+    )
+    originals = [make(f"k{i}", i, email=f"{i}@x.io") for i in range(4)] + [tricky]
+    for record in originals:
+        assembler.add(record)
+    batch = assembler.seal()
+    assert batch is not None
+    halves = split_batch(batch, CONTACT)
+    assert [half.record_count for half in halves] == [2, 3]
+    prefix, suffix = CONTACT.envelope()
+    assert halves[0].body == prefix + b",".join(r.data for r in originals[:2]) + suffix
+    assert halves[1].body == prefix + b",".join(r.data for r in originals[2:]) + suffix
+    assert halves[0].refs + halves[1].refs == batch.refs
+    quarters = split_batch(halves[0], CONTACT)
+    assert [quarter.record_count for quarter in quarters] == [1, 1]
+    assert split_batch(quarters[0], CONTACT) == [quarters[0]]
+    last = split_batch(split_batch(halves[1], CONTACT)[1], CONTACT)[1]
+    assert last.body == prefix + tricky.data + suffix
+    assert last.refs[0].key == 'x,"}]'
+
+
+def test_split_batch_refuses_a_foreign_body() -> None:
+    """split_batch raises ValueError for a body of another collection or with wrong refs."""
+    assembler = BatchAssembler(ACCOUNT)
+    assembler.add(make("a"))
+    batch = assembler.seal()
+    assert batch is not None
+    with pytest.raises(ValueError, match="collection"):
+        split_batch(batch, CONTACT)
+    with pytest.raises(ValueError, match="refs"):
+        split_batch(Batch(batch.body, ()), ACCOUNT)
+
+
+record_plans = st.lists(
+    st.tuples(st.integers(0, 15), st.integers(0, 400), st.sampled_from(["a@x.io", "b@x.io"])),
+    min_size=1,
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan=record_plans, cap_extra=st.integers(0, 3000), contact=st.booleans())
+def test_batching_invariants(
+    plan: list[tuple[int, int, str]], cap_extra: int, contact: bool
+) -> None:
+    """Caps are kept, packing is tight, last occurrence wins, and no record goes missing."""
+    collection = CONTACT if contact else ACCOUNT
+    prefix, suffix = collection.envelope()
+    cap = len(prefix) + len(suffix) + 60 + cap_extra
+    superseded: list[EncodedRecord] = []
+    too_large: set[int] = set()
+    assembler = BatchAssembler(collection, max_body_bytes=cap, on_superseded=superseded.append)
+    batches: list[tuple[Batch, int]] = []  # (batch, line of the record that sealed it)
+    added: dict[int, EncodedRecord] = {}
+    for line, (key_no, size, email) in enumerate(plan, start=1):
+        record = make(f"k{key_no}", size, email=email if contact else None, line=line)
+        added[line] = record
+        pending_before = assembler.pending_bytes
+        identity_open = record.identity in assembler
+        try:
+            sealed = assembler.add(record)
+        except errors.RecordError as error:
+            assert error.rule == "record-too-large"
+            assert len(prefix) + len(suffix) + len(record.data) > cap
+            assert assembler.pending_bytes == pending_before
+            too_large.add(line)
+            continue
+        if sealed is not None:
+            batches.append((sealed, line))
+            # sealed only because this record would not fit next to the batch
+            assert sealed.body_bytes + 1 + len(record.data) > cap
+        elif pending_before and not identity_open:
+            assert assembler.pending_bytes == pending_before + 1 + len(record.data)
+    final = assembler.seal()
+    if final is not None:
+        batches.append((final, len(plan) + 1))
+
+    in_batches: list[int] = []
+    for batch, sealed_at in batches:
+        assert batch.body_bytes <= cap
+        body = orjson.loads(batch.body)
+        assert body["collectionName"] == "Orders"
+        assert body["collectionScope"] == collection.scope.value
+        assert len(body["records"]) == batch.record_count >= 1
+        for ref, sent in zip(batch.refs, body["records"], strict=True):
+            assert ref.source is not None
+            original = added[ref.source.line]
+            assert sent == orjson.loads(original.data)
+            assert (ref.key, ref.contact, ref.identity) == (
+                original.key,
+                original.contact,
+                original.identity,
+            )
+            # no later valid occurrence of the identity arrived before the batch was sealed
+            assert not any(
+                other.identity == ref.identity and line not in too_large
+                for line, other in added.items()
+                if ref.source.line < line < sealed_at
+            )
+        lines = [ref.source.line for ref in batch.refs if ref.source is not None]
+        assert lines == sorted(lines)
+        in_batches.extend(lines)
+
+    # every record is in exactly one batch, or was superseded, or was too large
+    superseded_lines = [r.source.line for r in superseded if r.source is not None]
+    accounted = in_batches + superseded_lines + sorted(too_large)
+    assert sorted(accounted) == list(range(1, len(plan) + 1))
+    for line in superseded_lines:
+        identity = added[line].identity
+        assert any(
+            other.identity == identity and later not in too_large
+            for later, other in added.items()
+            if later > line
+        )

@@ -1,0 +1,695 @@
+"""Tests of the journal: both backends' behaviour, and SQLite's durability, locking and errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.batching import RecordRef
+from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.journal import (
+    BatchPhase,
+    DeadLetter,
+    InputProgress,
+    Journal,
+    MemoryJournal,
+    RunSpec,
+    SqliteJournal,
+    open_journal,
+)
+from orchestrator.journal.sqlite import _decode_refs, _encode_refs
+from orchestrator.records import Source
+
+pytestmark = pytest.mark.anyio
+
+SPEC = RunSpec(
+    collection="Orders",
+    scope="contact",
+    collection_type="custom",
+    inputs=("/data/orders.jsonl", "-"),
+    account="acct-5f1e",
+)
+NOT_ROOT = pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions"
+)
+
+Factory = Callable[[], Journal]
+
+
+def make_refs(n: int, *, first_line: int = 1) -> list[RecordRef]:
+    return [
+        RecordRef(
+            key=f"order-{first_line + i}",
+            contact=("email", f"c{i}@example.com") if i % 2 else None,
+            source=Source(origin="/data/orders.jsonl", line=first_line + i) if i % 3 else None,
+        )
+        for i in range(n)
+    ]
+
+
+def letter(n: int, **kwargs: object) -> DeadLetter:
+    fields: dict[str, object] = {
+        "source": f"/data/orders.jsonl:{n}",
+        "key": f"order-{n}",
+        "reason": "json-nested-array",
+        "message": "an array directly inside an array",
+    }
+    fields.update(kwargs)
+    return DeadLetter(**fields)  # type: ignore[arg-type]
+
+
+async def seal(journal: Journal, n: int = 3, *, lines: int = 0) -> int:
+    return await journal.seal_batch(
+        body=b'{"records":[' + b"x" * n + b"]}",
+        refs=make_refs(n, first_line=lines + 1),
+        depends_on=(),
+        progress=InputProgress(0, lines + n, f"digest-{lines + n}"),
+        dead_letters=(),
+        counters={"records_read": n},
+    )
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    """A maker of journals over one store: a new SqliteJournal per call, or one MemoryJournal."""
+    if request.param == "sqlite":
+        return lambda: SqliteJournal(tmp_path / "state" / "journal.db")
+    memory = MemoryJournal()
+    return lambda: memory
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """Where a SQLite journal lives in one test."""
+    return tmp_path / "journal.db"
+
+
+# --------------------------------------------------------------------------- both backends
+
+
+async def test_new_journal_starts_an_empty_run(factory: Factory) -> None:
+    """Opening an empty journal creates the run with zero progress and nothing unfinished."""
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    assert state.fresh
+    assert not state.complete
+    assert state.inputs == (InputProgress(0, 0, ""), InputProgress(1, 0, ""))
+    assert state.unfinished == ()
+    assert dict(state.counters) == {}
+
+
+async def test_round_trip_of_every_method(factory: Factory) -> None:
+    """Each method's effect reads back exactly through the journal's queries."""
+    refs = make_refs(5)
+    async with factory() as journal:
+        await journal.open(SPEC)
+        first = await journal.seal_batch(
+            body=b"body-one",
+            refs=refs,
+            depends_on=(),
+            progress=InputProgress(0, 6, "d6"),
+            dead_letters=[letter(2, record=b'{"key": 1}')],
+            counters={"records_read": 6, "records_rejected": 1},
+        )
+        second = await journal.seal_batch(
+            body=b"body-two",
+            refs=make_refs(2, first_line=7),
+            depends_on=[first],
+            progress=None,
+            dead_letters=(),
+            counters={"records_read": 2},
+        )
+        assert second > first
+        await journal.save_progress(
+            progress=[InputProgress(0, 8, "d8", done=True), InputProgress(1, 4, "s4")],
+            dead_letters=[letter(9, import_id=None, details=("a", "b"))],
+            counters={"records_superseded": 3},
+        )
+        await journal.add_counters({"account_full_waits": 1})
+        assert await journal.load_body(first) == b"body-one"
+        assert await journal.load_refs(first) == refs
+
+        await journal.mark_submitting(first)
+        await journal.mark_submitted(first, "imp-1", 100.5)
+        await journal.mark_polled(first, 3)
+        await journal.mark_resubmit(first)
+        await journal.mark_submitting(first)
+        await journal.mark_submitted(first, "imp-2", 200.0)
+        failure = letter(4, reason="ContactEmailDoesNotExist", import_id="imp-2")
+        await journal.mark_finished(
+            first,
+            status="Finished",
+            imported=4,
+            dead_letters=[failure],
+            finished_at=250.0,
+            counters={"records_imported": 4, "records_failed": 1},
+        )
+
+        batches = await journal.batches()
+        assert [b.batch_id for b in batches] == [first, second]
+        done, waiting = batches
+        assert done.phase is BatchPhase.FINISHED
+        assert done.import_id == "imp-2"
+        assert (done.record_count, done.body_bytes) == (5, len(b"body-one"))
+        assert (done.attempts, done.resubmits, done.in_doubt, done.polls) == (2, 1, 0, 3)
+        assert (done.submitted_at, done.finished_at) == (200.0, 250.0)
+        assert (done.status, done.imported) == ("Finished", 4)
+        assert waiting.phase is BatchPhase.SEALED
+        assert waiting.depends_on == (first,)
+        assert waiting.import_id is None
+        assert waiting.status is None
+
+        letters = await journal.dead_letters()
+        assert letters == [letter(2, record=b'{"key": 1}'), letter(9, details=("a", "b")), failure]
+        assert await journal.counters() == {
+            "account_full_waits": 1,
+            "records_failed": 1,
+            "records_imported": 4,
+            "records_read": 8,
+            "records_rejected": 1,
+            "records_superseded": 3,
+        }
+        await journal.mark_complete()
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    assert state.complete
+    assert not state.fresh
+    assert state.inputs == (InputProgress(0, 8, "d8", done=True), InputProgress(1, 4, "s4"))
+    assert [b.batch_id for b in state.unfinished] == [second]
+
+
+async def test_reopen_resumes_the_run(factory: Factory) -> None:
+    """After close, opening the same run again returns its progress, batches and counters."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        sealed = await seal(journal, 3)
+        submitted = await seal(journal, 2, lines=3)
+        await journal.mark_submitting(submitted)
+        await journal.mark_submitted(submitted, "imp-9", 5.0)
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+        assert await journal.load_body(sealed) == b'{"records":[xxx]}'
+        assert len(await journal.load_refs(submitted)) == 2
+    assert not state.fresh
+    assert not state.complete
+    assert state.inputs[0] == InputProgress(0, 5, "digest-5")
+    assert [(b.batch_id, b.phase, b.import_id) for b in state.unfinished] == [
+        (sealed, BatchPhase.SEALED, None),
+        (submitted, BatchPhase.SUBMITTED, "imp-9"),
+    ]
+    assert state.counters == {"records_read": 5}
+
+
+async def test_submit_in_doubt_goes_back_to_sealed(factory: Factory) -> None:
+    """A batch left SUBMITTING is found in doubt at reopen: SEALED again, counted once."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        await journal.mark_submitting(batch)
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    (stored,) = state.unfinished
+    assert stored.phase is BatchPhase.SEALED
+    assert (stored.in_doubt, stored.attempts) == (1, 1)
+    assert state.counters["submits_in_doubt"] == 1
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    assert state.unfinished[0].in_doubt == 1  # counted when found, not at every open
+    assert state.counters["submits_in_doubt"] == 1
+
+
+async def test_another_run_is_refused(factory: Factory) -> None:
+    """A journal holding another run raises JournalMismatch naming it, and stays as it was."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        await seal(journal)
+    other = RunSpec(
+        collection="Carts",
+        scope=SPEC.scope,
+        collection_type=SPEC.collection_type,
+        inputs=SPEC.inputs,
+        account=SPEC.account,
+    )
+    async with factory() as journal:
+        with pytest.raises(JournalMismatch, match=r"collection 'Orders'.*--fresh") as caught:
+            await journal.open(other)
+    assert "collection" in str(caught.value)
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    assert len(state.unfinished) == 1
+
+
+async def test_fresh_wipes_the_previous_run(factory: Factory) -> None:
+    """fresh=True discards everything, even another run's, and starts batch ids again."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        await seal(journal)
+        await journal.save_progress(progress=None, dead_letters=[letter(1)], counters={"x": 1})
+        await journal.mark_complete()
+    other = RunSpec("Carts", "account", "custom", ("/data/carts.jsonl",), "acct-5f1e")
+    async with factory() as journal:
+        state = await journal.open(other, fresh=True)
+        assert state.fresh
+        assert not state.complete
+        assert state.inputs == (InputProgress(0, 0, ""),)
+        assert state.unfinished == ()
+        assert state.counters == {}
+        assert await journal.dead_letters() == []
+        assert await seal(journal) == 1
+
+
+async def test_bad_transitions_are_refused(factory: Factory) -> None:
+    """Transitions the protocol does not allow raise ValueError and change nothing."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        with pytest.raises(ValueError, match="is sealed, not submitting"):
+            await journal.mark_submitted(batch, "imp", 1.0)
+        with pytest.raises(ValueError, match="batch 99 is not in the journal"):
+            await journal.mark_submitting(99)
+        with pytest.raises(ValueError, match="not in the journal"):
+            await journal.mark_polled(99, 1)
+        await journal.mark_finished(
+            batch, status="dead", imported=0, dead_letters=(), finished_at=1.0, counters={}
+        )
+        with pytest.raises(ValueError, match="is finished"):
+            await journal.load_body(batch)
+        with pytest.raises(ValueError, match="is finished"):
+            await journal.load_refs(batch)
+        with pytest.raises(ValueError, match="is finished"):
+            await journal.mark_finished(
+                batch, status="x", imported=0, dead_letters=(), finished_at=2.0, counters={}
+            )
+        (stored,) = await journal.batches()
+    assert (stored.status, stored.finished_at) == ("dead", 1.0)
+
+
+async def test_progress_for_an_unknown_input_is_refused(factory: Factory) -> None:
+    """Progress naming an input the run does not have raises before anything is written."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        with pytest.raises(ValueError, match="index 2 is out of range"):
+            await journal.seal_batch(
+                body=b"b",
+                refs=make_refs(1),
+                depends_on=(),
+                progress=[InputProgress(0, 1, "d"), InputProgress(2, 1, "d")],
+                dead_letters=(),
+                counters={"records_read": 1},
+            )
+        assert await journal.batches() == []
+        assert await journal.counters() == {}
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+    assert state.inputs[0].lines == 0
+
+
+async def test_use_before_open_is_an_error(factory: Factory) -> None:
+    """Calling a method before open() says so instead of acting on no run."""
+    journal = factory()
+    with pytest.raises(RuntimeError, match="call open"):
+        await journal.counters()
+    await journal.close()
+
+
+async def test_open_journal_picks_the_backend(tmp_path: Path) -> None:
+    """open_journal gives memory for None and SQLite (touching nothing yet) for a path."""
+    assert isinstance(await open_journal(None), MemoryJournal)
+    journal = await open_journal(tmp_path / "deep" / "journal.db")
+    assert isinstance(journal, SqliteJournal)
+    assert not (tmp_path / "deep").exists()
+    async with journal:
+        await journal.open(SPEC)
+    assert (tmp_path / "deep" / "journal.db").exists()
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def test_dead_letter_json_keeps_the_record_exactly() -> None:
+    """A record that parses is embedded as JSON, big integers and all, on one line."""
+    raw = b'{"key": "k1", "json": {"n": 123456789012345678901234567890}}\n'
+    line = letter(3, record=raw, details=("d",), import_id="imp").to_json()
+    assert b"\n" not in line
+    assert b"123456789012345678901234567890" in line
+    parsed = orjson.loads(line)
+    assert parsed["source"] == "/data/orders.jsonl:3"
+    assert parsed["key"] == "order-3"
+    assert parsed["reason"] == "json-nested-array"
+    assert parsed["details"] == ["d"]
+    assert parsed["import_id"] == "imp"
+    assert parsed["record"]["key"] == "k1"
+
+
+def test_dead_letter_json_of_unparsable_and_missing_records() -> None:
+    """A line that is not JSON is kept as text; no record is null; multi-line JSON is one line."""
+    bad = orjson.loads(letter(1, record=b'{"key": broken \xff').to_json())
+    assert bad["record"] == '{"key": broken \ufffd'
+    assert orjson.loads(letter(1).to_json())["record"] is None
+    pretty = letter(1, record=b'{\n  "key": "k",\n  "json": {}\n}').to_json()
+    assert b"\n" not in pretty
+    assert orjson.loads(pretty)["record"] == {"key": "k", "json": {}}
+
+
+# --------------------------------------------------------------------------- SQLite only
+
+
+refs_strategy = st.lists(
+    st.builds(
+        RecordRef,
+        key=st.text(max_size=20),
+        contact=st.none() | st.tuples(st.text(max_size=10), st.text(max_size=10)),
+        source=st.none()
+        | st.builds(
+            Source, origin=st.sampled_from(["a.jsonl", "b.jsonl", "-"]), line=st.integers(1, 10**9)
+        ),
+    ),
+    max_size=30,
+)
+
+
+@given(refs=refs_strategy)
+@settings(max_examples=200, deadline=None)
+def test_refs_codec_round_trips(refs: list[RecordRef]) -> None:
+    """Any list of record refs survives the compact encoding unchanged."""
+    assert _decode_refs(_encode_refs(refs)) == refs
+
+
+async def test_file_is_private_and_parents_are_created(tmp_path: Path) -> None:
+    """The journal file is created with mode 0600, its missing directories with it."""
+    path = tmp_path / "a" / "b" / "journal.db"
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        await seal(journal)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        wal = path.with_name("journal.db-wal")
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.with_name("journal.db.lock").stat().st_mode) == 0o600
+
+
+async def test_second_open_of_the_same_journal_is_refused(path: Path) -> None:
+    """While one journal object holds the file, another gets 'in use by another process'."""
+    async with SqliteJournal(path) as first:
+        await first.open(SPEC)
+        with pytest.raises(JournalError, match="in use by another process"):
+            await SqliteJournal(path).open(SPEC)
+        await seal(first)
+    async with SqliteJournal(path) as second:
+        state = await second.open(SPEC)
+    assert len(state.unfinished) == 1
+
+
+async def test_failed_open_releases_the_file(path: Path) -> None:
+    """An open() that fails (here: another run) does not keep the lock."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+    other = RunSpec("Carts", "account", "custom", (), "acct")
+    with pytest.raises(JournalMismatch):
+        await SqliteJournal(path).open(other)
+    journal = SqliteJournal(path)
+    await journal.open(SPEC)
+    await journal.close()
+    await journal.close()  # twice is fine
+
+
+async def test_cancelled_close_still_releases_the_lock(path: Path) -> None:
+    """Closing inside a cancelled scope still closes the file and drops the lock."""
+    journal = SqliteJournal(path)
+    await journal.open(SPEC)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await journal.close()
+    async with SqliteJournal(path) as again:
+        await again.open(SPEC)
+
+
+async def test_sqlite_never_runs_on_the_event_loop_thread(path: Path) -> None:
+    """Every SQL statement runs on a worker thread, never the loop's."""
+    loop_thread = threading.get_ident()
+    seen: set[int] = set()
+    async with SqliteJournal(path) as journal:
+        assert journal._conn is not None
+        journal._conn.set_trace_callback(lambda _: seen.add(threading.get_ident()))
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        await journal.mark_submitting(batch)
+        await journal.load_body(batch)
+        await journal.counters()
+    assert seen
+    assert loop_thread not in seen
+
+
+async def test_poll_counts_skip_the_fsync_then_restore_it(path: Path) -> None:
+    """mark_polled commits without fsync and leaves the connection at synchronous=FULL."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        modes: list[int] = []
+        assert journal._conn is not None
+        journal._conn.set_trace_callback(modes.append)  # type: ignore[arg-type]
+        await journal.mark_polled(batch, 7)
+        journal._conn.set_trace_callback(None)
+        assert any("synchronous = NORMAL" in str(m) for m in modes)
+        assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert (await journal.batches())[0].polls == 7
+
+
+async def test_mark_complete_gives_dropped_bodies_back(path: Path) -> None:
+    """After the run completes, the pages of dropped bodies are returned to the disk."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        batch = await journal.seal_batch(
+            body=os.urandom(400_000),
+            refs=make_refs(1),
+            depends_on=(),
+            progress=None,
+            dead_letters=(),
+            counters={},
+        )
+        await journal.mark_finished(
+            batch, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
+        )
+        assert journal._conn is not None
+        assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] > 50
+        await journal.mark_complete()
+        assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+async def test_disk_full_raises_and_keeps_the_previous_state(path: Path) -> None:
+    """SQLITE_FULL in a transaction raises JournalError and rolls back all of it."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        kept = await seal(journal)
+        assert journal._conn is not None
+        pages = journal._conn.execute("PRAGMA page_count").fetchone()[0]
+        journal._conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(JournalError, match=r"journal\.db: cannot seal a batch.*disk is full"):
+            await journal.seal_batch(
+                body=b"x" * 200_000,
+                refs=make_refs(50),
+                depends_on=(),
+                progress=InputProgress(0, 53, "d"),
+                dead_letters=[letter(1)],
+                counters={"records_read": 50},
+            )
+        assert [b.batch_id for b in await journal.batches()] == [kept]
+        assert await journal.counters() == {"records_read": 3}
+        assert await journal.dead_letters() == []
+        journal._conn.execute("PRAGMA max_page_count = 1073741823")
+        assert await seal(journal, lines=3) == kept + 1
+    async with SqliteJournal(path) as journal:
+        state = await journal.open(SPEC)
+    assert state.inputs[0].lines == 6
+    assert state.counters == {"records_read": 6}
+
+
+async def test_read_only_connection_raises_and_keeps_state(path: Path) -> None:
+    """A write refused as read-only raises JournalError with advice; reads still work."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        assert journal._conn is not None
+        journal._conn.execute("PRAGMA query_only = ON")
+        with pytest.raises(JournalError, match="read-only"):
+            await journal.mark_submitting(batch)
+        (stored,) = await journal.batches()
+        assert stored.phase is BatchPhase.SEALED
+        assert stored.attempts == 0
+
+
+@NOT_ROOT
+async def test_read_only_file_is_refused(path: Path) -> None:
+    """A journal file chmod 0400 raises JournalError at open; the state is intact after."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        await seal(journal)
+    path.chmod(0o400)
+    try:
+        with pytest.raises(JournalError, match="journal.db"):
+            await SqliteJournal(path).open(SPEC)
+    finally:
+        path.chmod(0o600)
+    async with SqliteJournal(path) as journal:
+        state = await journal.open(SPEC)
+    assert len(state.unfinished) == 1
+
+
+@NOT_ROOT
+async def test_read_only_directory_is_refused(tmp_path: Path) -> None:
+    """A journal in a directory chmod 0500 raises JournalError naming the path."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(JournalError, match="ro/journal.db"):
+            await SqliteJournal(folder / "journal.db").open(SPEC)
+    finally:
+        folder.chmod(0o700)
+
+
+async def test_parent_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    """A journal path under a regular file raises JournalError, not OSError."""
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(JournalError, match="cannot open it"):
+        await SqliteJournal(tmp_path / "file" / "journal.db").open(SPEC)
+
+
+async def test_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    """Garbage and another application's database raise JournalError, and are left alone."""
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database at all" * 200)
+    with pytest.raises(JournalError, match="not a journal|damaged"):
+        await SqliteJournal(garbage).open(SPEC)
+    assert garbage.read_bytes().startswith(b"this is not")
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    with pytest.raises(JournalError, match="not a journal of insight-import"):
+        await SqliteJournal(foreign).open(SPEC)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+
+    import anyio
+
+    from orchestrator.batching import RecordRef
+    from orchestrator.journal import DeadLetter, InputProgress, RunSpec, SqliteJournal
+    from orchestrator.records import Source
+
+    SPEC = RunSpec("Orders", "account", "custom", ("/in.jsonl",), "acct")
+
+
+    async def main() -> None:
+        async with SqliteJournal(sys.argv[1]) as journal:
+            state = await journal.open(SPEC)
+            lines = state.inputs[0].lines
+            sys.stderr.write("ready\\n")
+            sys.stderr.flush()
+            i = 0
+            while True:
+                n = 1 + i % 7
+                refs = [
+                    RecordRef(f"k{lines + k + 1}", None, Source("/in.jsonl", lines + k + 1))
+                    for k in range(n)
+                ]
+                lines += n + 1
+                batch = await journal.seal_batch(
+                    body=bytes([n]) * (n * 30_000),
+                    refs=refs,
+                    depends_on=(),
+                    progress=InputProgress(0, lines, f"d{lines}"),
+                    dead_letters=[DeadLetter(f"/in.jsonl:{lines}", f"k{lines}", "r", "m")],
+                    counters={"records_read": n + 1, "records_rejected": 1},
+                )
+                if i % 3 == 0:
+                    await journal.mark_submitting(batch)
+                    await journal.mark_submitted(batch, f"imp-{batch}", 1.0)
+                    await journal.mark_polled(batch, 1)
+                    await journal.mark_finished(
+                        batch, status="Finished", imported=n, dead_letters=(),
+                        finished_at=2.0, counters={"records_imported": n},
+                    )
+                elif i % 3 == 1:
+                    await journal.mark_submitting(batch)
+                i += 1
+
+
+    anyio.run(main)
+    """
+)
+
+
+async def check_consistent(path: Path) -> int:
+    spec = RunSpec("Orders", "account", "custom", ("/in.jsonl",), "acct")
+    async with SqliteJournal(path) as journal:
+        state = await journal.open(spec)
+        batches = await journal.batches()
+        letters = await journal.dead_letters()
+        counters = await journal.counters()
+        assert [b.batch_id for b in batches] == list(range(1, len(batches) + 1))
+        total = sum(b.record_count for b in batches)
+        assert counters.get("records_read", 0) == total + len(letters) == state.inputs[0].lines
+        assert counters.get("records_rejected", 0) == len(letters) == len(batches)
+        assert state.inputs[0].digest == (f"d{total + len(letters)}" if batches else "")
+        assert counters.get("records_imported", 0) == sum(b.imported or 0 for b in batches)
+        assert counters.get("submits_in_doubt", 0) == sum(b.in_doubt for b in batches)
+        for stored in batches:
+            if stored.phase is BatchPhase.FINISHED:
+                assert (stored.status, stored.import_id) == ("Finished", f"imp-{stored.batch_id}")
+                continue
+            assert stored.phase is not BatchPhase.SUBMITTING  # in doubt at open: sealed again
+            n = stored.record_count
+            body = await journal.load_body(stored.batch_id)
+            assert body == bytes([n]) * (n * 30_000) and len(body) == stored.body_bytes
+            refs = await journal.load_refs(stored.batch_id)
+            assert len(refs) == n
+            lines = [ref.source.line for ref in refs if ref.source is not None]
+            assert lines == list(range(lines[0], lines[0] + n))
+        return len(batches)
+
+
+def test_state_is_consistent_after_kill_9_at_random_moments(tmp_path: Path) -> None:
+    """A writer SIGKILLed mid-work leaves every committed batch whole and the counters exact."""
+    path = tmp_path / "journal.db"
+    rng = random.Random(20_260_509)
+    seen = 0
+    for _ in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert child.stderr is not None
+            assert child.stderr.readline() == b"ready\n"
+            time.sleep(rng.uniform(0.02, 0.3))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            if child.stderr is not None:
+                child.stderr.close()
+        assert child.returncode == -signal.SIGKILL
+        count = anyio.run(check_consistent, path)
+        assert count >= seen
+        seen = count
+    assert seen > 6

@@ -1,0 +1,380 @@
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator import errors
+from orchestrator.records import (
+    COLLECTION_TYPES,
+    RULES,
+    Collection,
+    EncodedRecord,
+    RejectedRecord,
+    Scope,
+    Source,
+    encode_line,
+    encode_lines,
+    encode_record,
+)
+
+ACCOUNT = Collection("Orders")
+CONTACT = Collection("Orders", scope=Scope.CONTACT, type="orders")
+SRC = Source("in.jsonl", 7)
+EMAIL = {"identifier": "email", "value": "a@b.io"}
+
+# (scope, line, expected rule): every rule of the module, at least once
+BAD_LINES: list[tuple[Collection, bytes, str]] = [
+    (ACCOUNT, b'{"key": "a", "json": {}', "json-syntax"),
+    (ACCOUNT, b"not json at all", "json-syntax"),
+    (ACCOUNT, b'{"key": "\xff\xfe", "json": {}}', "json-syntax"),
+    (ACCOUNT, b'{"key": "a", "json": {"n": NaN}}', "json-syntax"),
+    (ACCOUNT, b'["key", "json"]', "not-object"),
+    (ACCOUNT, b'"just a string"', "not-object"),
+    (ACCOUNT, b"42", "not-object"),
+    (ACCOUNT, b'{"json": {}}', "key-missing"),
+    (ACCOUNT, b'{"key": 1.5, "json": {}}', "key-type"),
+    (ACCOUNT, b'{"key": true, "json": {}}', "key-type"),
+    (ACCOUNT, b'{"key": null, "json": {}}', "key-type"),
+    (ACCOUNT, b'{"key": {"id": 1}, "json": {}}', "key-type"),
+    (ACCOUNT, b'{"key": ["a"], "json": {}}', "key-type"),
+    (ACCOUNT, b'{"key": "", "json": {}}', "key-empty"),
+    (ACCOUNT, b'{"key": " \\t ", "json": {}}', "key-empty"),
+    (ACCOUNT, b'{"key": "a"}', "json-missing"),
+    (ACCOUNT, b'{"key": "a", "json": [1, 2]}', "json-type"),
+    (ACCOUNT, b'{"key": "a", "json": "text"}', "json-type"),
+    (ACCOUNT, b'{"key": "a", "json": null}', "json-type"),
+    (ACCOUNT, b'{"key": "a", "json": {}, "extra": 1}', "unknown-field"),
+    (CONTACT, b'{"key": "a", "json": {}, "contactidentity": {}}', "unknown-field"),
+    (CONTACT, b'{"key": "a", "json": {}}', "contact-identity-missing"),
+    (CONTACT, b'{"key": "a", "json": {}, "contactIdentity": "a@b.io"}', "contact-identity-type"),
+    (CONTACT, b'{"key": "a", "json": {}, "contactIdentity": {"value": "x"}}', "contact-identity-type"),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"email","value":"x","y":1}}',
+        "contact-identity-type",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"e mail","value":"x"}}',
+        "contact-identifier",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"' + b"x" * 51 + b'","value":"x"}}',
+        "contact-identifier",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":5,"value":"x"}}',
+        "contact-identifier",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"email","value":""}}',
+        "contact-value",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"email","value":5}}',
+        "contact-value",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","json":{},"contactIdentity":{"identifier":"email","value":"'
+        + b"v" * 257
+        + b'"}}',
+        "contact-value",
+    ),
+    (ACCOUNT, b'{"key": "a", "json": {"m": [[1, 2], [3]]}}', "json-nested-array"),
+    (ACCOUNT, b'{"key":"a","json":{"m":[1,[2]]}}', "json-nested-array"),
+    (ACCOUNT, b'{"key":"a","json":{"m":[1 ,\n [2]]}}', "json-nested-array"),
+    (ACCOUNT, b'{"key":"a","json":{"m":[{"x":[{"y":[[]]}]}]}}', "json-nested-array"),
+]
+
+
+@pytest.mark.parametrize(("collection", "line", "rule"), BAD_LINES)
+def test_bad_line_breaks_its_rule(collection: Collection, line: bytes, rule: str) -> None:
+    """Each bad line is rejected with its stable rule id, its source, and no record values."""
+    with pytest.raises(errors.RecordError) as caught:
+        encode_line(line, collection, source=SRC)
+    error = caught.value
+    assert error.rule == rule
+    assert error.source == SRC
+    assert str(SRC) in str(error)
+    assert "a@b.io" not in str(error)
+    assert "misplaced" not in str(error)
+
+
+def test_every_rule_is_in_the_corpus() -> None:
+    """The bad-input corpus covers every rule the module documents for lines."""
+    from orchestrator import records
+
+    documented = {
+        line.split("``")[1]
+        for line in (records.__doc__ or "").splitlines()
+        if line.startswith("``") and line.split("``")[1] in RULES
+    }
+    covered = {rule for _, _, rule in BAD_LINES} | {"json-unserializable"}
+    assert documented == covered == RULES
+
+
+def test_error_carries_the_key_when_known() -> None:
+    """A rule broken after the key was read names the key."""
+    with pytest.raises(errors.RecordError) as caught:
+        encode_line(b'{"key": "k1", "json": 3}', ACCOUNT, source=SRC)
+    assert caught.value.key == "k1"
+    assert "'k1'" in str(caught.value)
+
+
+def test_unknown_field_is_named() -> None:
+    """The unknown-field error names the field (a name, not contents)."""
+    with pytest.raises(errors.RecordError) as caught:
+        encode_line(b'{"key": "k", "json": {}, "price": 3}', ACCOUNT, source=SRC)
+    assert "'price'" in caught.value.message
+
+
+def test_record_error_pickles() -> None:
+    """A RecordError survives pickling with its rule, key and source (worker processes)."""
+    with pytest.raises(errors.RecordError) as caught:
+        encode_line(b'{"key": "k", "json": 3}', ACCOUNT, source=SRC)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (copy.rule, copy.key, copy.source) == ("json-type", "k", SRC)
+
+
+def test_clean_line_keeps_its_own_bytes() -> None:
+    """A line that already is what the API wants goes into the body byte for byte."""
+    line = b'{"key": "k1",  "json": {"total": 12.50, "items": [{"a": 1}]}}'
+    record = encode_line(b"  " + line + b"\r\n", ACCOUNT, source=SRC)
+    assert record.data == line
+    assert record.key == "k1"
+    assert record.contact is None
+    assert record.source == SRC
+    assert record.identity == "k1"
+
+
+def test_clean_contact_line_keeps_its_own_bytes() -> None:
+    """A contact-scoped line with a valid identity is kept as is, identity included."""
+    line = b'{"contactIdentity":{"identifier":"email","value":"a@b.io"},"key":"k","json":{}}'
+    record = encode_line(line, CONTACT, source=SRC)
+    assert record.data is not None
+    assert record.data == line
+    assert record.contact == ("email", "a@b.io")
+    assert record.identity == ("email", "a@b.io", "k")
+
+
+def test_integer_key_becomes_a_string() -> None:
+    """An integer key is sent as its decimal string (re-encoded)."""
+    record = encode_line(b'{"key": 24938, "json": {"a": 1}}', ACCOUNT, source=SRC)
+    assert record.key == "24938"
+    assert orjson.loads(record.data) == {"key": "24938", "json": {"a": 1}}
+
+
+def test_account_scope_drops_contact_identity() -> None:
+    """In account scope a contactIdentity is ignored: it is not sent."""
+    line = b'{"key": "k", "json": {"a": 1}, "contactIdentity": {"identifier": "email"}}'
+    record = encode_line(line, ACCOUNT, source=SRC)
+    assert orjson.loads(record.data) == {"key": "k", "json": {"a": 1}}
+    assert record.contact is None
+
+
+def test_custom_identifier_is_accepted() -> None:
+    """A custom identifier name of letters, digits, '-' and '_' up to 50 chars is accepted."""
+    ident = {"identifier": "crm_id-2" + "x" * 42, "value": "v" * 256}
+    record = encode_record({"key": "k", "json": {}, "contactIdentity": ident}, CONTACT)
+    assert record.contact == (ident["identifier"], ident["value"])
+
+
+def test_nested_array_prefilter_false_positive_in_string() -> None:
+    """Brackets inside strings look like nested arrays to the pre-filter but are accepted."""
+    line = b'{"key": "[[", "json": {"note": "a, [b] [[c]]", "list": ["x", "[y]"]}}'
+    record = encode_line(line, ACCOUNT, source=SRC)
+    assert record.data == line
+
+
+def test_arrays_of_objects_are_fine() -> None:
+    """Arrays of objects holding arrays, and spaced arrays in objects, are not nested arrays."""
+    line = b'{"key":"k","json":{"items":[{"tags":["a","b"]},{"tags":[]}],"m" : [ 1 , 2 ]}}'
+    assert encode_line(line, ACCOUNT, source=SRC).data == line
+
+
+def test_encode_record_round_trips() -> None:
+    """A Python record encodes to JSON that parses back to the expected API record."""
+    obj = {"json": {"total": 1.5, "items": [{"sku": "A"}]}, "key": "k", "contactIdentity": EMAIL}
+    record = encode_record(obj, CONTACT, source=Source("<records>", 1))
+    assert orjson.loads(record.data) == {"key": "k", "contactIdentity": EMAIL, "json": obj["json"]}
+    assert record.source == Source("<records>", 1)
+
+
+def test_encode_record_accepts_any_mapping() -> None:
+    """Mappings other than dict are accepted, nested ones too."""
+
+    class Frozen(Mapping[str, object]):
+        def __init__(self, **items: object) -> None:
+            self._items = items
+
+        def __getitem__(self, key: str) -> object:
+            return self._items[key]
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(self._items)
+
+        def __len__(self) -> int:
+            return len(self._items)
+
+    record = encode_record(Frozen(key="k", json=Frozen(a=Frozen(b=1))), ACCOUNT)
+    assert orjson.loads(record.data) == {"key": "k", "json": {"a": {"b": 1}}}
+
+
+@pytest.mark.parametrize(
+    ("obj", "rule"),
+    [
+        ({"key": "k", "json": {"s": {1, 2}}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": 1 << 70}}, "json-unserializable"),
+        ({"key": "k", "json": {"m": [(1, 2)]}}, "json-nested-array"),
+        ({"key": False, "json": {}}, "key-type"),
+        (["k", {}], "not-object"),
+        ({"key": "k", "json": {}, 1: 2}, "unknown-field"),
+    ],
+)
+def test_encode_record_rules(obj: object, rule: str) -> None:
+    """Python records break the same rules, plus json-unserializable."""
+    with pytest.raises(errors.RecordError) as caught:
+        encode_record(obj, ACCOUNT)
+    assert caught.value.rule == rule
+
+
+def test_rejected_record_of_keeps_what_it_can() -> None:
+    """RejectedRecord.of encodes a bad Python record for the dead-letter file."""
+    error = errors.RecordError("json-unserializable", "x", key="k")
+    rejected = RejectedRecord.of(error, {"key": "k", "json": {"s": {1}}})
+    assert orjson.loads(rejected.raw) == {"key": "k", "json": {"s": [1]}}
+    assert RejectedRecord.of(error, b"raw").raw == b"raw"
+    assert orjson.loads(RejectedRecord.of(error, object()).raw).startswith("<object")
+
+
+def test_encode_lines_skips_blank_lines_and_keeps_order() -> None:
+    """encode_lines gives one result per non-blank line, in order, with line numbers."""
+    lines = [
+        b'{"key": "a", "json": {}}',
+        b"",
+        b"   \t",
+        b'{"key": "b"}',
+        b'{"key": "c", "json": {}}\r',
+    ]
+    results = encode_lines(lines, ACCOUNT, origin="f.jsonl", first_line=10)
+    assert len(results) == 3
+    first, second, third = results
+    assert isinstance(first, EncodedRecord)
+    assert first.source == Source("f.jsonl", 10)
+    assert isinstance(second, RejectedRecord)
+    assert second.error.rule == "json-missing"
+    assert second.error.source == Source("f.jsonl", 13)
+    assert second.raw == b'{"key": "b"}'
+    assert isinstance(third, EncodedRecord)
+    assert third.source == Source("f.jsonl", 14)
+    assert third.data == b'{"key": "c", "json": {}}'
+
+
+def test_collection_accepts_scope_string_and_builds_envelope() -> None:
+    """A scope given as a string becomes a Scope; the envelope is exact JSON."""
+    collection = Collection("Orders", scope="contact", type="orders")  # type: ignore[arg-type]
+    assert collection.scope is Scope.CONTACT
+    prefix, suffix = collection.envelope()
+    assert prefix == (
+        b'{"collectionName":"Orders","collectionScope":"contact",'
+        b'"collectionType":"orders","records":['
+    )
+    body = prefix + b'{"key":"k","json":{}}' + suffix
+    assert orjson.loads(body)["records"] == [{"key": "k", "json": {}}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"name": "a"}, "2 to 255"),
+        ({"name": "x" * 256}, "2 to 255"),
+        ({"name": "1abc"}, "must not"),
+        ({"name": "has space"}, "letters, digits"),
+        ({"name": "Orders", "scope": "global"}, "scope"),
+        ({"name": "Orders", "type": "Orders"}, "custom"),
+        ({"name": 42}, "string"),
+    ],
+)
+def test_collection_rules(kwargs: dict[str, object], words: str) -> None:
+    """An invalid collection raises ConfigError naming the broken rule."""
+    with pytest.raises(errors.ConfigError, match=words):
+        Collection(**kwargs)  # type: ignore[arg-type]
+
+
+def test_collection_name_bounds() -> None:
+    """Names of 2 and 255 characters, with '-' or '_' first, are valid."""
+    assert Collection("-a").name == "-a"
+    assert Collection("_" + "a" * 254).name.startswith("_")
+    assert len(COLLECTION_TYPES) == 10
+
+
+def test_source_str() -> None:
+    """A Source prints as origin:line."""
+    assert str(Source("data/orders.jsonl", 12)) == "data/orders.jsonl:12"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(st.dictionaries(st.text(), children), max_size=3)
+    | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    key=st.text(min_size=1).filter(str.strip),
+    json=st.dictionaries(st.text(), json_values, max_size=5),
+    spaced=st.booleans(),
+)
+def test_good_records_round_trip(key: str, json: dict[str, object], spaced: bool) -> None:
+    """Any valid record (no nested arrays) parses back from data to exactly the record."""
+    record = {"key": key, "json": json}
+    line = orjson.dumps(record, option=orjson.OPT_INDENT_2).replace(b"\n", b" ")
+    line = line if spaced else orjson.dumps(record)
+    encoded = encode_line(line, ACCOUNT, source=SRC)
+    assert orjson.loads(encoded.data) == record
+    assert encode_record(record, ACCOUNT).data == orjson.dumps(record)
+
+
+@given(
+    json=st.dictionaries(
+        st.text(max_size=3),
+        st.recursive(
+            st.integers(0, 9) | st.text(alphabet="[],", max_size=3),
+            lambda children: st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=2), children, max_size=2),
+            max_leaves=8,
+        ),
+        max_size=3,
+    )
+)
+def test_nested_array_detection_is_exact(json: dict[str, object]) -> None:
+    """The pre-filter plus tree walk flags exactly the records with an array inside an array."""
+
+    def nested(value: object) -> bool:
+        if isinstance(value, list):
+            return any(isinstance(v, list) or nested(v) for v in value)
+        if isinstance(value, dict):
+            return any(nested(v) for v in value.values())
+        return False
+
+    line = orjson.dumps({"key": "k", "json": json})
+    if nested(json):
+        with pytest.raises(errors.RecordError, match="json-nested-array"):
+            encode_line(line, ACCOUNT, source=SRC)
+    else:
+        assert encode_line(line, ACCOUNT, source=SRC).data == line
