@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", type=int, default=20_000, help="sample orders to generate")
     demo.add_argument("--output", default="insight-demo", help="folder for sample, report, journal")
     demo.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
-    demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+    demo.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+    )
     demo.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
 
     sim = commands.add_parser("simulator", help="serve the bundled Insight import API simulator")
@@ -182,10 +184,14 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
     )
     if inputs.count("-") > 1:
         raise ConfigError("standard input (-) can be given only once")
-    validate_inputs(list(inputs))
+    anyio.run(validate_inputs, list(inputs))
     origins = tuple(i if i == "-" else str(Path(i).resolve()) for i in inputs)
-    journal = Path(opts["journal"]) if opts["journal"] else _default_journal(collection, origins, client)
-    dead_letter = Path(opts["dead_letter"]) if opts["dead_letter"] else journal.parent / "dead-letter.jsonl"
+    journal = (
+        Path(opts["journal"]) if opts["journal"] else _default_journal(collection, origins, client)
+    )
+    dead_letter = (
+        Path(opts["dead_letter"]) if opts["dead_letter"] else journal.parent / "dead-letter.jsonl"
+    )
     progress = opts["progress"] == "on" or (opts["progress"] == "auto" and sys.stderr.isatty())
     return _Job(
         inputs=origins,
@@ -200,7 +206,9 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
     )
 
 
-def _default_journal(collection: Collection, inputs: tuple[str, ...], client: ClientSettings) -> Path:
+def _default_journal(
+    collection: Collection, inputs: tuple[str, ...], client: ClientSettings
+) -> Path:
     """One journal per command: the same command finds its journal again and resumes."""
     identity = orjson.dumps([collection.name, str(collection.scope), inputs, client.api_root])
     digest = hashlib.sha256(identity).hexdigest()[:12]
@@ -391,10 +399,8 @@ def _main_simulator(args: argparse.Namespace) -> int:
             print(f"  password: {config.password}", flush=True)
         print(f"  inspect: {base_url}/_simulator/stats  (Ctrl-C to stop)", flush=True)
 
-    try:
+    with suppress(KeyboardInterrupt):
         anyio.run(lambda: serve(config, host=args.host, port=args.port, on_started=started))
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK
 
 

@@ -5,6 +5,11 @@ stamina on 5xx answers, dropped connections and timeouts, bounded by attempts *a
 a 429 rate limit waits what the API asks (``Retry-After`` / ``x-ratelimit-reset``) inside the
 same budget. Every other error status maps to one class of :mod:`orchestrator.errors` at once.
 Nothing here logs or formats credentials, request bodies or record contents.
+
+Testing: :meth:`RetryPolicy.immediate` retries without backoff but still waits what a 429 asks
+(tests send a small ``Retry-After``). Under ``stamina.set_testing(True)`` stamina zeroes *every*
+wait, the API's ``Retry-After`` included, and replaces the attempts by its testing value; a wait
+beyond the call's time budget still raises :class:`~orchestrator.errors.RateLimitedError` at once.
 """
 
 from __future__ import annotations
@@ -755,7 +760,7 @@ class InsightClient:
         }
         said = f"{status}" + (f" {code}" if code else "")
         if description:
-            said += f": {description[:_MAX_DESCRIPTION_CHARS]}"
+            said += f": {description[:_MAX_DESCRIPTION_CHARS].rstrip('. ')}"
         what = f"{method} {path} answered {said}"
         if status == 429:
             full = code is not None and "toomanyactiveimports" in code.lower()

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from orchestrator.client import ClientSettings, RetryPolicy
-from orchestrator.records import Collection
+from orchestrator.records import Collection, Scope
 from orchestrator.sample import generate_orders
 from orchestrator.settings import Settings
 from orchestrator.simulator import Faults, Simulator, SimulatorConfig
@@ -72,7 +72,7 @@ async def run_demo(
         )
         job = make_job(
             inputs=(str(sample.resolve()),),
-            collection=Collection("DemoOrders", "contact", "orders"),
+            collection=Collection("DemoOrders", Scope.CONTACT, "orders"),
             client=ClientSettings(
                 username=config.username,
                 password=config.password,

@@ -17,10 +17,12 @@ cancels every task. The journal makes each step durable, so a crashed run resume
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,8 +113,12 @@ class _FileInput:
     async def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
         async for chunk in self._reader.chunks():
             results = await anyio.to_thread.run_sync(
-                lambda c=chunk: encode_lines(
-                    c.lines, collection, origin=c.origin, first_line=c.first_line
+                functools.partial(
+                    encode_lines,
+                    chunk.lines,
+                    collection,
+                    origin=chunk.origin,
+                    first_line=chunk.first_line,
                 )
             )
             yield _Chunk(results, chunk.first_line, chunk.last_line, chunk.digest_through)
@@ -211,7 +217,9 @@ def _no_digest(count: int) -> str:
     return ""
 
 
-def _encode_item(item: Any, collection: Collection, position: int) -> EncodedRecord | RejectedRecord:
+def _encode_item(
+    item: Any, collection: Collection, position: int
+) -> EncodedRecord | RejectedRecord:
     source = Source("<records>", position)
     try:
         if isinstance(item, bytes | bytearray | memoryview):
@@ -380,6 +388,33 @@ class Orchestrator:
                 await journal.close()
 
 
+@contextlib.contextmanager
+def _first_error_unwrapped() -> Iterator[None]:
+    """Raise the run's own error rather than the task group's ExceptionGroup around it.
+
+    One task failing cancels the others, so the group holds one real error (and maybe
+    cancellations); callers then catch ``AuthenticationError`` instead of an ExceptionGroup.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        real = [e for e in errors if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if len(real) == 1 or (real and all(type(e) is type(real[0]) for e in real)):
+            raise real[0] from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            leaves.extend(_leaves(error))
+        else:
+            leaves.append(error)
+    return leaves
+
+
 def _account_id(client: InsightClient) -> str:
     """An opaque id of the client's account (API root and user, hashed; never the password)."""
     identity = f"{client.settings.api_root}\0{client.settings.username}".encode()
@@ -430,7 +465,10 @@ class _Run:
                 unfinished_batches=len(state.unfinished),
                 lines_done=[progress.lines for progress in state.inputs],
             )
-        with structlog.contextvars.bound_contextvars(collection=self.collection.name):
+        with (
+            structlog.contextvars.bound_contextvars(collection=self.collection.name),
+            _first_error_unwrapped(),
+        ):
             async with anyio.create_task_group() as tg:
                 for stored in state.unfinished:
                     await self._resume_batch(tg, stored)
@@ -462,9 +500,9 @@ class _Run:
         producer = _Producer(self, tg)
         for index, source in enumerate(inputs):
             done = progress[index] if index < len(progress) else None
-            if done is not None and done.done:
-                continue
             if done is not None and done.lines:
+                # Read through what was handled before and compare fingerprints: an input edited
+                # since would otherwise mix old and new records silently.
                 digest = await source.skip(done.lines)
                 if digest and done.digest and digest != done.digest:
                     raise JournalMismatch(
@@ -472,6 +510,8 @@ class _Run:
                         f"{done.lines} lines; re-run with --fresh to import it anew, or restore "
                         "the original file to resume"
                     )
+            if done is not None and done.done:
+                continue
             await producer.consume(index, source)
         await producer.finish()
 
@@ -533,7 +573,7 @@ class _Run:
         return self.orch._slots.locked()
 
     async def _import_batch(self, task: _BatchTask) -> ImportOutcome:
-        """Submit and poll until the batch ends; resubmit a Failed import a bounded number of times."""
+        """Submit, then poll until the batch ends; a Failed import is sent again (bounded)."""
         while True:
             if task.import_id is None:
                 error = await self._submit(task)
@@ -555,6 +595,7 @@ class _Run:
                 )
                 task.resubmits += 1
                 await self.journal.mark_resubmit(task.batch_id)
+                await self.journal.add_counters({"resubmits": 1})
                 task.import_id = None
                 continue
             return await self._give_up(
@@ -595,7 +636,10 @@ class _Run:
                 )
                 wait *= random.uniform(0.8, 1.2)
                 log.warning(
-                    "slot.account_full", batch_id=task.batch_id, wait_s=round(wait, 3), waits=full_waits
+                    "slot.account_full",
+                    batch_id=task.batch_id,
+                    wait_s=round(wait, 3),
+                    waits=full_waits,
                 )
                 await anyio.sleep(wait)
                 continue
@@ -622,7 +666,7 @@ class _Run:
             return None
 
     async def _poll_until_done(self, task: _BatchTask) -> ImportStatus | None:
-        """Poll within [poll_min, poll_max]; the finished status, or None if the import is unknown."""
+        """Poll within [poll_min, poll_max]: the final status, or None if the API forgot it."""
         assert task.import_id is not None
         settings = self.settings
         submitted = anyio.current_time()
@@ -737,8 +781,8 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
         return ()
     by_identity: dict[object, RecordRef] = {ref.identity: ref for ref in task.refs}
     by_key: dict[str, RecordRef] = {}
-    for ref in task.refs:
-        by_key.setdefault(ref.key, ref)
+    for each in task.refs:
+        by_key.setdefault(each.key, each)
     letters = []
     for failure in status.failures:
         ref: RecordRef | None = None
@@ -787,10 +831,14 @@ class _Producer:
         self.run = run
         self.tg = tg
         self.main = BatchAssembler(
-            run.collection, max_body_bytes=run.settings.max_body_bytes, on_superseded=self._superseded
+            run.collection,
+            max_body_bytes=run.settings.max_body_bytes,
+            on_superseded=self._superseded,
         )
         self.held = BatchAssembler(
-            run.collection, max_body_bytes=run.settings.max_body_bytes, on_superseded=self._superseded
+            run.collection,
+            max_body_bytes=run.settings.max_body_bytes,
+            on_superseded=self._superseded,
         )
         self.held_depends_on: set[int] = set()
         self.dead_letters: list[DeadLetter] = []

@@ -54,8 +54,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("scope", str, "account", "collection scope", ("account", "contact")),
     Option("type", str, "custom", "collection type (custom for your own data)"),
     Option("base-url", str, None, "API root (default: the --region host)"),
-    Option("region", str, "r1", "Dotdigital region: r1 Europe, r2 North America, r3 Asia Pacific",
-           ("r1", "r2", "r3")),
+    Option(
+        "region",
+        str,
+        "r1",
+        "Dotdigital region: r1 Europe, r2 North America, r3 Asia Pacific",
+        ("r1", "r2", "r3"),
+    ),
     Option("max-concurrent", int, 5, "bulk imports in flight per account"),
     Option("max-body-bytes", int, 50_000_000, "hard cap on one request body, in bytes as sent"),
     Option("poll-min", float, 5.0, "seconds: least time between two status polls of one import"),
@@ -63,13 +68,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-resubmits", int, 2, "times a Failed import is sent again before dead-lettering"),
     Option("request-timeout", float, 120.0, "seconds allowed for one API call"),
     Option("journal", str, None, "SQLite journal (default: one per command in the state dir)"),
-    Option("dead-letter", str, None, "dead-letter JSONL (default: <journal dir>/dead-letter.jsonl)"),
+    Option(
+        "dead-letter", str, None, "dead-letter JSONL (default: <journal dir>/dead-letter.jsonl)"
+    ),
     Option("report", str, None, "write a JSON summary of the run here"),
     Option("fresh", _bool, False, "forget what the journal holds and start over"),
     Option("progress", str, "auto", "live progress display on stderr", ("auto", "on", "off")),
-    Option("log-level", str, "info", "lowest log level shown", ("debug", "info", "warning", "error")),
-    Option("log-format", str, "auto", "log format: console on a TTY, json otherwise",
-           ("auto", "console", "json")),
+    Option(
+        "log-level", str, "info", "lowest log level shown", ("debug", "info", "warning", "error")
+    ),
+    Option(
+        "log-format",
+        str,
+        "auto",
+        "log format: console on a TTY, json otherwise",
+        ("auto", "console", "json"),
+    ),
 )
 
 _BY_DEST = {option.dest: option for option in OPTIONS}

@@ -82,6 +82,16 @@ class ImportResult:
         return self.counters.get("records_rejected", 0)
 
     @property
+    def records_superseded(self) -> int:
+        """Records replaced by a later record with the same key before being sent."""
+        return self.counters.get("records_superseded", 0)
+
+    @property
+    def records_submitted(self) -> int:
+        """Records sent to the API (each counted once, however often its batch was sent)."""
+        return self.counters.get("records_submitted", 0)
+
+    @property
     def records_imported(self) -> int:
         """Records the API stored."""
         return self.counters.get("records_imported", 0)

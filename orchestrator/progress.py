@@ -14,7 +14,7 @@ __all__ = ["ProgressDisplay"]
 
 
 class ProgressDisplay:
-    """A one-line live view of a run; does nothing when disabled (not a terminal, or --progress off).
+    """A one-line live view of a run; does nothing when disabled (no terminal, --progress off).
 
     Args:
         stats: the counters the engine updates.

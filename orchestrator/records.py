@@ -39,8 +39,8 @@ from orchestrator import errors
 
 __all__ = [
     "COLLECTION_TYPES",
-    "Collection",
     "RULES",
+    "Collection",
     "EncodedRecord",
     "RejectedRecord",
     "Scope",

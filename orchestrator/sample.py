@@ -105,20 +105,23 @@ def _order(rng: random.Random, number: int) -> dict[str, object]:
     return order
 
 
-def _bad_line(rng: random.Random, key: str, good: bytes, contact: bool) -> bytes:
+def _bad_line(rng: random.Random, record: dict[str, object], good: bytes) -> bytes:
+    contact = "contactIdentity" in record
     kind = rng.randrange(6 if contact else 5)
     if kind == 0:  # json-syntax: a truncated line
         return good[: len(good) // 2]
+    bad = dict(record)
     if kind == 1:  # key-missing
-        return orjson.dumps({"json": {"orderId": key}})
-    if kind == 2:  # json-nested-array
-        return orjson.dumps({"key": key, "json": {"dimensions": [[10, 20], [30, 40]]}})
-    if kind == 3:  # unknown-field
-        return orjson.dumps({"key": key, "json": {}, "comment": "misplaced"})
-    if kind == 4:  # json-type
-        return orjson.dumps({"key": key, "json": "not an object"})
-    # contact-identity-missing
-    return orjson.dumps({"key": key, "json": {"orderId": key}})
+        del bad["key"]
+    elif kind == 2:  # json-nested-array
+        bad["json"] = {"orderId": record["key"], "dimensions": [[10, 20], [30, 40]]}
+    elif kind == 3:  # unknown-field
+        bad["comment"] = "misplaced"
+    elif kind == 4:  # json-type
+        bad["json"] = "not an object"
+    else:  # contact-identity-missing
+        del bad["contactIdentity"]
+    return orjson.dumps(bad)
 
 
 def generate_orders(
@@ -187,5 +190,5 @@ def generate_orders(
             record = {"key": key, "json": order}
         line = orjson.dumps(record)
         if bad_fraction and rng.random() < bad_fraction:
-            line = _bad_line(rng, key, line, contact)
+            line = _bad_line(rng, record, line)
         yield line + b"\n"

@@ -54,9 +54,9 @@ class Settings:
                 f"max_concurrent must be between 1 and 100, got {self.max_concurrent}; "
                 f"the API allows {API_MAX_CONCURRENT} imports in flight per account"
             )
-        if not 1_000 <= self.max_body_bytes <= API_MAX_BODY_BYTES:
+        if not 256 <= self.max_body_bytes <= API_MAX_BODY_BYTES:
             raise ConfigError(
-                f"max_body_bytes must be between 1000 and {API_MAX_BODY_BYTES} "
+                f"max_body_bytes must be between 256 and {API_MAX_BODY_BYTES} "
                 f"(the API's limit), got {self.max_body_bytes}"
             )
         for name in ("poll_min", "poll_max", "account_full_wait", "seal_after"):

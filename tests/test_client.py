@@ -567,8 +567,8 @@ async def test_closed_given_session_raises_config_error(anyio_backend: str) -> N
     [
         ({"Retry-After": "2.5", "X-RateLimit-Reset": "9"}, 2.5),
         ({"x-ratelimit-reset": "7"}, 7.0),
-        ({"X-RATELIMIT-RESET": str(int(time.time()) + 100)}, 100.0),
-        ({"Retry-After": email.utils.formatdate(time.time() + 50, usegmt=True)}, 50.0),
+        ({"X-RATELIMIT-RESET": "{epoch+100}"}, 100.0),
+        ({"Retry-After": "{date+50}"}, 50.0),
         ({"Retry-After": "soon", "X-RateLimit-Reset": "3"}, 3.0),
         ({"X-RateLimit-Reset": "later"}, None),
         ({"X-RateLimit-Reset": "nan"}, None),
@@ -577,7 +577,12 @@ async def test_closed_given_session_raises_config_error(anyio_backend: str) -> N
 )
 def test_rate_limit_wait_reads_the_headers(headers: dict[str, str], expected: float | None) -> None:
     """Retry-After wins, else x-ratelimit-reset as seconds or as an epoch, case-insensitively."""
-    wait = _rate_limit_wait(CIMultiDict(headers))
+    now = time.time()
+    stamps = {
+        "{epoch+100}": f"{now + 100:.3f}",
+        "{date+50}": email.utils.formatdate(now + 50, usegmt=True),
+    }
+    wait = _rate_limit_wait(CIMultiDict({k: stamps.get(v, v) for k, v in headers.items()}))
     if expected is None:
         assert wait is None
     else:

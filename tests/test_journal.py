@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -44,9 +45,6 @@ SPEC = RunSpec(
     collection_type="custom",
     inputs=("/data/orders.jsonl", "-"),
     account="acct-5f1e",
-)
-NOT_ROOT = pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions"
 )
 
 Factory = Callable[[], Journal]
@@ -533,34 +531,85 @@ async def test_read_only_connection_raises_and_keeps_state(path: Path) -> None:
         assert stored.attempts == 0
 
 
-@NOT_ROOT
-async def test_read_only_file_is_refused(path: Path) -> None:
-    """A journal file chmod 0400 raises JournalError at open; the state is intact after."""
-    async with SqliteJournal(path) as journal:
-        await journal.open(SPEC)
-        await seal(journal)
-    path.chmod(0o400)
-    try:
-        with pytest.raises(JournalError, match="journal.db"):
+READ_ONLY_SCENARIO = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    import anyio
+    import anyio._backends._asyncio  # imported before dropping root: the venv may be unreadable
+    import queue
+
+    from orchestrator.errors import JournalError
+    from orchestrator.journal import RunSpec, SqliteJournal
+
+    if os.geteuid() == 0:  # root ignores permissions: play the scenario as nobody
+        os.setgid(65534)
+        os.setuid(65534)
+    base = sys.argv[1]
+    SPEC = RunSpec("Orders", "account", "custom", ("/in.jsonl",), "acct")
+
+
+    async def refused(path, needle):
+        try:
             await SqliteJournal(path).open(SPEC)
-    finally:
-        path.chmod(0o600)
-    async with SqliteJournal(path) as journal:
-        state = await journal.open(SPEC)
-    assert len(state.unfinished) == 1
+        except JournalError as error:
+            assert path in str(error) and needle in str(error), str(error)
+        else:
+            raise AssertionError(f"{path} opened")
 
 
-@NOT_ROOT
-async def test_read_only_directory_is_refused(tmp_path: Path) -> None:
-    """A journal in a directory chmod 0500 raises JournalError naming the path."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(JournalError, match="ro/journal.db"):
-            await SqliteJournal(folder / "journal.db").open(SPEC)
-    finally:
-        folder.chmod(0o700)
+    async def counters(path):
+        async with SqliteJournal(path) as journal:
+            return (await journal.open(SPEC)).counters
+
+
+    async def main():
+        folder = os.path.join(base, "w")
+        os.mkdir(folder)
+        path = os.path.join(folder, "journal.db")
+        async with SqliteJournal(path) as journal:
+            await journal.open(SPEC)
+            await journal.save_progress(progress=None, dead_letters=(), counters={"kept": 1})
+        os.chmod(path, 0o400)
+        await refused(path, "permissions")
+        os.chmod(path, 0o600)
+        assert await counters(path) == {"kept": 1}
+        print("file ok")
+        os.chmod(folder, 0o500)
+        await refused(path, "read-only")
+        os.chmod(folder, 0o700)
+        assert await counters(path) == {"kept": 1}
+        print("existing in read-only dir ok")
+        fixed = os.path.join(base, "ro")
+        os.mkdir(fixed)
+        os.chmod(fixed, 0o500)
+        await refused(os.path.join(fixed, "journal.db"), "directory is writable")
+        print("new in read-only dir ok")
+
+
+    anyio.run(main)
+    """
+)
+
+
+def test_read_only_file_and_directory_are_refused() -> None:
+    """A chmod 0400 journal or 0500 directory raises JournalError; the state survives."""
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o777)  # the scenario may run as nobody
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_SCENARIO, base],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    said = [line for line in done.stdout.decode().splitlines() if line.endswith(" ok")]
+    assert said == [
+        "file ok",
+        "existing in read-only dir ok",
+        "new in read-only dir ok",
+    ]
 
 
 async def test_parent_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -574,7 +623,7 @@ async def test_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
     """Garbage and another application's database raise JournalError, and are left alone."""
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database at all" * 200)
-    with pytest.raises(JournalError, match="not a journal|damaged"):
+    with pytest.raises(JournalError, match=r"not a journal|damaged"):
         await SqliteJournal(garbage).open(SPEC)
     assert garbage.read_bytes().startswith(b"this is not")
 
@@ -660,7 +709,8 @@ async def check_consistent(path: Path) -> int:
             assert stored.phase is not BatchPhase.SUBMITTING  # in doubt at open: sealed again
             n = stored.record_count
             body = await journal.load_body(stored.batch_id)
-            assert body == bytes([n]) * (n * 30_000) and len(body) == stored.body_bytes
+            assert body == bytes([n]) * (n * 30_000)
+            assert len(body) == stored.body_bytes
             refs = await journal.load_refs(stored.batch_id)
             assert len(refs) == n
             lines = [ref.source.line for ref in refs if ref.source is not None]

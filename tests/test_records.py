@@ -52,7 +52,11 @@ BAD_LINES: list[tuple[Collection, bytes, str]] = [
     (CONTACT, b'{"key": "a", "json": {}, "contactidentity": {}}', "unknown-field"),
     (CONTACT, b'{"key": "a", "json": {}}', "contact-identity-missing"),
     (CONTACT, b'{"key": "a", "json": {}, "contactIdentity": "a@b.io"}', "contact-identity-type"),
-    (CONTACT, b'{"key": "a", "json": {}, "contactIdentity": {"value": "x"}}', "contact-identity-type"),
+    (
+        CONTACT,
+        b'{"key": "a", "json": {}, "contactIdentity": {"value": "x"}}',
+        "contact-identity-type",
+    ),
     (
         CONTACT,
         b'{"key":"a","json":{},"contactIdentity":{"identifier":"email","value":"x","y":1}}',
@@ -329,8 +333,10 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(st.dictionaries(st.text(), children), max_size=3)
-    | st.dictionaries(st.text(), children, max_size=4),
+    lambda children: (
+        st.lists(st.dictionaries(st.text(), children), max_size=3)
+        | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -355,8 +361,10 @@ def test_good_records_round_trip(key: str, json: dict[str, object], spaced: bool
         st.text(max_size=3),
         st.recursive(
             st.integers(0, 9) | st.text(alphabet="[],", max_size=3),
-            lambda children: st.lists(children, max_size=3)
-            | st.dictionaries(st.text(max_size=2), children, max_size=2),
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(st.text(max_size=2), children, max_size=2)
+            ),
             max_leaves=8,
         ),
         max_size=3,

@@ -455,7 +455,11 @@ class SqliteJournal:
             return False
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        await anyio.to_thread.run_sync(self._connect_sync, limiter=self._limiter)
+        try:
+            await anyio.to_thread.run_sync(self._connect_sync, limiter=self._limiter)
+        except BaseException:
+            await self.close()  # cancelled while connecting: the thread finished, drop the lock
+            raise
         return True
 
     def _require_spec(self) -> RunSpec:
@@ -665,9 +669,12 @@ class SqliteJournal:
 def _lock(lock_path: Path) -> int:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except PermissionError:
+    except PermissionError as refused:
         # A read-only directory: the lock file may still exist, and a read-only fd can hold it.
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise refused from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:

@@ -333,7 +333,7 @@ class SimulatorState:
             result: tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]] = ({}, [])
             pending: asyncio.Future[Any] | None = None
             if entry.fail:
-                pass
+                pass  # a failed import applies nothing, so there is nothing to analyse
             elif len(records) >= _THREAD_RECORDS:
                 pending = asyncio.get_running_loop().run_in_executor(None, work)
             else:

@@ -1,0 +1,1 @@
+"""Benchmarks of insight-orchestrator: run each with ``python -m benchmarks.<name>``."""

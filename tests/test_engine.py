@@ -1,0 +1,388 @@
+"""End-to-end tests of the engine against the bundled simulator over loopback."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator import (
+    AuthenticationError,
+    ClientSettings,
+    Collection,
+    ImportOutcome,
+    InsightClient,
+    JournalMismatch,
+    Orchestrator,
+    RetryPolicy,
+    Settings,
+    SqliteJournal,
+)
+from orchestrator.simulator import Simulator, SimulatorConfig
+
+pytestmark = pytest.mark.anyio
+
+# 5–30 s polling scaled to 0.05–0.3 s.
+FAST = Settings.scaled(0.01, max_body_bytes=20_000)
+# Loopback answers in milliseconds; event-loop lateness on a busy CI machine is allowed for.
+SLACK = 0.05
+
+
+def client_for(sim: Simulator, **overrides: Any) -> InsightClient:
+    values: dict[str, Any] = {
+        "username": sim.config.username,
+        "password": sim.config.password,
+        "base_url": sim.base_url,
+        "request_timeout": 5.0,
+        "retry": RetryPolicy(wait_initial=0.01, wait_max=0.05, wait_jitter=0.01, timeout=20.0),
+    }
+    values.update(overrides)
+    return InsightClient(ClientSettings(**values))
+
+
+def orders(n: int, *, contacts: int = 50, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {
+            "key": f"order-{i}",
+            "json": {"total": round(rng.uniform(1, 500), 2), "items": [{"sku": f"s{i}", "qty": 1}]},
+            "contactIdentity": {"identifier": "email", "value": f"c{rng.randrange(contacts)}@x.io"},
+        }
+        for i in range(n)
+    ]
+
+
+def stored(sim: Simulator, name: str) -> dict[Any, dict[str, Any]]:
+    return sim.collections.get(name, {})
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(
+        SimulatorConfig(records_per_second=5_000, jitter=0.3, seed=3)
+    ) as simulator:
+        yield simulator
+
+
+async def test_imports_every_valid_record_and_dead_letters_the_rest(sim: Simulator) -> None:
+    """Valid records are stored; bad and unknown-contact records end in the dead letters."""
+    records: list[Any] = orders(300)
+    records[10] = {"key": "bad-1", "json": [1, 2]}  # json not an object
+    records[20] = {
+        "key": "bad-2",
+        "json": {"a": [[1]]},
+        "contactIdentity": records[20]["contactIdentity"],
+    }
+    records[30]["contactIdentity"] = {"identifier": "email", "value": "ghost@nowhere.invalid"}
+    collection = Collection("Orders", "contact", "orders")
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        result = await orch.import_records(collection, records)
+
+    assert result.records_read == 300
+    assert result.records_rejected == 2
+    assert result.records_failed == 1
+    assert result.records_imported == 297
+    reasons = {letter.key: letter.reason for letter in result.dead_letters}
+    assert reasons == {
+        "bad-1": "json-type",
+        "bad-2": "json-nested-array",
+        "order-30": "ContactEmailDoesNotExist",
+    }
+    sources = {letter.key: letter.source for letter in result.dead_letters}
+    assert sources["order-30"] == "<records>:31"
+    assert len(stored(sim, "Orders")) == 297
+    assert len(result.imports) > 1  # the 20 kB cap split the work
+    assert all(batch.body_bytes <= 20_000 for batch in result.imports)
+    assert sim.stats.max_active_seen <= 5
+
+
+async def test_never_more_than_max_concurrent_in_flight(sim: Simulator) -> None:
+    """The slot gate holds the account to max_concurrent imports, however many batches wait."""
+    settings = Settings.scaled(0.01, max_body_bytes=5_000, max_concurrent=3)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        result = await orch.import_records(Collection("Few", "contact"), orders(400))
+    assert len(result.imports) >= 10
+    assert sim.stats.max_active_seen == 3
+    assert sim.stats.rejected_too_many_active == 0
+
+
+async def test_polls_stay_within_poll_min_and_poll_max(sim: Simulator) -> None:
+    """Every poll is at least poll_min and at most poll_max after the submit or the last poll."""
+    sim.config.records_per_second = 2_000
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        await orch.import_records(Collection("Polled", "contact"), orders(600))
+    gaps = []
+    for stats in sim.stats.imports.values():
+        times = [stats.accepted_at, *stats.polls]
+        gaps.extend(b - a for a, b in itertools.pairwise(times))
+        assert stats.polls, "every import is polled to its end"
+    assert min(gaps) >= FAST.poll_min
+    assert max(gaps) <= FAST.poll_max + SLACK
+
+
+async def test_last_occurrence_wins_across_concurrent_imports(sim: Simulator) -> None:
+    """With keys repeated across concurrent imports, the collection ends with the last value."""
+    sim.config.jitter = 0.9  # imports finish in any order
+    rng = random.Random(5)
+    records = [
+        {
+            "key": f"k{rng.randrange(40)}",
+            "json": {"version": i, "pad": "x" * rng.randrange(200)},
+            "contactIdentity": {"identifier": "email", "value": "a@x.io"},
+        }
+        for i in range(800)
+    ]
+    expected = {record["key"]: record["json"] for record in records}
+    async with Orchestrator(client_for(sim), Settings.scaled(0.01, max_body_bytes=3_000)) as orch:
+        result = await orch.import_records(Collection("Versions", "contact"), records)
+    got = {identity[2]: record["json"] for identity, record in stored(sim, "Versions").items()}
+    assert got == expected
+    assert result.records_read == 800
+    assert result.records_superseded + result.counters["records_submitted"] == 800
+    assert sim.stats.max_active_seen > 1, "held batches must not serialize the main stream"
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    keys=st.lists(st.integers(min_value=0, max_value=15), min_size=1, max_size=120),
+    cap=st.integers(min_value=400, max_value=3_000),
+    concurrent=st.integers(min_value=1, max_value=5),
+)
+def test_scheduling_invariants(keys: list[int], cap: int, concurrent: int) -> None:
+    """For any key sequence and cap: last write wins, slots respected, bodies under the cap."""
+
+    async def scenario() -> None:
+        config = SimulatorConfig(records_per_second=20_000, jitter=0.9, seed=len(keys))
+        async with Simulator(config) as sim:
+            records = [{"key": f"k{k}", "json": {"v": i}} for i, k in enumerate(keys)]
+            settings = Settings.scaled(
+                0.002, max_body_bytes=cap, max_concurrent=concurrent, seal_after=0.01
+            )
+            async with Orchestrator(client_for(sim), settings) as orch:
+                result = await orch.import_records(Collection("Inv"), records)
+            assert {k: r["json"] for k, r in stored(sim, "Inv").items()} == {
+                r["key"]: r["json"] for r in records
+            }
+            assert sim.stats.max_active_seen <= concurrent
+            assert all(s.body_bytes <= cap for s in sim.stats.imports.values())
+            assert result.records_imported + result.records_superseded == len(keys)
+
+    anyio.run(scenario)
+
+
+async def test_server_errors_and_lost_responses_are_retried_and_counted(sim: Simulator) -> None:
+    """5xx answers and a lost response are survived; the lost one is counted."""
+    sim.faults.server_errors = 2
+    sim.faults.resets_after_accept = 1
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        result = await orch.import_records(Collection("Faulty", "contact"), orders(200))
+    assert result.ok
+    assert result.records_imported == 200
+    assert result.counters["lost_responses"] == 1
+    assert len(stored(sim, "Faulty")) == 200
+    assert sim.stats.lost_responses == 1
+    assert len(sim.stats.imports) == len(result.imports) + 1  # the stray import of the lost answer
+
+
+async def test_a_failed_import_is_resubmitted(sim: Simulator) -> None:
+    """An import that ends Failed is sent again and its records land."""
+    sim.faults.failed_imports = 1
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        result = await orch.import_records(Collection("Retried", "contact"), orders(100))
+    assert result.ok
+    assert result.counters["resubmits"] == 1
+    assert len(stored(sim, "Retried")) == 100
+    assert [s.status for s in sim.stats.imports.values()].count("Failed") == 1
+
+
+async def test_failed_past_the_budget_is_dead_lettered(sim: Simulator) -> None:
+    """An import that keeps failing ends with its records in the dead letters, reason Failed."""
+    sim.faults.failed_imports = 100
+    settings = Settings.scaled(0.01, max_resubmits=1)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        result = await orch.import_records(Collection("Doomed"), orders(5))
+    assert result.records_failed == 5
+    assert {letter.reason for letter in result.dead_letters} == {"Failed"}
+    assert [batch.attempts for batch in result.imports] == [2]
+
+
+async def test_account_full_waits_for_a_slot(sim: Simulator) -> None:
+    """Slots held by another integration make us wait (counted), never fail, never exceed 5."""
+    sim.faults.foreign_active_imports = 4
+
+    async def release_later() -> None:
+        await anyio.sleep(0.4)
+        sim.faults.foreign_active_imports = 0
+
+    async with anyio.create_task_group() as tg, Orchestrator(client_for(sim), FAST) as orch:
+        tg.start_soon(release_later)
+        result = await orch.import_records(Collection("Shared", "contact"), orders(300))
+    assert result.ok
+    assert result.counters["account_full_waits"] >= 1
+    assert sim.stats.max_active_seen_with_foreign <= 5
+
+
+async def test_rate_limit_is_waited_out(sim: Simulator) -> None:
+    """429 rate limits are waited out and the import completes."""
+    sim.faults.rate_limit_calls = 3
+    sim.faults.rate_limit_reset_s = 0.05
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        result = await orch.import_records(Collection("Limited"), orders(50))
+    assert result.ok
+    assert sim.stats.status_counts.get(429, 0) == 3
+
+
+async def test_bad_credentials_abort_the_run(sim: Simulator) -> None:
+    """A wrong password raises AuthenticationError without leaking the password."""
+    async with Orchestrator(client_for(sim, password="wrong-secret"), FAST) as orch:
+        with pytest.raises(AuthenticationError) as caught:
+            await orch.import_records(Collection("Nope"), orders(5))
+    assert "wrong-secret" not in str(caught.value)
+
+
+async def test_async_iterable_trickle_is_sealed_on_pause(sim: Simulator) -> None:
+    """A slow async source gets its records imported without waiting for the end."""
+    outcomes: list[ImportOutcome] = []
+    first_seen = anyio.Event()
+
+    async def trickle() -> AsyncIterator[dict[str, Any]]:
+        for record in orders(3):
+            yield record
+        await first_seen.wait()  # only goes on once the first import ended
+        for record in orders(6)[3:]:
+            yield record
+
+    def on_outcome(outcome: ImportOutcome) -> None:
+        outcomes.append(outcome)
+        first_seen.set()
+
+    settings = Settings.scaled(0.01, seal_after=0.05)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        with anyio.fail_after(10):
+            result = await orch.import_records(
+                Collection("Trickle", "contact"), trickle(), on_outcome=on_outcome
+            )
+    assert [outcome.records for outcome in outcomes] == [3, 3]
+    assert result.records_imported == 6
+
+
+async def test_cancellation_leaves_no_task_behind(sim: Simulator) -> None:
+    """Cancelling the caller stops the run cleanly and the orchestrator closes."""
+    sim.config.records_per_second = 200  # slow imports: the run is mid-way when cancelled
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        with anyio.move_on_after(0.3) as scope:
+            await orch.import_records(Collection("Cancelled", "contact"), orders(400))
+        assert scope.cancelled_caught
+    assert orch.client._session is None or orch.client._session.closed
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
+    return path
+
+
+async def test_resume_from_the_journal_after_an_interruption(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A cancelled file import resumes from its journal: everything stored, nothing read twice."""
+    sim.config.records_per_second = 500
+    data = write_jsonl(tmp_path / "in.jsonl", orders(400))
+    collection = Collection("Resumed", "contact")
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), FAST) as orch,
+    ):
+        with anyio.move_on_after(0.5):
+            await orch.import_files(collection, [str(data)], journal=journal)
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), FAST) as orch,
+    ):
+        result = await orch.import_files(collection, [str(data)], journal=journal)
+    assert result.records_read == 400
+    assert result.records_imported == 400
+    assert len(stored(sim, "Resumed")) == 400
+    submitted = sum(s.records for s in sim.stats.imports.values())
+    sent_twice = sum(batch.record_count for batch in result.imports if batch.in_doubt)
+    assert submitted <= 400 + sent_twice  # only batches in doubt at the crash went twice
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), FAST) as orch,
+    ):
+        again = await orch.import_files(collection, [str(data)], journal=journal)
+    assert again.nothing_to_do
+
+
+async def test_changed_input_is_detected_on_resume(sim: Simulator, tmp_path: Path) -> None:
+    """Input edited after a crash is reported, not silently mixed."""
+    sim.config.records_per_second = 50  # imports of ~35 records take ~0.7 s: cancelled mid-way
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300))
+    collection = Collection("Changed", "contact")
+    settings = Settings.scaled(0.01, max_body_bytes=5_000)
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings) as orch,
+    ):
+        with anyio.move_on_after(0.4):
+            await orch.import_files(collection, [str(data)], journal=journal)
+    lines = data.read_bytes().splitlines(keepends=True)
+    lines[0] = (
+        orjson.dumps(
+            {"key": "edited", "json": {}, "contactIdentity": orders(1)[0]["contactIdentity"]}
+        )
+        + b"\n"
+    )
+    data.write_bytes(b"".join(lines))
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings) as orch,
+    ):
+        with pytest.raises(JournalMismatch, match="changed"):
+            await orch.import_files(collection, [str(data)], journal=journal)
+
+
+def test_results_report_has_the_contract_fields() -> None:
+    """The report carries every field the contract names."""
+
+    async def scenario() -> dict[str, Any]:
+        async with (
+            Simulator(SimulatorConfig(records_per_second=50_000)) as sim,
+            Orchestrator(client_for(sim), FAST) as orch,
+        ):
+            result = await orch.import_records(Collection("Rep"), orders(30))
+        return result.report()
+
+    report = anyio.run(scenario)
+    for name in (
+        "collection",
+        "records_read",
+        "records_rejected",
+        "records_submitted",
+        "records_imported",
+        "records_failed",
+        "duration_s",
+        "imports",
+    ):
+        assert name in report
+    for entry in report["imports"]:
+        assert set(entry) >= {
+            "import_id",
+            "records",
+            "body_bytes",
+            "status",
+            "attempts",
+            "polls",
+            "submitted_at",
+            "finished_at",
+        }
+    assert report["records_imported"] == 30

@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator import errors
+from orchestrator.sources import JsonLinesReader, LineChunk, validate_inputs
+
+pytestmark = pytest.mark.anyio
+
+
+def fingerprint(lines: list[bytes]) -> str:
+    """The documented digest: sha256 over each line followed by a newline."""
+    state = hashlib.sha256()
+    for line in lines:
+        state.update(line + b"\n")
+    return state.hexdigest()
+
+
+async def read_all(path: str, chunk_bytes: int = 1 << 20) -> list[LineChunk]:
+    async with JsonLinesReader(path, chunk_bytes=chunk_bytes) as reader:
+        return [chunk async for chunk in reader.chunks()]
+
+
+def flatten(chunks: list[LineChunk]) -> list[bytes]:
+    lines: list[bytes] = []
+    for chunk in chunks:
+        assert chunk.first_line == len(lines) + 1
+        lines.extend(chunk.lines)
+    return lines
+
+
+async def test_reads_lines_with_numbers_and_digests(tmp_path: Path) -> None:
+    """Chunks cover every line once, numbered from 1, each with the running fingerprint."""
+    content = [b'{"key": "%d", "json": {}}' % i for i in range(500)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(content) + b"\n")
+    chunks = await read_all(str(path), chunk_bytes=1000)
+    assert len(chunks) > 5
+    assert flatten(chunks) == content
+    for chunk in chunks:
+        assert chunk.origin == str(path)
+        assert chunk.last_line == chunk.first_line + len(chunk.lines) - 1
+        assert chunk.end_digest == fingerprint(content[: chunk.last_line])
+        assert chunk.digest_through(0) == fingerprint(content[: chunk.first_line - 1])
+        assert chunk.digest_through(3) == fingerprint(content[: chunk.first_line + 2])
+
+
+async def test_final_line_without_newline_and_crlf_and_blanks(tmp_path: Path) -> None:
+    """CRLF is stripped, blank lines are kept, and a last line without newline counts."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"a\r\n\r\n\nb\r\nc")
+    chunks = await read_all(str(path), chunk_bytes=3)
+    assert flatten(chunks) == [b"a", b"", b"", b"b", b"c"]
+    assert chunks[-1].end_digest == fingerprint([b"a", b"", b"", b"b", b"c"])
+
+
+async def test_lf_and_crlf_give_the_same_digest(tmp_path: Path) -> None:
+    """The fingerprint depends on line contents only, not on the line endings."""
+    lf, crlf = tmp_path / "lf.jsonl", tmp_path / "crlf.jsonl"
+    lf.write_bytes(b"x\ny\n")
+    crlf.write_bytes(b"x\r\ny")
+    assert (await read_all(str(lf)))[-1].end_digest == (await read_all(str(crlf)))[-1].end_digest
+
+
+async def test_bom_is_dropped(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark at the start of the input is removed from line 1."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf{}\n{}\n")
+    assert flatten(await read_all(str(path))) == [b"{}", b"{}"]
+
+
+async def test_empty_file_has_no_chunks(tmp_path: Path) -> None:
+    """An empty input yields nothing."""
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    assert await read_all(str(path)) == []
+
+
+async def test_line_longer_than_chunk(tmp_path: Path) -> None:
+    """A line longer than chunk_bytes is read whole."""
+    path = tmp_path / "long.jsonl"
+    long = b"x" * 10_000
+    path.write_bytes(b"a\n" + long + b"\nb\n")
+    assert flatten(await read_all(str(path), chunk_bytes=7)) == [b"a", long, b"b"]
+
+
+async def test_gzip_detected_by_magic_bytes(tmp_path: Path) -> None:
+    """gzip input is recognised by its magic bytes, whatever its name, and digests match."""
+    content = [b'{"n": %d}' % i for i in range(2000)]
+    path = tmp_path / "data.jsonl"  # no .gz suffix on purpose
+    path.write_bytes(gzip.compress(b"\n".join(content)))
+    chunks = await read_all(str(path), chunk_bytes=4096)
+    assert flatten(chunks) == content
+    assert chunks[-1].end_digest == fingerprint(content)
+
+
+async def test_corrupt_gzip_is_an_input_error(tmp_path: Path) -> None:
+    """A truncated gzip file raises InputError naming the path."""
+    path = tmp_path / "bad.jsonl.gz"
+    packed = gzip.compress(b"\n".join(os.urandom(30).hex().encode() for _ in range(1000)))
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(errors.InputError, match=r"bad\.jsonl\.gz.*not a valid gzip"):
+        await read_all(str(path))
+    garbled = bytearray(packed)
+    garbled[len(garbled) // 2 : len(garbled) // 2 + 50] = bytes(50)
+    path.write_bytes(bytes(garbled))
+    with pytest.raises(errors.InputError, match="not a valid gzip"):
+        await read_all(str(path))
+
+
+async def test_missing_and_directory_inputs(tmp_path: Path) -> None:
+    """A missing file or a directory is an InputError that says what to do."""
+    with pytest.raises(errors.InputError, match="does not exist"):
+        await read_all(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(errors.InputError, match="is a directory"):
+        await read_all(str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+async def test_unreadable_input(tmp_path: Path) -> None:
+    """A file without read permission is an InputError."""
+    path = tmp_path / "secret.jsonl"
+    path.write_bytes(b"{}\n")
+    path.chmod(0)
+    with pytest.raises(errors.InputError, match="permission"):
+        await validate_inputs([str(path)])
+
+
+async def test_validate_inputs(tmp_path: Path) -> None:
+    """validate_inputs accepts readable files and rejects bad lists before any import."""
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"{}\n")
+    packed = tmp_path / "good.jsonl.gz"
+    packed.write_bytes(gzip.compress(b"{}\n"))
+    await validate_inputs([str(good), str(packed), "-"])
+    with pytest.raises(errors.InputError, match="does not exist"):
+        await validate_inputs([str(good), str(tmp_path / "missing.jsonl")])
+    with pytest.raises(errors.InputError, match="only once"):
+        await validate_inputs(["-", "-"])
+    with pytest.raises(errors.InputError, match="no input"):
+        await validate_inputs([])
+    not_gzip = tmp_path / "fake.gz"
+    not_gzip.write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(errors.InputError, match="gzip"):
+        await validate_inputs([str(not_gzip)])
+
+
+async def test_skip_resumes_and_returns_the_digest(tmp_path: Path) -> None:
+    """skip(n) consumes n lines, returns their fingerprint, and chunks continue at line n+1."""
+    content = [b"line-%d" % i for i in range(100)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(content) + b"\n")
+    for skipped in (0, 1, 37, 64, 100):
+        async with JsonLinesReader(str(path), chunk_bytes=64) as reader:
+            digest = await reader.skip(skipped)
+            chunks = [chunk async for chunk in reader.chunks()]
+        assert digest == fingerprint(content[:skipped])
+        rest = [line for chunk in chunks for line in chunk.lines]
+        assert rest == content[skipped:]
+        if chunks:
+            assert chunks[0].first_line == skipped + 1
+            assert chunks[0].digest_through(1) == fingerprint(content[: skipped + 1])
+            assert chunks[-1].end_digest == fingerprint(content)
+
+
+async def test_skip_past_the_end_is_an_input_error(tmp_path: Path) -> None:
+    """Skipping more lines than the input has means the input changed: InputError."""
+    path = tmp_path / "short.jsonl"
+    path.write_bytes(b"a\nb\n")
+    async with JsonLinesReader(str(path)) as reader:
+        with pytest.raises(errors.InputError, match="has only 2 lines"):
+            await reader.skip(3)
+
+
+async def test_skip_only_before_chunks(tmp_path: Path) -> None:
+    """skip() after reading started is a programming error."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"a\nb\n")
+    async with JsonLinesReader(str(path), chunk_bytes=1) as reader:
+        async for _ in reader.chunks():
+            break
+        with pytest.raises(RuntimeError, match="before chunks"):
+            await reader.skip(1)
+
+
+async def test_closed_reader_refuses_to_read(tmp_path: Path) -> None:
+    """Reading after aclose raises InputError instead of reading a closed file."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"a\n")
+    reader = JsonLinesReader(str(path))
+    await reader.aclose()
+    with pytest.raises(errors.InputError, match="closed"):
+        async for _ in reader.chunks():
+            pass
+
+
+async def test_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'-' reads standard input (plain or gzip) with the origin '<stdin>'."""
+    for data in (b"a\nb\n", gzip.compress(b"a\nb\n")):
+        fake = io.TextIOWrapper(io.BufferedReader(io.BytesIO(data)))
+        monkeypatch.setattr(sys, "stdin", fake)
+        chunks = await read_all("-")
+        assert flatten(chunks) == [b"a", b"b"]
+        assert chunks[0].origin == "<stdin>"
+        assert not fake.closed
+
+
+def test_chunk_without_start_hash() -> None:
+    """A LineChunk built by hand at line 1 digests from scratch; elsewhere it refuses."""
+    chunk = LineChunk("x", 1, [b"a", b"b"])
+    assert chunk.end_digest == fingerprint([b"a", b"b"])
+    with pytest.raises(ValueError, match="between 0 and 2"):
+        chunk.digest_through(3)
+    with pytest.raises(ValueError, match="start hash"):
+        LineChunk("x", 5, [b"a"]).end_digest  # noqa: B018
+
+
+def test_invalid_chunk_bytes() -> None:
+    """chunk_bytes below 1 is a ConfigError."""
+    with pytest.raises(errors.ConfigError):
+        JsonLinesReader("x", chunk_bytes=0)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lines=st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").rstrip(b"\r"))),
+    chunk_bytes=st.integers(1, 50),
+    trailing_newline=st.booleans(),
+    crlf=st.booleans(),
+    packed=st.booleans(),
+)
+def test_any_content_round_trips(
+    tmp_path: Path,
+    lines: list[bytes],
+    chunk_bytes: int,
+    trailing_newline: bool,
+    crlf: bool,
+    packed: bool,
+) -> None:
+    """Whatever the content, chunk size, endings or compression, lines and digests are exact."""
+    import anyio
+
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]
+    ending = b"\r\n" if crlf else b"\n"
+    data = ending.join(lines) + (ending if trailing_newline and lines else b"")
+    if lines and lines[-1] == b"" and not trailing_newline:
+        lines = lines[:-1]  # nothing after the last newline is no line
+    path = tmp_path / "prop.jsonl"
+    path.write_bytes(gzip.compress(data) if packed else data)
+    chunks = anyio.run(read_all, str(path), chunk_bytes)
+    assert flatten(chunks) == lines
+    if chunks:
+        assert chunks[-1].end_digest == fingerprint(lines)
+
+
+def test_open_errors_say_what_to_do() -> None:
+    """OS errors map to InputErrors naming the path and the fix."""
+    from orchestrator.sources import _open_error
+
+    denied = _open_error("a.jsonl", PermissionError(13, "Permission denied"))
+    assert "permission denied" in str(denied)
+    assert "'a.jsonl'" in str(denied)
+    other = _open_error("a.jsonl", OSError(5, "Input/output error"))
+    assert "Input/output error" in str(other)
