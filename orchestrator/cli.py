@@ -376,6 +376,7 @@ def _main_demo(args: argparse.Namespace) -> int:
 def _main_simulator(args: argparse.Namespace) -> int:
     from orchestrator.simulator import SimulatorConfig, serve
 
+    configure_logging(level="info", fmt="auto")
     username = os.environ.get("DOTDIGITAL_API_USER")
     password = os.environ.get("DOTDIGITAL_API_PASSWORD")
     config = SimulatorConfig(

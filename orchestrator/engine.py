@@ -31,6 +31,7 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
+from orchestrator import failpoints
 from orchestrator.batching import Batch, BatchAssembler, RecordRef
 from orchestrator.client import ImportState, ImportStatus, InsightClient
 from orchestrator.errors import (
@@ -613,17 +614,20 @@ class _Run:
         full_waits = 0
         while True:
             await self.journal.mark_submitting(task.batch_id)
+            failpoints.hit("intent")
             try:
                 # A submit in progress is finished even when the run is being cancelled: the
                 # import id is worth recording (else the import is in doubt and sent again).
                 with anyio.CancelScope(shield=True):
                     receipt = await self.client.submit_import(body)
+                    failpoints.hit("accepted")
                     task.attempts += receipt.attempts
                     task.import_id = receipt.import_id
                     task.submitted_at = time.time()
                     await self.journal.mark_submitted(
                         task.batch_id, receipt.import_id, task.submitted_at
                     )
+                    failpoints.hit("submitted")
             except AccountFullError:
                 task.attempts += 1
                 full_waits += 1
@@ -700,6 +704,7 @@ class _Run:
                 task.polls += 1
             errors_in_row = 0
             last_answer = anyio.current_time()
+            failpoints.hit("polled")
             await self.journal.mark_polled(task.batch_id, task.polls)
             if status.state is ImportState.RUNNING:
                 running_at = asked_at - submitted
@@ -734,6 +739,7 @@ class _Run:
         self, task: _BatchTask, status: str, imported: int, failures: tuple[DeadLetter, ...]
     ) -> ImportOutcome:
         finished_at = time.time()
+        failpoints.hit("terminal")
         await self.journal.mark_finished(
             task.batch_id,
             status=status,
@@ -742,6 +748,7 @@ class _Run:
             finished_at=finished_at,
             counters={"records_imported": imported, "records_failed": len(failures)},
         )
+        failpoints.hit("finished")
         log.info(
             "import.finished",
             batch_id=task.batch_id,
@@ -861,6 +868,7 @@ class _Producer:
                     await self._seal_open(progress=_progress_after(index, last))
                 continue
             last = chunk
+            failpoints.hit("read")
             for result in chunk.results:
                 if isinstance(result, RejectedRecord):
                     self._reject(result.error, result.raw)
@@ -953,6 +961,7 @@ class _Producer:
         self.finished_inputs = []
         self.dead_letters = []
         self.counters = {}
+        failpoints.hit("sealed")
         self.run.stats.batches_sealed += 1
         log.info(
             "batch.sealed",

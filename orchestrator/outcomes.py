@@ -124,6 +124,7 @@ class ImportResult:
                     "attempts": batch.attempts,
                     "polls": batch.polls,
                     "resubmits": batch.resubmits,
+                    "in_doubt": batch.in_doubt,
                     "submitted_at": _iso(batch.submitted_at),
                     "finished_at": _iso(batch.finished_at),
                 }

@@ -1,5 +1,18 @@
+"""Shared fixtures: the asyncio backend, and the simulator served as its own process."""
+
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
 import pytest
 
 
@@ -7,3 +20,119 @@ import pytest
 def anyio_backend() -> str:
     """Run async tests on asyncio only."""
     return "asyncio"
+
+
+# --------------------------------------------------------------------------- CLI fixtures
+
+SIM_USER = "apiuser-demo@apiconnector.com"
+SIM_PASSWORD = "demo-password"
+
+
+@dataclass
+class SimulatorProcess:
+    """The bundled simulator served by `insight-import simulator` in its own process."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.base_url + path, timeout=10) as answer:
+            return orjson.loads(answer.read())
+
+    def post(self, path: str, payload: Any) -> Any:
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=orjson.dumps(payload),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return orjson.loads(answer.read())
+
+    def records(self, collection: str) -> list[dict[str, Any]]:
+        try:
+            answer = self.get(f"/_simulator/collections/{collection}")
+        except urllib.error.HTTPError:
+            return []
+        return list(answer["records"])
+
+    def imports(self, collection: str) -> list[dict[str, Any]]:
+        stats = self.get("/_simulator/stats")
+        return [i for i in stats["imports"] if i["collection"] == collection]
+
+
+@pytest.fixture(scope="module")
+def simulator_process() -> Iterator[SimulatorProcess]:
+    """`insight-import simulator` on a free loopback port, for tests that run the real command."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "simulator",
+            "--port",
+            "0",
+            "--records-per-second",
+            "4000",
+            "--jitter",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert "listening on" in line, line
+        base_url = line.rsplit(" ", 1)[-1].strip()
+        yield SimulatorProcess(base_url, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m orchestrator ARGS` as a user would, with the simulator's credentials."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("INSIGHT_IMPORT_", "DOTDIGITAL_"))
+    }
+    environ.update(DOTDIGITAL_API_USER=SIM_USER, DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        input=stdin,
+        capture_output=True,
+        env=environ,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def fast_run_args(sim: SimulatorProcess, tmp: Path, collection: str) -> list[str]:
+    """Options that point `run` at the simulator with polls scaled down 100 times."""
+    return [
+        "--collection",
+        collection,
+        "--base-url",
+        sim.base_url,
+        "--poll-min",
+        "0.05",
+        "--poll-max",
+        "0.3",
+        "--journal",
+        str(tmp / "journal.sqlite"),
+        "--report",
+        str(tmp / "report.json"),
+        "--dead-letter",
+        str(tmp / "dead-letter.jsonl"),
+        "--progress",
+        "off",
+        "--log-format",
+        "json",
+    ]

@@ -114,6 +114,20 @@ def test_bad_line_breaks_its_rule(collection: Collection, line: bytes, rule: str
     assert "misplaced" not in str(error)
 
 
+@pytest.mark.parametrize(("collection", "line", "rule"), BAD_LINES)
+def test_bad_line_in_a_chunk_breaks_its_rule(
+    collection: Collection, line: bytes, rule: str
+) -> None:
+    """encode_lines (with its inline fast path) rejects each bad line with the same rule."""
+    results = encode_lines([line], collection, origin="in.jsonl", first_line=7)
+    assert len(results) == 1
+    rejected = results[0]
+    assert isinstance(rejected, RejectedRecord)
+    assert rejected.error.rule == rule
+    assert rejected.error.source == SRC
+    assert rejected.raw == line.strip()
+
+
 def test_every_rule_is_in_the_corpus() -> None:
     """The bad-input corpus covers every rule the module documents for lines."""
     from orchestrator import records
@@ -354,6 +368,33 @@ def test_good_records_round_trip(key: str, json: dict[str, object], spaced: bool
     encoded = encode_line(line, ACCOUNT, source=SRC)
     assert orjson.loads(encoded.data) == record
     assert encode_record(record, ACCOUNT).data == orjson.dumps(record)
+    assert encode_lines([line], ACCOUNT, origin="in.jsonl", first_line=7) == [encoded]
+
+
+@given(
+    key=st.text(min_size=1).filter(str.strip),
+    identifier=st.sampled_from(["email", "mobileNumber", "contactId", "crm-id_2"]),
+    value=st.text(min_size=1, max_size=256),
+    json=st.dictionaries(st.text(), json_values, max_size=3),
+    extra=st.booleans(),
+)
+def test_contact_records_agree_on_every_path(
+    key: str, identifier: str, value: str, json: dict[str, object], extra: bool
+) -> None:
+    """encode_line, encode_lines and encode_record agree on contact-scoped records."""
+    record: dict[str, object] = {
+        "key": key,
+        "contactIdentity": {"identifier": identifier, "value": value},
+        "json": json,
+    }
+    line = orjson.dumps(record)
+    single = encode_line(line, CONTACT, source=SRC)
+    assert encode_lines([line], CONTACT, origin="in.jsonl", first_line=7) == [single]
+    assert single.data == line == encode_record(record, CONTACT, source=SRC).data
+    assert single.identity == (identifier, value, key)
+    if extra:
+        with pytest.raises(errors.RecordError, match="unknown-field"):
+            encode_line(orjson.dumps({**record, "extra": 1}), CONTACT, source=SRC)
 
 
 @given(
