@@ -51,6 +51,7 @@ from orchestrator.journal import (
     InputProgress,
     Journal,
     MemoryJournal,
+    NewBatch,
     RunSpec,
     StoredBatch,
 )
@@ -890,17 +891,18 @@ class _Producer:
             self._reject(error, record.data)
             return
         if sealed is not None:
-            if to_held:  # the held batch filled up: it goes alone, the main batch stays open
-                await self._seal(sealed, depends_on=self._take_held_depends(), progress=None)
+            # One of the open batches filled up: seal both, with the progress up to this
+            # record (which already starts the next batch), in one journal transaction.
+            line = record.source.line if record.source is not None else chunk.first_line
+            progress = InputProgress(
+                index=index,
+                lines=line - 1,
+                digest=chunk.digest_through(line - chunk.first_line),
+            )
+            if to_held:
+                await self._seal(main=self.main.seal(), held=sealed, progress=progress)
             else:
-                line = record.source.line if record.source is not None else chunk.first_line
-                progress = InputProgress(
-                    index=index,
-                    lines=line - 1,
-                    digest=chunk.digest_through(line - chunk.first_line),
-                )
-                await self._seal_held()
-                await self._seal(sealed, depends_on=(), progress=progress)
+                await self._seal(main=sealed, held=self.held.seal(), progress=progress)
         if holder is not None:
             self.held_depends_on.add(holder)
         self._count("records_read")
@@ -924,36 +926,34 @@ class _Producer:
             )
         )
 
-    async def _seal_held(self) -> None:
-        batch = self.held.seal()
-        if batch is not None:
-            await self._seal(batch, depends_on=self._take_held_depends(), progress=None)
-
     async def _seal_open(self, *, progress: InputProgress | None) -> None:
-        """Seal both open batches; the progress mark goes with the last one sealed."""
-        main = self.main.seal()
-        held = self.held.seal()
-        if held is not None:
-            await self._seal(
-                held,
-                depends_on=self._take_held_depends(),
-                progress=progress if main is None else None,
-            )
-        if main is not None:
-            await self._seal(main, depends_on=(), progress=progress)
-        elif held is None and progress is not None:
-            await self._save(progress)
+        """Seal both open batches (if not empty) with the progress mark."""
+        main, held = self.main.seal(), self.held.seal()
+        if main is None and held is None:
+            if progress is not None:
+                await self._save(progress)
+            return
+        await self._seal(main=main, held=held, progress=progress)
 
     async def _seal(
-        self, batch: Batch, *, depends_on: tuple[int, ...], progress: InputProgress | None
+        self, *, main: Batch | None, held: Batch | None, progress: InputProgress | None
     ) -> None:
-        await self.run.capacity.acquire()
-        self._count("records_submitted", batch.record_count)
+        """Journal the sealed batches with the progress, rejects and counters of their records.
+
+        Held records come before the main batch's last records in the input, so the two are
+        journaled together: a crash can never keep one and re-read the other.
+        """
+        plans: list[tuple[Batch, tuple[int, ...]]] = []
+        if held is not None:
+            plans.append((held, self._take_held_depends()))
+        if main is not None:
+            plans.append((main, ()))
+        for _ in plans:
+            await self.run.capacity.acquire()
+        self._count("records_submitted", sum(batch.record_count for batch, _ in plans))
         progresses = [*self.finished_inputs, *([progress] if progress is not None else [])]
-        batch_id = await self.run.journal.seal_batch(
-            body=batch.body,
-            refs=batch.refs,
-            depends_on=depends_on,
+        batch_ids = await self.run.journal.seal_batches(
+            batches=[NewBatch(batch.body, batch.refs, deps) for batch, deps in plans],
             progress=progresses,
             dead_letters=self.dead_letters,
             counters=self.counters,
@@ -962,24 +962,25 @@ class _Producer:
         self.dead_letters = []
         self.counters = {}
         failpoints.hit("sealed")
-        self.run.stats.batches_sealed += 1
-        log.info(
-            "batch.sealed",
-            batch_id=batch_id,
-            records=batch.record_count,
-            body_bytes=batch.body_bytes,
-            fill=round(batch.body_bytes / self.run.settings.max_body_bytes, 4),
-            depends_on=list(depends_on),
-        )
-        task = _BatchTask(
-            batch_id=batch_id,
-            record_count=batch.record_count,
-            body_bytes=batch.body_bytes,
-            refs=list(batch.refs),
-            depends_on=depends_on,
-            body=batch.body,
-        )
-        await self.run._launch(self.tg, task)
+        for batch_id, (batch, depends_on) in zip(batch_ids, plans, strict=True):
+            self.run.stats.batches_sealed += 1
+            log.info(
+                "batch.sealed",
+                batch_id=batch_id,
+                records=batch.record_count,
+                body_bytes=batch.body_bytes,
+                fill=round(batch.body_bytes / self.run.settings.max_body_bytes, 4),
+                depends_on=list(depends_on),
+            )
+            task = _BatchTask(
+                batch_id=batch_id,
+                record_count=batch.record_count,
+                body_bytes=batch.body_bytes,
+                refs=list(batch.refs),
+                depends_on=depends_on,
+                body=batch.body,
+            )
+            await self.run._launch(self.tg, task)
 
     async def _save(self, progress: InputProgress | None) -> None:
         await self.run.journal.save_progress(

@@ -181,6 +181,21 @@ def _record_json(record: bytes | None) -> object:
 
 
 @dataclass(frozen=True, slots=True)
+class NewBatch:
+    """A batch to seal: its body exactly as it will be sent, its records, what it waits for.
+
+    Args:
+        body: the request body.
+        refs: the batch's records, in body order.
+        depends_on: batch ids that must finish before this one is submitted.
+    """
+
+    body: bytes
+    refs: Sequence[RecordRef]
+    depends_on: Sequence[int] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RunState:
     """What ``Journal.open`` found: where to resume.
 
@@ -243,6 +258,27 @@ class Journal(Protocol):
 
         Returns:
             The new batch's id (monotonic within the run).
+        """
+        ...
+
+    async def seal_batches(
+        self,
+        *,
+        batches: Sequence[NewBatch],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> list[int]:
+        """Like ``seal_batch`` for several batches at once, all in one transaction.
+
+        Args:
+            batches: the batches, stored in order (their ids increase in that order).
+            progress: the input progress these batches complete, if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+
+        Returns:
+            The new batches' ids, in order.
         """
         ...
 

@@ -13,6 +13,7 @@ from orchestrator.journal.base import (
     BatchPhase,
     DeadLetter,
     InputProgress,
+    NewBatch,
     RunSpec,
     RunState,
     StoredBatch,
@@ -123,28 +124,55 @@ class MemoryJournal:
             dead_letters: records rejected on the way.
             counters: deltas to add to the run's counters.
         """
+        (batch_id,) = await self.seal_batches(
+            batches=[NewBatch(body, refs, depends_on)],
+            progress=progress,
+            dead_letters=dead_letters,
+            counters=counters,
+        )
+        return batch_id
+
+    async def seal_batches(
+        self,
+        *,
+        batches: Sequence[NewBatch],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> list[int]:
+        """Store sealed batches at once; see ``Journal.seal_batches``.
+
+        Args:
+            batches: the batches, in order.
+            progress: the input progress these batches complete (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
         run = self._require()
         progresses = progress_list(run.spec, progress)
-        batch_id = run.next_batch_id
-        run.next_batch_id += 1
-        run.batches[batch_id] = StoredBatch(
-            batch_id=batch_id,
-            phase=BatchPhase.SEALED,
-            import_id=None,
-            record_count=len(refs),
-            body_bytes=len(body),
-            depends_on=tuple(depends_on),
-            attempts=0,
-            resubmits=0,
-            in_doubt=0,
-            polls=0,
-            submitted_at=None,
-            finished_at=None,
-            status=None,
-        )
-        run.payloads[batch_id] = (bytes(body), tuple(refs))
+        ids = []
+        for batch in batches:
+            batch_id = run.next_batch_id
+            run.next_batch_id += 1
+            run.batches[batch_id] = StoredBatch(
+                batch_id=batch_id,
+                phase=BatchPhase.SEALED,
+                import_id=None,
+                record_count=len(batch.refs),
+                body_bytes=len(batch.body),
+                depends_on=tuple(batch.depends_on),
+                attempts=0,
+                resubmits=0,
+                in_doubt=0,
+                polls=0,
+                submitted_at=None,
+                finished_at=None,
+                status=None,
+            )
+            run.payloads[batch_id] = (bytes(batch.body), tuple(batch.refs))
+            ids.append(batch_id)
         self._apply(run, progresses, dead_letters, counters)
-        return batch_id
+        return ids
 
     async def save_progress(
         self,

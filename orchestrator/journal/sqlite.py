@@ -31,6 +31,7 @@ from orchestrator.journal.base import (
     BatchPhase,
     DeadLetter,
     InputProgress,
+    NewBatch,
     RunSpec,
     RunState,
     StoredBatch,
@@ -214,28 +215,53 @@ class SqliteJournal:
             dead_letters: records rejected on the way.
             counters: deltas to add to the run's counters.
         """
+        (batch_id,) = await self.seal_batches(
+            batches=[NewBatch(body, refs, depends_on)],
+            progress=progress,
+            dead_letters=dead_letters,
+            counters=counters,
+        )
+        return batch_id
+
+    async def seal_batches(
+        self,
+        *,
+        batches: Sequence[NewBatch],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> list[int]:
+        """Store sealed batches in one transaction; see ``Journal.seal_batches``.
+
+        Args:
+            batches: the batches, in order.
+            progress: the input progress these batches complete (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
         progresses = progress_list(self._require_spec(), progress)
         # Copies taken on the loop: the caller may reuse its lists while the thread writes.
-        refs = tuple(refs)
-        deps = tuple(depends_on)
+        frozen = [(b.body, tuple(b.refs), tuple(b.depends_on)) for b in batches]
         letters = tuple(dead_letters)
         deltas = dict(counters)
 
-        def write(conn: sqlite3.Connection) -> int:
-            encoded_refs = _encode_refs(refs)
-            cursor = conn.execute(
-                "INSERT INTO batches (phase, record_count, body_bytes, depends_on) "
-                "VALUES (?, ?, ?, ?)",
-                (BatchPhase.SEALED.value, len(refs), len(body), orjson.dumps(deps)),
-            )
-            batch_id = cursor.lastrowid
-            assert batch_id is not None  # an INSERT into a rowid table always sets it
-            conn.execute(
-                "INSERT INTO payloads (batch_id, body, refs) VALUES (?, ?, ?)",
-                (batch_id, body, encoded_refs),
-            )
+        def write(conn: sqlite3.Connection) -> list[int]:
+            ids = []
+            for body, refs, deps in frozen:
+                cursor = conn.execute(
+                    "INSERT INTO batches (phase, record_count, body_bytes, depends_on) "
+                    "VALUES (?, ?, ?, ?)",
+                    (BatchPhase.SEALED.value, len(refs), len(body), orjson.dumps(deps)),
+                )
+                batch_id = cursor.lastrowid
+                assert batch_id is not None  # an INSERT into a rowid table always sets it
+                conn.execute(
+                    "INSERT INTO payloads (batch_id, body, refs) VALUES (?, ?, ?)",
+                    (batch_id, body, _encode_refs(refs)),
+                )
+                ids.append(batch_id)
             _apply(conn, progresses, letters, deltas)
-            return batch_id
+            return ids
 
         return await self._write(write, "seal a batch")
 
