@@ -26,7 +26,7 @@ class PollPlanner:
 
     poll_min: float
     poll_max: float
-    margin: float = 0.08
+    margin: float = 0.1
     smoothing: float = 0.3
     _seconds_per_record: float | None = field(default=None, init=False)
 
@@ -73,7 +73,7 @@ class PollPlanner:
             if self._seconds_per_record is None or upper < self._seconds_per_record:
                 self._seconds_per_record = upper
             else:
-                self._seconds_per_record *= 0.97
+                self._seconds_per_record *= 0.99
             return
         # Bracketed: it ran past `running_at`. The finishing poll may have come long after the
         # finish (polls are poll_min apart), so lean on the lower bound plus the margin.
