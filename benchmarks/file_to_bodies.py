@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> float:
         f"| `for line in file: orjson.loads(line)` | {base_s:.3f} | {base_rate:.0f}"
         f" | {lines / base_s:,.0f} |\n"
         f"| JsonLinesReader -> encode_lines -> BatchAssembler ({bodies} bodies,"
-        f" {body_bytes / 1e6:.1f} MB) | {ours_s:.3f} | {ours_rate:.0f} | {records / ours_s:,.0f} |\n\n"
+        f" {body_bytes / 1e6:.1f} MB) | {ours_s:.3f} | {ours_rate:.0f}"
+        f" | {records / ours_s:,.0f} |\n\n"
         f"{lines:,} contact-scoped order records, {size / 1e6:.1f} MB {kind}JSON Lines (file in the"
         f" page cache). Best of {args.repeat} runs each. **Ratio: {ratio:.2f}x** (goal >= 0.8x)."
     )

@@ -32,7 +32,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from orchestrator import failpoints
-from orchestrator.batching import Batch, BatchAssembler, RecordRef
+from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
 from orchestrator.client import ImportState, ImportStatus, InsightClient
 from orchestrator.errors import (
     AccountFullError,
@@ -258,6 +258,7 @@ class _BatchTask:
     polls: int = 0
     resubmits: int = 0
     submitted_at: float | None = None
+    holds_capacity: bool = True  # halves of a split batch borrow their parent's place
     finished: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -445,6 +446,7 @@ class _Run:
         # identity -> batch id of the newest unfinished batch holding that identity
         self.in_flight: dict[object, int] = {}
         self.capacity = anyio.Semaphore(self.settings.max_concurrent + 1)
+        self.task_group: TaskGroup  # the run's own, set when it starts
 
     # ----------------------------------------------------------------- the run
 
@@ -472,6 +474,7 @@ class _Run:
             _first_error_unwrapped(),
         ):
             async with anyio.create_task_group() as tg:
+                self.task_group = tg
                 for stored in state.unfinished:
                     await self._resume_batch(tg, stored)
                 inputs = make_inputs(tg)
@@ -556,6 +559,10 @@ class _Run:
                     outcome = await self._import_batch(task)
                 finally:
                     self.stats.imports_in_flight -= 1
+            if isinstance(outcome, list):  # split in two: this batch ends when both halves do
+                for half in outcome:
+                    await half.finished.wait()
+                return
             self.stats.imports_finished += 1
             self.stats.records_imported += outcome.imported
             self.stats.records_failed += len(outcome.failures)
@@ -569,16 +576,22 @@ class _Run:
                     del self.in_flight[ref.identity]
             task.finished.set()
             self.tasks.pop(task.batch_id, None)
-            self.capacity.release()
+            if task.holds_capacity:
+                self.capacity.release()
 
     def _slots_full(self) -> bool:
         return self.orch._slots.locked()
 
-    async def _import_batch(self, task: _BatchTask) -> ImportOutcome:
-        """Submit, then poll until the batch ends; a Failed import is sent again (bounded)."""
+    async def _import_batch(self, task: _BatchTask) -> ImportOutcome | list[_BatchTask]:
+        """Submit, then poll until the batch ends; a Failed import is sent again (bounded).
+
+        Returns the outcome, or the two halves the batch was split into after a 413.
+        """
         while True:
             if task.import_id is None:
                 error = await self._submit(task)
+                if error is not None and error[0] == _TOO_LARGE and task.record_count > 1:
+                    return await self._split(task)
                 if error is not None:
                     return await self._give_up(task, status=error[0], message=error[1])
             status = await self._poll_until_done(task)
@@ -653,7 +666,8 @@ class _Run:
                 await anyio.sleep(error.retry_after)
                 continue
             except BodyTooLargeError as error:
-                return ("BodyTooLarge", _api_message(error, "lower --max-body-bytes"))
+                task.body = body  # kept for the split
+                return (_TOO_LARGE, _api_message(error, "lower --max-body-bytes"))
             except BadRequestError as error:
                 return (error.error_code or "BadRequest", _api_message(error, "fix the records"))
             task.body = None
@@ -718,6 +732,48 @@ class _Run:
                 )
             return status
 
+    async def _split(self, task: _BatchTask) -> list[_BatchTask]:
+        """The API refused the body as too large (its limit is below ours): send it in halves."""
+        body = task.body if task.body is not None else await self.journal.load_body(task.batch_id)
+        halves = split_batch(Batch(body=body, refs=tuple(task.refs)), self.collection)
+        ids = await self.journal.seal_batches(
+            batches=[NewBatch(half.body, half.refs, ()) for half in halves],
+            progress=None,
+            dead_letters=(),
+            counters={},
+        )
+        await self.journal.mark_finished(
+            task.batch_id,
+            status="split",
+            imported=0,
+            dead_letters=(),
+            finished_at=time.time(),
+            counters={},
+        )
+        log.warning(
+            "batch.split",
+            batch_id=task.batch_id,
+            body_bytes=task.body_bytes,
+            into=ids,
+            hint="the API's body limit is below --max-body-bytes; lower it",
+        )
+        tasks = [
+            _BatchTask(
+                batch_id=batch_id,
+                record_count=half.record_count,
+                body_bytes=half.body_bytes,
+                refs=list(half.refs),
+                depends_on=(),
+                body=half.body,
+                holds_capacity=False,
+            )
+            for batch_id, half in zip(ids, halves, strict=True)
+        ]
+        for new in tasks:
+            await self._launch(self.task_group, new)
+        task.body = None
+        return tasks
+
     async def _succeed(self, task: _BatchTask, status: ImportStatus) -> ImportOutcome:
         failures = _map_failures(task, status)
         imported = task.record_count - len(failures)
@@ -777,6 +833,9 @@ class _Run:
             submitted_at=task.submitted_at,
             finished_at=finished_at,
         )
+
+
+_TOO_LARGE = "BodyTooLarge"
 
 
 def _api_message(error: OrchestratorError, advice: str) -> str:

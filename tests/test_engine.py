@@ -386,3 +386,16 @@ def test_results_report_has_the_contract_fields() -> None:
             "finished_at",
         }
     assert report["records_imported"] == 30
+
+
+async def test_a_body_the_api_finds_too_large_is_split_and_sent(sim: Simulator) -> None:
+    """An API limit below ours answers 413: the batch is split in halves until it fits."""
+    sim.config.max_body_bytes = 6_000
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        result = await orch.import_records(Collection("Split", "contact"), orders(300))
+    assert result.ok
+    assert result.records_imported == 300
+    assert len(stored(sim, "Split")) == 300
+    assert sim.stats.rejected_too_large >= 1
+    assert "split" in {batch.status for batch in result.imports}
+    assert all(s.body_bytes <= 6_000 for s in sim.stats.imports.values())
