@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> float:
     base_rate = baseline_out / base_s / 1e6
     ours_rate = body_bytes / ours_s / 1e6
     ratio = ours_rate / base_rate
-    fill = body_bytes / (len(batches) * args.cap)
+    full = [batch.body_bytes for batch in batches[:-1]] or [batches[-1].body_bytes]
+    fill = min(full) / args.cap
     body = (
         f"| measurement | MB | best s | MB/s |\n|---|---:|---:|---:|\n"
         f"| orjson.dumps(list of {len(dicts):,} dicts) | {baseline_out / 1e6:.1f} | {base_s:.3f}"
         f" | {base_rate:.0f} |\n"
-        f"| BatchAssembler -> {len(batches)} bodies (cap {args.cap:,} B, fill {fill:.1%})"
+        f"| BatchAssembler -> {len(batches)} bodies (cap {args.cap:,} B, full ones >= {fill:.2%})"
         f" | {body_bytes / 1e6:.1f} | {ours_s:.3f} | {ours_rate:.0f} |\n\n"
         f"Best of {args.repeat} runs each, garbage collector on. **Ratio: {ratio:.2f}x**"
         f" (goal >= 0.8x)."

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import math
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ import anyio
 import orjson
 import structlog
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
 from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
@@ -322,6 +324,39 @@ class Orchestrator:
             on_outcome=on_outcome,
             stats=stats,
         )
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        collection: Collection,
+        records: Iterable[Any] | AsyncIterable[Any],
+        *,
+        journal: Journal | None = None,
+    ) -> AsyncIterator[MemoryObjectReceiveStream[ImportOutcome]]:
+        """Import like :meth:`import_records`, receiving each batch's outcome as it ends.
+
+        Use it as ``async with orch.stream(collection, records) as outcomes:`` then
+        ``async for outcome in outcomes:``. Leaving the block early cancels the import (its state
+        is in the journal); an error of the run is raised from the block.
+
+        Args:
+            collection: where the records go.
+            records: the records, in order.
+            journal: durable state to resume from; in memory when omitted.
+        """
+        send, receive = anyio.create_memory_object_stream[ImportOutcome](math.inf)
+
+        async def run() -> None:
+            async with send:
+                await self.import_records(
+                    collection, records, journal=journal, on_outcome=send.send
+                )
+
+        with _first_error_unwrapped():
+            async with anyio.create_task_group() as tg, receive:
+                tg.start_soon(run)
+                yield receive
+                tg.cancel_scope.cancel()
 
     async def import_files(
         self,

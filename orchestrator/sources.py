@@ -30,7 +30,7 @@ from orchestrator import errors
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["JsonLinesReader", "LineChunk", "validate_inputs"]
+__all__ = ["JsonLinesReader", "LineChunk", "check_inputs", "validate_inputs"]
 
 STDIN = "-"
 STDIN_ORIGIN = "<stdin>"
@@ -98,7 +98,7 @@ def _display(path: str) -> str:
 
 
 def _open_error(path: str, error: OSError) -> errors.InputError:
-    shown = repr(path)
+    shown = repr(_display(path))
     if isinstance(error, FileNotFoundError):
         return errors.InputError(f"input file {shown} does not exist; check the path")
     if isinstance(error, IsADirectoryError):
@@ -135,12 +135,12 @@ class _Opened:
             except OSError as error:
                 raise _open_error(path, error) from None
         self.raw = raw
+        self.reader: BinaryIO = raw
         try:
             head = _peek(raw, 2)
         except OSError as error:
             self.close()
             raise _open_error(path, error) from None
-        self.reader: BinaryIO = raw
         if head == _GZIP_MAGIC:
             self.reader = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
 
@@ -331,12 +331,23 @@ class JsonLinesReader:
             await self.aclose()
 
 
-def _validate(paths: list[str]) -> None:
-    if not paths:
+def check_inputs(paths: Iterable[str]) -> None:
+    """Check up front, blocking, that every input exists and can be read (before an event loop).
+
+    The same checks as ``validate_inputs``, for synchronous code such as a CLI's argument handling.
+
+    Args:
+        paths: the inputs as given; ``"-"`` (standard input) may appear once.
+
+    Raises:
+        errors.InputError: an input is missing, a directory, unreadable or a corrupt gzip file.
+    """
+    given = list(paths)
+    if not given:
         raise errors.InputError("no input given; name at least one JSON Lines file, or '-'")
-    if paths.count(STDIN) > 1:
+    if given.count(STDIN) > 1:
         raise errors.InputError("standard input ('-') can be given only once")
-    for path in paths:
+    for path in given:
         if path == STDIN:
             continue
         opened = _Opened(path)
@@ -360,4 +371,4 @@ async def validate_inputs(paths: Iterable[str]) -> None:
     Raises:
         errors.InputError: an input is missing, a directory, unreadable or a corrupt gzip file.
     """
-    await anyio.to_thread.run_sync(_validate, list(paths))
+    await anyio.to_thread.run_sync(check_inputs, list(paths))

@@ -399,3 +399,28 @@ async def test_a_body_the_api_finds_too_large_is_split_and_sent(sim: Simulator) 
     assert sim.stats.rejected_too_large >= 1
     assert "split" in {batch.status for batch in result.imports}
     assert all(s.body_bytes <= 6_000 for s in sim.stats.imports.values())
+
+
+async def test_stream_yields_each_outcome_as_it_ends(sim: Simulator) -> None:
+    """`stream()` hands out one outcome per batch, all records accounted for."""
+    settings = Settings.scaled(0.01, max_body_bytes=4_000)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        async with orch.stream(Collection("Streamed", "contact"), orders(120)) as outcomes:
+            seen = [outcome async for outcome in outcomes]
+    assert len(seen) > 1
+    assert sum(outcome.imported for outcome in seen) == 120
+    assert all(outcome.succeeded for outcome in seen)
+
+
+async def test_leaving_the_stream_early_cancels_the_import(sim: Simulator) -> None:
+    """Breaking out of `stream()` stops the run; nothing keeps running afterwards."""
+    sim.config.records_per_second = 500
+    settings = Settings.scaled(0.01, max_body_bytes=4_000)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        async with orch.stream(Collection("Early", "contact"), orders(2_000)) as outcomes:
+            async for _ in outcomes:
+                break
+        submitted = len(sim.stats.imports)
+        await anyio.sleep(0.3)
+        assert len(sim.stats.imports) == submitted
+    assert len(stored(sim, "Early")) < 2_000

@@ -192,6 +192,20 @@ def test_integer_key_becomes_a_string() -> None:
     assert orjson.loads(record.data) == {"key": "24938", "json": {"a": 1}}
 
 
+def test_contact_scope_integer_key_is_re_encoded() -> None:
+    """A contact-scoped line with an integer key keeps its identity when re-encoded."""
+    line = b'{"key": 7, "contactIdentity": {"identifier": "email", "value": "a@b.io"}, "json": {}}'
+    record = encode_line(line, CONTACT, source=SRC)
+    assert orjson.loads(record.data) == {"key": "7", "contactIdentity": EMAIL, "json": {}}
+    assert record.identity == ("email", "a@b.io", "7")
+
+
+def test_key_type_message_names_the_python_type() -> None:
+    """A Python record with an odd key type is named by its type, not its value."""
+    with pytest.raises(errors.RecordError, match="not bytes"):
+        encode_record({"key": b"secret", "json": {}}, ACCOUNT)
+
+
 def test_account_scope_drops_contact_identity() -> None:
     """In account scope a contactIdentity is ignored: it is not sent."""
     line = b'{"key": "k", "json": {"a": 1}, "contactIdentity": {"identifier": "email"}}'
@@ -273,6 +287,7 @@ def test_rejected_record_of_keeps_what_it_can() -> None:
     assert orjson.loads(rejected.raw) == {"key": "k", "json": {"s": [1]}}
     assert RejectedRecord.of(error, b"raw").raw == b"raw"
     assert orjson.loads(RejectedRecord.of(error, object()).raw).startswith("<object")
+    assert orjson.loads(RejectedRecord.of(error, {"n": 1 << 70}).raw).startswith("{")
 
 
 def test_encode_lines_skips_blank_lines_and_keeps_order() -> None:

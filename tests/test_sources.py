@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
-from orchestrator.sources import JsonLinesReader, LineChunk, validate_inputs
+from orchestrator.sources import JsonLinesReader, LineChunk, check_inputs, validate_inputs
 
 pytestmark = pytest.mark.anyio
 
@@ -274,3 +274,42 @@ def test_open_errors_say_what_to_do() -> None:
     assert "'a.jsonl'" in str(denied)
     other = _open_error("a.jsonl", OSError(5, "Input/output error"))
     assert "Input/output error" in str(other)
+
+
+def test_check_inputs_is_the_blocking_twin(tmp_path: Path) -> None:
+    """check_inputs runs the same checks synchronously, for code outside an event loop."""
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"{}\n")
+    check_inputs([str(good), "-"])
+    with pytest.raises(errors.InputError, match="does not exist"):
+        check_inputs([str(tmp_path / "missing.jsonl")])
+
+
+class _FakeStdin:
+    def __init__(self, buffer: object) -> None:
+        self.buffer = buffer
+
+
+class _Unseekable(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: object) -> int:
+        return 0
+
+
+async def test_stdin_without_peek(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seekable stdin without peek works; one that can neither peek nor seek is an InputError."""
+    monkeypatch.setattr(sys, "stdin", _FakeStdin(io.BytesIO(gzip.compress(b"x\ny\n"))))
+    assert flatten(await read_all("-")) == [b"x", b"y"]
+    monkeypatch.setattr(sys, "stdin", _FakeStdin(_Unseekable()))
+    with pytest.raises(errors.InputError, match="'<stdin>' cannot be read"):
+        await read_all("-")
+
+
+async def test_skip_rejects_negative_and_repr(tmp_path: Path) -> None:
+    """skip() refuses a negative count; the reader's repr names its path."""
+    reader = JsonLinesReader(str(tmp_path / "x.jsonl"), chunk_bytes=10)
+    assert repr(reader) == f"JsonLinesReader({str(tmp_path / 'x.jsonl')!r}, chunk_bytes=10)"
+    with pytest.raises(ValueError, match=">= 0"):
+        await reader.skip(-1)
