@@ -404,9 +404,11 @@ async def test_a_body_the_api_finds_too_large_is_split_and_sent(sim: Simulator) 
 async def test_stream_yields_each_outcome_as_it_ends(sim: Simulator) -> None:
     """`stream()` hands out one outcome per batch, all records accounted for."""
     settings = Settings.scaled(0.01, max_body_bytes=4_000)
-    async with Orchestrator(client_for(sim), settings) as orch:
-        async with orch.stream(Collection("Streamed", "contact"), orders(120)) as outcomes:
-            seen = [outcome async for outcome in outcomes]
+    async with (
+        Orchestrator(client_for(sim), settings) as orch,
+        orch.stream(Collection("Streamed", "contact"), orders(120)) as outcomes,
+    ):
+        seen = [outcome async for outcome in outcomes]
     assert len(seen) > 1
     assert sum(outcome.imported for outcome in seen) == 120
     assert all(outcome.succeeded for outcome in seen)
