@@ -265,3 +265,18 @@ def test_default_toml_lists_every_option_with_its_default() -> None:
         assert option.name in text, option.name
         if option.default is not None:
             assert values[option.dest] == option.default, option.name
+
+
+def test_an_unusable_journal_is_a_clear_error_before_any_import(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A journal that cannot be created stops the run at once (exit 2), naming the path."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(3))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the journal's folder should be")
+    args = fast_run_args(simulator_process, tmp_path, "CliJournal")
+    args[args.index("--journal") + 1] = str(blocker / "journal.sqlite")
+    done = run_cli("run", str(data), *args, "--scope", "contact")
+    assert done.returncode == 2, done.stderr.decode()
+    assert str(blocker).encode() in done.stderr
+    assert simulator_process.records("CliJournal") == []
