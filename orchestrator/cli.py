@@ -8,6 +8,7 @@ retrying cannot fix); 130 interrupted with the state saved.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import signal
@@ -114,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``insight-import`` command and return its exit status."""
+    # The command owns its process: collect young objects less often. Every record makes a few
+    # short-lived objects, and the default threshold (700) spends ~10% of a run in the collector.
+    gc.set_threshold(50_000, 20, 100)
     args = _parser().parse_args(argv)
     command = args.command
     if command == "run":
