@@ -4,6 +4,10 @@ The API asks for status checks every 5–30 s and counts them against the rate l
 only freed when a poll sees the import end. So the planner learns how long imports take (seconds per
 record, from the imports already finished) and aims the first poll just after the expected finish:
 steady workloads then cost about one status call per import and free the slot right after the work.
+
+How far past the expected finish to aim (the margin) adapts too: a poll that finds the import still
+running widens it, a poll that finds it done narrows it, so steady processing times are met within
+a few percent while jittery ones are not polled too early again and again.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ class PollPlanner:
     Args:
         poll_min: never poll sooner than this many seconds after the submit or the last poll.
         poll_max: never wait longer than this between polls.
-        margin: aim this fraction past the expected finish, so one poll usually finds it done.
+        margin: the starting fraction to aim past the expected finish.
+        min_margin: the margin never goes below this fraction.
+        max_margin: the margin never goes above this fraction.
         smoothing: weight of the newest observation in the moving estimate (0 < smoothing <= 1).
     """
 
     poll_min: float
     poll_max: float
     margin: float = 0.1
+    min_margin: float = 0.03
+    max_margin: float = 0.5
     smoothing: float = 0.3
     _seconds_per_record: float | None = field(default=None, init=False)
 
@@ -67,18 +75,21 @@ class PollPlanner:
         """
         records = max(records, 1)
         upper = finished_by / records
+        current = self._seconds_per_record
         if running_at is None:
             # Censored: it took at most `upper`. Never raise the estimate on this, but probe a
             # little lower so a faster API is noticed (a too-early poll costs one extra call).
-            if self._seconds_per_record is None or upper < self._seconds_per_record:
+            self.margin = max(self.min_margin, self.margin * 0.85)
+            if current is None or upper < current:
                 self._seconds_per_record = upper
             else:
-                self._seconds_per_record *= 0.99
+                self._seconds_per_record = current * 0.995
             return
+        if current is not None:  # aimed with an estimate and missed: aim wider next time
+            self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
         # Bracketed: it ran past `running_at`. The finishing poll may have come long after the
         # finish (polls are poll_min apart), so lean on the lower bound plus the margin.
         observed = min(finished_by, running_at * (1.0 + self.margin)) / records
-        current = self._seconds_per_record
         smoothed = observed if current is None else current + self.smoothing * (observed - current)
         self._seconds_per_record = max(smoothed, running_at / records)
 

@@ -65,10 +65,11 @@ def test_steady_imports_are_found_done_at_the_first_poll() -> None:
     assert polls_per_import[0][0] == 3  # 5, 10, 15 s without history
     steady = polls_per_import[2:]
     # Probing for a faster API costs an extra poll now and then, never more.
-    assert sum(polls for polls, _ in steady) / len(steady) <= 1.2
+    assert sum(polls for polls, _ in steady) / len(steady) <= 1.25
     assert all(polls <= 2 for polls, _ in steady)
-    first_poll_hits = [seen for polls, seen in steady if polls == 1]
-    assert all(true_duration <= seen <= true_duration * 1.25 for seen in first_poll_hits)
+    first_poll_hits = [seen for polls, seen in steady[10:] if polls == 1]
+    # Once the margin has adapted, the finish is seen within a few percent of the real end.
+    assert all(true_duration <= seen <= true_duration * 1.08 for seen in first_poll_hits)
 
 
 def test_a_slower_api_is_learned_from_a_bracketed_finish() -> None:
@@ -91,3 +92,21 @@ def test_a_faster_api_is_probed_downwards() -> None:
     assert before is not None
     assert after is not None
     assert after < before
+
+
+def test_jittery_durations_widen_the_margin() -> None:
+    """Imports that overrun the aim make the planner aim wider, so misses become rare."""
+    planner = PollPlanner(poll_min=1, poll_max=60)
+    durations = [10.0, 12.5, 9.5, 12.0, 10.5, 12.4] * 6
+    misses = []
+    for true_duration in durations:
+        elapsed, running_at = 0.0, None
+        while True:
+            elapsed += planner.next_delay(records=1_000, elapsed=elapsed)
+            if elapsed >= true_duration:
+                break
+            running_at = elapsed
+        planner.observe(records=1_000, running_at=running_at, finished_by=elapsed)
+        misses.append(running_at is not None)
+    assert planner.margin > planner.min_margin
+    assert sum(misses[18:]) < sum(misses[:18])
