@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from benchmarks._data import write_orders_jsonl
 
@@ -30,6 +32,11 @@ SIM_USER = "apiuser-demo@apiconnector.com"
 SIM_PASSWORD = "demo-password"
 _LISTENING = re.compile(rb"listening on (http://\S+)")
 _KEY_PREFIX = b'{"key":"order-'
+
+
+def quiet_logs() -> None:
+    """Drop the library's info logs: the benchmarks measure the work, not a log renderer."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def credentials_env() -> dict[str, str]:
@@ -63,6 +70,7 @@ def simulator_process(
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=credentials_env()
     )
+    drain: subprocess.Popen[bytes] | None = None
     try:
         assert proc.stdout is not None
         base_url = None
@@ -78,11 +86,8 @@ def simulator_process(
             raise RuntimeError("the simulator did not start")
         # keep draining its stdout so the child never blocks on a full pipe
         drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-        try:
-            yield base_url
-        finally:
-            proc.stdout.close()
-            drain.wait()
+        proc.stdout.close()
+        yield base_url
     finally:
         proc.terminate()
         try:
@@ -90,6 +95,8 @@ def simulator_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if drain is not None:
+            drain.wait()  # ends once the simulator closed its end of the pipe
 
 
 def sim_stats(base_url: str) -> dict[str, Any]:

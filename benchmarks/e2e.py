@@ -1,8 +1,8 @@
 """End-to-end makespan against the simulator, compared with its lower bound and a naive client.
 
 The simulator (its own process) processes ``records_per_second`` chosen so one full batch takes
-``--batch-seconds``; polling is scaled down (``--poll-min``/``--poll-max``). We import a file of about
-``--batches`` full batches with the library API and report:
+``--batch-seconds``; polling is scaled down (``--poll-min``/``--poll-max``). We import a file of
+about ``--batches`` full batches with the library API and report:
 
 - makespan / lower bound, where the bound is ``ceil(batches / 5) * max(processing, poll_min)`` plus
   one round trip (the time until the simulator accepted the first import: reading, encoding and
@@ -30,6 +30,7 @@ from benchmarks._common import (
     SIM_PASSWORD,
     SIM_USER,
     goal,
+    quiet_logs,
     sim_stats,
     simulator_process,
     status_rtt,
@@ -73,6 +74,17 @@ def _import_figures(stats: dict[str, Any], started: float) -> dict[str, Any]:
     }
 
 
+def _timeline(stats: dict[str, Any], started: float) -> None:
+    for i in stats["imports"]:
+        accepted = i["accepted_at"] - started
+        planned = i["planned_finish_at"] - started
+        polls = " ".join(f"{p - started:.2f}" for p in i["polls"])
+        print(
+            f"{i['records']:>6} accepted {accepted:6.2f} planned {planned:6.2f}"
+            f" finished {i['finished_at'] - started:6.2f} polls {polls}"
+        )
+
+
 async def _ours(path: Path, base_url: str, settings: Settings, journal_dir: Path) -> float:
     client = InsightClient(
         ClientSettings(username=SIM_USER, password=SIM_PASSWORD, base_url=base_url)
@@ -99,8 +111,10 @@ def main() -> None:
     parser.add_argument("--poll-max", type=float, default=3.0)
     parser.add_argument("--naive-batch", type=int, default=4000)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--timeline", action="store_true", help="print each import's times")
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
     args = parser.parse_args()
+    quiet_logs()
 
     DATA_DIR.mkdir(exist_ok=True)
     path = DATA_DIR / f"e2e-{args.batches}x{args.max_body_bytes}.jsonl"
@@ -124,7 +138,10 @@ def main() -> None:
             rtt = status_rtt(base_url)
             started = time.monotonic()
             ours_s = asyncio.run(_ours(path, base_url, settings, Path(tmp)))
-            ours = _import_figures(sim_stats(base_url), started)
+            raw = sim_stats(base_url)
+            ours = _import_figures(raw, started)
+            if args.timeline:
+                _timeline(raw, started)
         naive = None
         if not args.skip_naive:
             with simulator_process(records_per_second=rps) as base_url:

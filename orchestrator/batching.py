@@ -158,6 +158,21 @@ class BatchAssembler:
         self._size += data_len
         return sealed
 
+    def fits(self, record: EncodedRecord) -> bool:
+        """Whether ``add(record)`` would keep the open batch (no seal needed to make room).
+
+        Lets a caller seal first where sealing is cheap to move (e.g. to a worker thread).
+
+        Args:
+            record: the encoded record.
+        """
+        contact = record.contact
+        identity = record.key if contact is None else (contact[0], contact[1], record.key)
+        old = self._open.get(identity)
+        count = len(self._open) - (old is not None)
+        size = self._size - (len(old.data) if old is not None else 0)
+        return not count or self._base + size + count + len(record.data) <= self._cap
+
     def seal(self) -> Batch | None:
         """Seal the open batch now and return it; ``None`` when it holds no record."""
         if not self._open:

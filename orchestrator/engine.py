@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
 from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
-from orchestrator.client import ImportState, ImportStatus, InsightClient
+from orchestrator.client import ImportState, ImportStatus, InsightClient, SubmitReceipt
 from orchestrator.errors import (
     AccountFullError,
     BadRequestError,
@@ -254,7 +254,6 @@ class _BatchTask:
     body_bytes: int
     refs: list[RecordRef]
     depends_on: tuple[int, ...]
-    body: bytes | None = None  # held until the first PUT; reloaded from the journal if needed
     import_id: str | None = None
     attempts: int = 0
     polls: int = 0
@@ -280,6 +279,7 @@ class Orchestrator:
         self.client = client
         self.settings = settings if settings is not None else Settings()
         self._slots = asyncio.Semaphore(self.settings.max_concurrent)
+        self._uploads = asyncio.Semaphore(self.settings.max_uploads)
         self._planner = PollPlanner(
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
         )
@@ -659,24 +659,10 @@ class _Run:
 
     async def _submit(self, task: _BatchTask) -> tuple[str, str] | None:
         """PUT the batch's body; on success ``task.import_id`` is set, else (status, message)."""
-        body = task.body if task.body is not None else await self.journal.load_body(task.batch_id)
         full_waits = 0
         while True:
-            await self.journal.mark_submitting(task.batch_id)
-            failpoints.hit("intent")
             try:
-                # A submit in progress is finished even when the run is being cancelled: the
-                # import id is worth recording (else the import is in doubt and sent again).
-                with anyio.CancelScope(shield=True):
-                    receipt = await self.client.submit_import(body)
-                    failpoints.hit("accepted")
-                    task.attempts += receipt.attempts
-                    task.import_id = receipt.import_id
-                    task.submitted_at = time.time()
-                    await self.journal.mark_submitted(
-                        task.batch_id, receipt.import_id, task.submitted_at
-                    )
-                    failpoints.hit("submitted")
+                receipt = await self._put(task)
             except AccountFullError:
                 task.attempts += 1
                 full_waits += 1
@@ -701,11 +687,9 @@ class _Run:
                 await anyio.sleep(error.retry_after)
                 continue
             except BodyTooLargeError as error:
-                task.body = body  # kept for the split
                 return (_TOO_LARGE, _api_message(error, "lower --max-body-bytes"))
             except BadRequestError as error:
                 return (error.error_code or "BadRequest", _api_message(error, "fix the records"))
-            task.body = None
             if receipt.lost_responses:
                 await self.journal.add_counters({"lost_responses": receipt.lost_responses})
             log.info(
@@ -718,6 +702,30 @@ class _Run:
                 lost_responses=receipt.lost_responses,
             )
             return None
+
+    async def _put(self, task: _BatchTask) -> SubmitReceipt:
+        """One submit: intent, PUT, import id, each journaled; the body is in memory only here.
+
+        At most ``max_uploads`` bodies are loaded and sent at once: a body is the biggest thing
+        the run holds, and uploads share one network link anyway.
+        """
+        async with self.orch._uploads:
+            body = await self.journal.load_body(task.batch_id)
+            await self.journal.mark_submitting(task.batch_id)
+            failpoints.hit("intent")
+            # A submit in progress is finished even when the run is being cancelled: the import
+            # id is worth recording (else the import is in doubt and sent again).
+            with anyio.CancelScope(shield=True):
+                receipt = await self.client.submit_import(body)
+                failpoints.hit("accepted")
+                task.attempts += receipt.attempts
+                task.import_id = receipt.import_id
+                task.submitted_at = time.time()
+                await self.journal.mark_submitted(
+                    task.batch_id, receipt.import_id, task.submitted_at
+                )
+                failpoints.hit("submitted")
+            return receipt
 
     async def _poll_until_done(self, task: _BatchTask) -> ImportStatus | None:
         """Poll within [poll_min, poll_max]: the final status, or None if the API forgot it."""
@@ -769,7 +777,7 @@ class _Run:
 
     async def _split(self, task: _BatchTask) -> list[_BatchTask]:
         """The API refused the body as too large (its limit is below ours): send it in halves."""
-        body = task.body if task.body is not None else await self.journal.load_body(task.batch_id)
+        body = await self.journal.load_body(task.batch_id)
         halves = split_batch(Batch(body=body, refs=tuple(task.refs)), self.collection)
         ids = await self.journal.seal_batches(
             batches=[NewBatch(half.body, half.refs, ()) for half in halves],
@@ -799,14 +807,12 @@ class _Run:
                 body_bytes=half.body_bytes,
                 refs=list(half.refs),
                 depends_on=(),
-                body=half.body,
                 holds_capacity=False,
             )
             for batch_id, half in zip(ids, halves, strict=True)
         ]
         for new in tasks:
             await self._launch(self.task_group, new)
-        task.body = None
         return tasks
 
     async def _succeed(self, task: _BatchTask, status: ImportStatus) -> ImportOutcome:
@@ -978,25 +984,25 @@ class _Producer:
     async def _add(self, record: EncodedRecord, index: int, chunk: _Chunk) -> None:
         identity = record.identity
         holder = self.run.in_flight.get(identity)
-        to_held = holder is not None or identity in self.held
-        try:
-            sealed = (self.held if to_held else self.main).add(record)
-        except RecordError as error:
-            self._reject(error, record.data)
-            return
-        if sealed is not None:
-            # One of the open batches filled up: seal both, with the progress up to this
-            # record (which already starts the next batch), in one journal transaction.
+        target = self.held if holder is not None or identity in self.held else self.main
+        if not target.fits(record):
+            # One of the open batches is full: seal both, with the progress up to this record
+            # (which starts the next batch), in one journal transaction.
             line = record.source.line if record.source is not None else chunk.first_line
             progress = InputProgress(
                 index=index,
                 lines=line - 1,
                 digest=chunk.digest_through(line - chunk.first_line),
             )
-            if to_held:
-                await self._seal(main=self.main.seal(), held=sealed, progress=progress)
-            else:
-                await self._seal(main=sealed, held=self.held.seal(), progress=progress)
+            await self._seal_open(progress=progress)
+            # An older version of this record may have just been sealed: it is in flight now.
+            holder = self.run.in_flight.get(identity)
+            target = self.held if holder is not None else self.main
+        try:
+            target.add(record)  # never seals now: the record fits, or the batch is empty
+        except RecordError as error:
+            self._reject(error, record.data)
+            return
         if holder is not None:
             self.held_depends_on.add(holder)
         self._count("records_read")
@@ -1021,8 +1027,12 @@ class _Producer:
         )
 
     async def _seal_open(self, *, progress: InputProgress | None) -> None:
-        """Seal both open batches (if not empty) with the progress mark."""
-        main, held = self.main.seal(), self.held.seal()
+        """Seal both open batches (if not empty) with the progress mark.
+
+        Sealing copies up to a whole body and makes one ref per record: done in a worker
+        thread, so the event loop is not held for it (the producer alone touches the assemblers).
+        """
+        main, held = await anyio.to_thread.run_sync(lambda: (self.main.seal(), self.held.seal()))
         if main is None and held is None:
             if progress is not None:
                 await self._save(progress)
@@ -1072,7 +1082,6 @@ class _Producer:
                 body_bytes=batch.body_bytes,
                 refs=list(batch.refs),
                 depends_on=depends_on,
-                body=batch.body,
             )
             await self.run._launch(self.tg, task)
 

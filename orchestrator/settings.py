@@ -36,6 +36,8 @@ class Settings:
             from an async source still gets imported).
         status_error_budget: consecutive failed status polls of one import (after the client's own
             retries) before the engine gives that import up as lost.
+        max_uploads: request bodies loaded and sent at once; each is up to ``max_body_bytes`` in
+            memory, so this bounds the run's memory while the uploads share the network anyway.
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -47,6 +49,7 @@ class Settings:
     max_account_full_waits: int | None = None
     seal_after: float = 2.0
     status_error_budget: int = 10
+    max_uploads: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_concurrent <= 100:
@@ -73,6 +76,8 @@ class Settings:
             raise ConfigError(
                 f"max_account_full_waits must be >= 1 or None, got {self.max_account_full_waits}"
             )
+        if self.max_uploads < 1:
+            raise ConfigError(f"max_uploads must be >= 1, got {self.max_uploads}")
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
 

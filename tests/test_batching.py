@@ -306,3 +306,20 @@ def test_split_batch_keeps_any_records(values: list[tuple[str, str, bool]]) -> N
     assert sum((h.refs for h in halves), ()) == batch.refs
     for half in halves:
         assert len(orjson.loads(half.body)["records"]) == half.record_count
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=60),
+    keys=st.lists(st.integers(min_value=0, max_value=8), min_size=60, max_size=60),
+    cap=st.integers(min_value=400, max_value=3_000),
+)
+def test_fits_predicts_whether_add_seals(sizes: list[int], keys: list[int], cap: int) -> None:
+    """`fits(record)` is true exactly when `add(record)` returns no sealed batch."""
+    collection = Collection("Fits")
+    assembler = BatchAssembler(collection, max_body_bytes=cap)
+    for size, key in zip(sizes, keys, strict=False):
+        record = encode_record({"key": f"k{key}", "json": {"p": "x" * size}}, collection)
+        if len(record.data) + 100 > cap:
+            continue
+        predicted = assembler.fits(record)
+        assert (assembler.add(record) is None) == predicted

@@ -48,6 +48,7 @@ _log = structlog.get_logger()
 _T = TypeVar("_T")
 
 _SCHEMA_VERSION = 1
+_BLOB_CHUNK = 1 << 20
 _APPLICATION_ID = 0x494E5349  # "INSI": marks the file as one of our journals
 
 _SCHEMA = """
@@ -255,10 +256,17 @@ class SqliteJournal:
                 )
                 batch_id = cursor.lastrowid
                 assert batch_id is not None  # an INSERT into a rowid table always sets it
+                # The body goes in through incremental blob I/O: bound as a parameter, SQLite
+                # would copy all of it (up to 50 MB) before writing.
                 conn.execute(
-                    "INSERT INTO payloads (batch_id, body, refs) VALUES (?, ?, ?)",
-                    (batch_id, body, _encode_refs(refs)),
+                    "INSERT INTO payloads (batch_id, body, refs) VALUES (?, zeroblob(?), ?)",
+                    (batch_id, len(body), _encode_refs(refs)),
                 )
+                if body:
+                    view = memoryview(body)
+                    with conn.blobopen("payloads", "body", batch_id) as blob:
+                        for start in range(0, len(view), _BLOB_CHUNK):
+                            blob.write(view[start : start + _BLOB_CHUNK])
                 ids.append(batch_id)
             _apply(conn, progresses, letters, deltas)
             return ids

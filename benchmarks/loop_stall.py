@@ -1,0 +1,185 @@
+"""Event-loop stalls while importing ~1 GB in-process: a 5 ms ticker must never be 50 ms late.
+
+The import uses the library API (``Orchestrator.import_files``, SQLite journal, default 50 MB body
+cap) against the simulator in ANOTHER process, so the simulator's CPU work does not stall our loop.
+A ticker task sleeps 5 ms in a loop and records how late each wake-up is. Baseline, measured in
+the same run: the same ticker on an idle loop. Figures: max and p99 lateness during the import;
+ratios max / 50 ms goal and p99 / idle p99. ``--diagnose`` turns on asyncio debug mode and lists the
+slowest callbacks (debug mode slows everything a little).
+
+    python -m benchmarks.loop_stall [--mb 1000] [--keep] [--diagnose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._common import (
+    DATA_DIR,
+    SIM_PASSWORD,
+    SIM_USER,
+    ensure_free_disk,
+    goal,
+    percentile,
+    quiet_logs,
+    simulator_process,
+    write_big_orders,
+)
+from benchmarks._data import record_section
+from orchestrator import (
+    ClientSettings,
+    Collection,
+    InsightClient,
+    Orchestrator,
+    Settings,
+    SqliteJournal,
+)
+
+TICK = 0.005
+GOAL_S = 0.050
+
+
+async def _ticker(lateness: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        before = time.perf_counter()
+        await asyncio.sleep(TICK)
+        lateness.append(time.perf_counter() - before - TICK)
+
+
+async def _idle(seconds: float) -> list[float]:
+    lateness: list[float] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(_ticker(lateness, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    await task
+    return lateness
+
+
+async def _during_import(path: Path, base_url: str, journal_dir: Path) -> tuple[list[float], float]:
+    client = InsightClient(
+        ClientSettings(username=SIM_USER, password=SIM_PASSWORD, base_url=base_url)
+    )
+    settings = Settings(poll_min=0.05, poll_max=0.5)
+    lateness: list[float] = []
+    stop = asyncio.Event()
+    async with (
+        SqliteJournal(journal_dir / "journal.sqlite") as journal,
+        Orchestrator(client, settings) as orch,
+    ):
+        task = asyncio.create_task(_ticker(lateness, stop))
+        start = time.monotonic()
+        try:
+            result = await orch.import_files(
+                Collection("Orders", "contact", "orders"), [str(path)], journal=journal
+            )
+        finally:
+            stop.set()
+            await task
+        wall = time.monotonic() - start
+    if not result.ok:
+        raise SystemExit(f"the import did not succeed: {result.counters}")
+    return lateness, wall
+
+
+class _SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "took" in message:
+            self.messages.append(message)
+
+
+def _seconds(message: str) -> float:
+    try:
+        return float(message.rsplit("took ", 1)[1].split(" ")[0])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def main() -> None:
+    """Run the loop-stall benchmark and record its section of RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=1000.0, help="input size in MB")
+    parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument("--records-per-second", type=float, default=2_000_000.0)
+    parser.add_argument("--diagnose", action="store_true", help="asyncio debug: slow callbacks")
+    parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    args = parser.parse_args()
+    quiet_logs()
+    ensure_free_disk(DATA_DIR, int(args.mb * 1e6 + 1e9))
+    path = DATA_DIR / f"loop-stall-{args.mb:g}mb.jsonl"
+    slow = _SlowCallbacks()
+    try:
+        lines = write_big_orders(path, mb=args.mb)
+        idle = asyncio.run(_idle(args.idle_seconds))
+        with (
+            simulator_process(records_per_second=args.records_per_second) as base_url,
+            tempfile.TemporaryDirectory(prefix="loop-stall-", dir=DATA_DIR) as tmp,
+        ):
+            if args.diagnose:
+                logging.getLogger("asyncio").addHandler(slow)
+                logging.getLogger("asyncio").setLevel(logging.WARNING)
+            busy, wall = asyncio.run(_during_import(path, base_url, Path(tmp)), debug=args.diagnose)
+    finally:
+        if not args.keep:
+            path.unlink(missing_ok=True)
+
+    idle_p99 = percentile(idle, 0.99)
+    busy_max = max(busy)
+    busy_p99 = percentile(busy, 0.99)
+    over = sum(1 for late in busy if late >= GOAL_S)
+    rows = [
+        ("ticks", f"{len(idle):,}", f"{len(busy):,}"),
+        (
+            "median lateness",
+            f"{statistics.median(idle) * 1000:.2f} ms",
+            f"{statistics.median(busy) * 1000:.2f} ms",
+        ),
+        ("p99 lateness", f"{idle_p99 * 1000:.2f} ms", f"{busy_p99 * 1000:.2f} ms"),
+        ("max lateness", f"{max(idle) * 1000:.2f} ms", f"{busy_max * 1000:.2f} ms"),
+        ("ticks >= 50 ms late", f"{sum(1 for v in idle if v >= GOAL_S)}", f"{over}"),
+    ]
+    table = "| figure | idle loop (baseline) | during the import |\n|---|---|---|\n" + "\n".join(
+        f"| {a} | {b} | {c} |" for a, b, c in rows
+    )
+    max_ratio = busy_max / GOAL_S
+    p99_ratio = busy_p99 / idle_p99 if idle_p99 > 0 else float("inf")
+    body = (
+        f"In-process import of {path.stat().st_size / 1e9 if path.exists() else args.mb / 1000:.2f}"
+        f" GB ({lines:,} records) with the library API (default 50 MB bodies, SQLite journal, polls"
+        f" 0.05-0.5 s) against the simulator in another process, in {wall:.0f} s; a ticker sleeps "
+        f"{TICK * 1000:g} ms in a loop and records its lateness.\n\n"
+        + table
+        + "\n\n"
+        + f"- **max stall / 50 ms goal: {max_ratio:.2f}x** (goal < 1: {goal(max_ratio < 1)})\n"
+        + f"- p99 during import / p99 idle: **{p99_ratio:.1f}x**\n"
+    )
+    if args.diagnose and slow.messages:
+        worst = sorted(slow.messages, key=_seconds, reverse=True)[:8]
+        body += (
+            "\nSlowest callbacks (asyncio debug mode):\n\n"
+            + "\n".join(f"- `{m[:300]}`" for m in worst)
+            + "\n"
+        )
+        print("\n".join(m[:400] for m in worst))
+    record_section("Event-loop stalls during a 1 GB in-process import", body)
+    print(table)
+    print(f"max stall / 50 ms goal: {max_ratio:.2f}x (goal < 1); max {busy_max * 1000:.1f} ms")
+    print(
+        f"p99 during import / idle p99: {p99_ratio:.1f}x "
+        f"({busy_p99 * 1000:.2f} ms vs {idle_p99 * 1000:.2f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
