@@ -1,22 +1,23 @@
 """Exact-size batch assembly: request bodies packed close to the cap, last write wins inside one.
 
-Each record's bytes are copied once into its body: the open batch keeps the encoded records in a
-dict keyed by identity (a re-added identity replaces the older record and moves to the end), and
-sealing joins them in one pass. The size of the open body is tracked exactly, so no body ever
-exceeds the cap and a batch is sealed only when the next record would not fit.
+Each record's bytes are copied once into its body: the open batch keeps the encoded records' bytes
+and fields in flat lists, indexed by identity (a re-added identity replaces the older record and
+moves to the end), and sealing joins them in one pass. The size of the open body is tracked
+exactly, so no body ever exceeds the cap and a batch is sealed only when the next record would not
+fit.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast, overload
 
 from orchestrator import errors
 from orchestrator.records import Collection, EncodedRecord, Source
 
-__all__ = ["Batch", "BatchAssembler", "RecordRef", "split_batch"]
+__all__ = ["Batch", "BatchAssembler", "RecordRef", "RecordRefs", "split_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +43,100 @@ class RecordRef:
         return (contact[0], contact[1], self.key)
 
 
-# Building refs field by field through their slots skips the generated __init__'s per-field
-# object.__setattr__ calls: about half the cost, once per record sent.
-_new = object.__new__
-_set_key = cast(Any, RecordRef).key.__set__
-_set_contact = cast(Any, RecordRef).contact.__set__
-_set_source = cast(Any, RecordRef).source.__set__
+class RecordRefs(Sequence[RecordRef]):
+    """The records of a batch, in body order, kept as a few flat lists.
 
+    A batch can hold 100,000 records and a run keeps several batches in flight: one object per
+    record would give the garbage collector hundreds of thousands of long-lived objects to walk on
+    every full collection (a pause of the event loop). Here the fields live in lists of strings,
+    tuples and ints, and a :class:`RecordRef` is only made when one is asked for.
 
-def _ref(record: EncodedRecord) -> RecordRef:
-    ref: RecordRef = _new(RecordRef)
-    _set_key(ref, record.key)
-    _set_contact(ref, record.contact)
-    _set_source(ref, record.source)
-    return ref
+    Args:
+        keys: the records' keys.
+        contacts: each record's ``(identifier, value)``, or ``None`` for account scope.
+        origins: each record's source origin (``None`` when unknown).
+        lines: each record's source line (ignored where the origin is ``None``).
+    """
+
+    __slots__ = ("_contacts", "_keys", "_lines", "_origins")
+
+    def __init__(
+        self,
+        keys: list[str],
+        contacts: list[tuple[str, str] | None],
+        origins: list[str | None],
+        lines: list[int],
+    ) -> None:
+        if not len(keys) == len(contacts) == len(origins) == len(lines):
+            raise ValueError("keys, contacts, origins and lines must have the same length")
+        self._keys = keys
+        self._contacts = contacts
+        self._origins = origins
+        self._lines = lines
+
+    @classmethod
+    def of(cls, refs: Iterable[RecordRef]) -> RecordRefs:
+        """Pack existing refs."""
+        keys: list[str] = []
+        contacts: list[tuple[str, str] | None] = []
+        origins: list[str | None] = []
+        lines: list[int] = []
+        for ref in refs:
+            keys.append(ref.key)
+            contacts.append(ref.contact)
+            origins.append(None if ref.source is None else ref.source.origin)
+            lines.append(0 if ref.source is None else ref.source.line)
+        return cls(keys, contacts, origins, lines)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, index: int) -> RecordRef: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> RecordRefs: ...
+
+    def __getitem__(self, index: int | slice) -> RecordRef | RecordRefs:
+        if isinstance(index, slice):
+            return RecordRefs(
+                self._keys[index], self._contacts[index], self._origins[index], self._lines[index]
+            )
+        origin = self._origins[index]
+        source = None if origin is None else Source(origin, self._lines[index])
+        return RecordRef(self._keys[index], self._contacts[index], source)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordRefs):
+            return (self._keys, self._contacts, self._origins, self._lines) == (
+                other._keys,
+                other._contacts,
+                other._origins,
+                other._lines,
+            )
+        if isinstance(other, Sequence):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<RecordRefs of {len(self)} records>"
+
+    def __iter__(self) -> Iterator[RecordRef]:
+        for index in range(len(self._keys)):
+            yield self[index]
+
+    def columns(
+        self,
+    ) -> tuple[list[str], list[tuple[str, str] | None], list[str | None], list[int]]:
+        """The flat lists (keys, contacts, origins, lines); read them, do not change them."""
+        return self._keys, self._contacts, self._origins, self._lines
+
+    def identities(self) -> Iterator[tuple[str, str, str] | str]:
+        """Each record's identity, in order, without making a ref per record."""
+        for key, contact in zip(self._keys, self._contacts, strict=True):
+            yield key if contact is None else (contact[0], contact[1], key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +149,7 @@ class Batch:
     """
 
     body: bytes
-    refs: tuple[RecordRef, ...]
+    refs: Sequence[RecordRef]
 
     @property
     def body_bytes(self) -> int:
@@ -86,7 +167,8 @@ class BatchAssembler:
 
     Inside the open batch the last occurrence of an identity wins: the older record is dropped and
     reported to ``on_superseded``. Records keep their arrival order (a replacing record takes the
-    place of the newest).
+    place of the newest). The open batch is kept in flat lists (see :class:`RecordRefs`), so the
+    encoded records themselves die young.
 
     Args:
         collection: the collection the bodies are for (gives the envelope).
@@ -98,7 +180,21 @@ class BatchAssembler:
         errors.ConfigError: the cap cannot hold even the envelope and a minimal record.
     """
 
-    __slots__ = ("_base", "_cap", "_on_superseded", "_open", "_prefix", "_size", "_suffix")
+    __slots__ = (
+        "_base",
+        "_cap",
+        "_contacts",
+        "_data",
+        "_dropped",
+        "_index",
+        "_keys",
+        "_lines",
+        "_on_superseded",
+        "_origins",
+        "_prefix",
+        "_size",
+        "_suffix",
+    )
 
     def __init__(
         self,
@@ -117,8 +213,17 @@ class BatchAssembler:
             )
         self._cap = max_body_bytes
         self._on_superseded = on_superseded
-        self._open: dict[tuple[str, str, str] | str, EncodedRecord] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._index: dict[tuple[str, str, str] | str, int] = {}
+        self._data: list[bytes | None] = []  # None where a later record replaced this one
+        self._keys: list[str] = []
+        self._contacts: list[tuple[str, str] | None] = []
+        self._origins: list[str | None] = []
+        self._lines: list[int] = []
         self._size = 0  # sum of the open records' data lengths
+        self._dropped = 0
 
     def add(self, record: EncodedRecord) -> Batch | None:
         """Add a record to the open batch; return the batch sealed to make room for it, if any.
@@ -130,7 +235,8 @@ class BatchAssembler:
             errors.RecordError: ``rule="record-too-large"``: the record alone does not fit in a
                 body; the assembler is left unchanged.
         """
-        data_len = len(record.data)
+        data = record.data
+        data_len = len(data)
         if self._base + data_len > self._cap:
             raise errors.RecordError(
                 "record-too-large",
@@ -140,23 +246,41 @@ class BatchAssembler:
                 source=record.source,
             )
         contact = record.contact
-        identity = record.key if contact is None else (contact[0], contact[1], record.key)
-        open_ = self._open
-        old = open_.get(identity)
+        key = record.key
+        identity = key if contact is None else (contact[0], contact[1], key)
+        old = self._index.get(identity)
         if old is not None:
+            old_data = self._data[old]
+            assert old_data is not None
             if self._on_superseded is not None:
-                self._on_superseded(old)
-            del open_[identity]
-            self._size -= len(old.data)
+                self._on_superseded(self._record_at(old, old_data))
+            self._data[old] = None
+            self._dropped += 1
+            self._size -= len(old_data)
+            del self._index[identity]
         sealed = None
-        count = len(open_)
+        count = len(self._index)
         # count commas: the n records already open plus this one need n separators
         if count and self._base + self._size + count + data_len > self._cap:
             sealed = self._seal()
-            open_ = self._open
-        open_[identity] = record
+        self._index[identity] = len(self._data)
+        self._data.append(data)
+        self._keys.append(key)
+        self._contacts.append(contact)
+        source = record.source
+        if source is None:
+            self._origins.append(None)
+            self._lines.append(0)
+        else:
+            self._origins.append(source.origin)
+            self._lines.append(source.line)
         self._size += data_len
         return sealed
+
+    def _record_at(self, index: int, data: bytes) -> EncodedRecord:
+        origin = self._origins[index]
+        source = None if origin is None else Source(origin, self._lines[index])
+        return EncodedRecord(self._keys[index], self._contacts[index], data, source)
 
     def fits(self, record: EncodedRecord) -> bool:
         """Whether ``add(record)`` would keep the open batch (no seal needed to make room).
@@ -168,38 +292,48 @@ class BatchAssembler:
         """
         contact = record.contact
         identity = record.key if contact is None else (contact[0], contact[1], record.key)
-        old = self._open.get(identity)
-        count = len(self._open) - (old is not None)
-        size = self._size - (len(old.data) if old is not None else 0)
+        old = self._index.get(identity)
+        count = len(self._index)
+        size = self._size
+        if old is not None:
+            count -= 1
+            size -= len(self._data[old] or b"")
         return not count or self._base + size + count + len(record.data) <= self._cap
 
     def seal(self) -> Batch | None:
         """Seal the open batch now and return it; ``None`` when it holds no record."""
-        if not self._open:
+        if not self._index:
             return None
         return self._seal()
 
     def _seal(self) -> Batch:
-        records = self._open.values()
-        parts = [record.data for record in records]
-        refs = tuple(map(_ref, records))
-        self._open = {}
-        self._size = 0
+        data, keys, contacts = self._data, self._keys, self._contacts
+        origins, lines = self._origins, self._lines
+        if self._dropped:  # drop the replaced records' places from every list
+            kept = [i for i, part in enumerate(data) if part is not None]
+            data = [data[i] for i in kept]
+            keys = [keys[i] for i in kept]
+            contacts = [contacts[i] for i in kept]
+            origins = [origins[i] for i in kept]
+            lines = [lines[i] for i in kept]
+        parts = cast(list[bytes], data)
+        refs = RecordRefs(keys, contacts, origins, lines)
+        self._reset()
         # one copy of every record: the envelope is glued to the first and last records only
         parts[0] = self._prefix + parts[0]
         parts[-1] = parts[-1] + self._suffix
         return Batch(b",".join(parts), refs)
 
     def __len__(self) -> int:
-        return len(self._open)
+        return len(self._index)
 
     def __contains__(self, identity: object) -> bool:
-        return identity in self._open
+        return identity in self._index
 
     @property
     def pending_bytes(self) -> int:
         """The exact size of the body if the open batch were sealed now (0 when empty)."""
-        count = len(self._open)
+        count = len(self._index)
         if not count:
             return 0
         return self._base + self._size + count - 1

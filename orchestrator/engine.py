@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
-from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
+from orchestrator.batching import Batch, BatchAssembler, RecordRef, RecordRefs, split_batch
 from orchestrator.client import ImportState, ImportStatus, InsightClient, SubmitReceipt
 from orchestrator.errors import (
     AccountFullError,
@@ -252,7 +252,7 @@ class _BatchTask:
     batch_id: int
     record_count: int
     body_bytes: int
-    refs: list[RecordRef]
+    refs: Sequence[RecordRef]
     depends_on: tuple[int, ...]
     import_id: str | None = None
     attempts: int = 0
@@ -453,6 +453,18 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return leaves
 
 
+def _identities(refs: Sequence[RecordRef]) -> Iterable[object]:
+    if isinstance(refs, RecordRefs):
+        return refs.identities()
+    return (ref.identity for ref in refs)
+
+
+def _keys(refs: Sequence[RecordRef]) -> Iterable[str]:
+    if isinstance(refs, RecordRefs):
+        return refs.columns()[0]
+    return (ref.key for ref in refs)
+
+
 def _account_id(client: InsightClient) -> str:
     """An opaque id of the client's account (API root and user, hashed; never the password)."""
     identity = f"{client.settings.api_root}\0{client.settings.username}".encode()
@@ -557,8 +569,7 @@ class _Run:
 
     async def _launch(self, tg: TaskGroup, task: _BatchTask) -> None:
         self.tasks[task.batch_id] = task
-        for ref in task.refs:
-            self.in_flight[ref.identity] = task.batch_id
+        self.in_flight.update(dict.fromkeys(_identities(task.refs), task.batch_id))
         tg.start_soon(self._run_batch, task, name=f"batch-{task.batch_id}")
 
     async def _resume_batch(self, tg: TaskGroup, stored: StoredBatch) -> None:
@@ -606,9 +617,10 @@ class _Run:
                 if hasattr(result, "__await__"):
                     await result
         finally:
-            for ref in task.refs:
-                if self.in_flight.get(ref.identity) == task.batch_id:
-                    del self.in_flight[ref.identity]
+            in_flight = self.in_flight
+            for identity in _identities(task.refs):
+                if in_flight.get(identity) == task.batch_id:
+                    del in_flight[identity]
             task.finished.set()
             self.tasks.pop(task.batch_id, None)
             if task.holds_capacity:
@@ -805,7 +817,7 @@ class _Run:
                 batch_id=batch_id,
                 record_count=half.record_count,
                 body_bytes=half.body_bytes,
-                refs=list(half.refs),
+                refs=half.refs,
                 depends_on=(),
                 holds_capacity=False,
             )
@@ -887,21 +899,24 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
     """Per-record failures of the API, mapped back to the records' sources."""
     if not status.failures:
         return ()
-    by_identity: dict[object, RecordRef] = {ref.identity: ref for ref in task.refs}
-    by_key: dict[str, RecordRef] = {}
-    for each in task.refs:
-        by_key.setdefault(each.key, each)
+    position: dict[object, int] = {}
+    first_with_key: dict[str, int] = {}
+    for index, ref_key in enumerate(_keys(task.refs)):
+        first_with_key.setdefault(ref_key, index)
+    for index, identity in enumerate(_identities(task.refs)):
+        position[identity] = index
     letters = []
     for failure in status.failures:
-        ref: RecordRef | None = None
+        found: int | None = None
         if failure.key is not None:
             if failure.contact_identity is not None:
-                ref = by_identity.get((*failure.contact_identity, failure.key))
-            if ref is None:
-                ref = by_identity.get(failure.key) or by_key.get(failure.key)
+                found = position.get((*failure.contact_identity, failure.key))
+            if found is None:
+                found = first_with_key.get(failure.key)
+        source = task.refs[found].source if found is not None else None
         letters.append(
             DeadLetter(
-                source=str(ref.source) if ref is not None and ref.source is not None else None,
+                source=str(source) if source is not None else None,
                 key=failure.key,
                 reason=failure.reason,
                 message=f"the API rejected the record: {failure.reason}",
@@ -1080,7 +1095,7 @@ class _Producer:
                 batch_id=batch_id,
                 record_count=batch.record_count,
                 body_bytes=batch.body_bytes,
-                refs=list(batch.refs),
+                refs=batch.refs,
                 depends_on=depends_on,
             )
             await self.run._launch(self.tg, task)

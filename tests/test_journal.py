@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.batching import RecordRef
+from orchestrator.batching import RecordRef, RecordRefs
 from orchestrator.errors import JournalError, JournalMismatch
 from orchestrator.journal import (
     BatchPhase,
@@ -386,7 +386,7 @@ refs_strategy = st.lists(
 @settings(max_examples=200, deadline=None)
 def test_refs_codec_round_trips(refs: list[RecordRef]) -> None:
     """Any list of record refs survives the compact encoding unchanged."""
-    assert _decode_refs(_encode_refs(refs)) == refs
+    assert _decode_refs(_encode_refs(RecordRefs.of(refs))) == refs
 
 
 async def test_file_is_private_and_parents_are_created(tmp_path: Path) -> None:

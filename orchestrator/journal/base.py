@@ -371,7 +371,7 @@ class Journal(Protocol):
         """
         ...
 
-    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:

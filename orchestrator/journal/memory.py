@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from orchestrator.batching import RecordRefs
 from orchestrator.errors import JournalMismatch
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
@@ -35,7 +36,7 @@ class _Run:
     spec: RunSpec
     inputs: list[InputProgress]
     batches: dict[int, StoredBatch]
-    payloads: dict[int, tuple[bytes, tuple[RecordRef, ...]]]
+    payloads: dict[int, tuple[bytes, Sequence[RecordRef]]]
     dead_letters: list[DeadLetter]
     counters: dict[str, int]
     next_batch_id: int = 1
@@ -169,7 +170,11 @@ class MemoryJournal:
                 finished_at=None,
                 status=None,
             )
-            run.payloads[batch_id] = (bytes(batch.body), tuple(batch.refs))
+            refs = batch.refs
+            run.payloads[batch_id] = (
+                bytes(batch.body),
+                refs if isinstance(refs, RecordRefs) else RecordRefs.of(refs),
+            )
             ids.append(batch_id)
         self._apply(run, progresses, dead_letters, counters)
         return ids
@@ -289,14 +294,14 @@ class MemoryJournal:
         run, _ = self._batch(batch_id, _UNFINISHED, "load its body")
         return run.payloads[batch_id][0]
 
-    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:
             batch_id: the batch.
         """
         run, _ = self._batch(batch_id, _UNFINISHED, "load its refs")
-        return list(run.payloads[batch_id][1])
+        return run.payloads[batch_id][1]
 
     async def mark_complete(self) -> None:
         """Mark the run complete."""

@@ -24,7 +24,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from orchestrator.batching import RecordRef
+from orchestrator.batching import RecordRef, RecordRefs
 from orchestrator.errors import JournalError, JournalMismatch
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
@@ -39,7 +39,6 @@ from orchestrator.journal.base import (
     mismatch_message,
     progress_list,
 )
-from orchestrator.records import Source
 
 __all__ = ["SqliteJournal"]
 
@@ -242,7 +241,7 @@ class SqliteJournal:
         """
         progresses = progress_list(self._require_spec(), progress)
         # Copies taken on the loop: the caller may reuse its lists while the thread writes.
-        frozen = [(b.body, tuple(b.refs), tuple(b.depends_on)) for b in batches]
+        frozen = [(b.body, _packed(b.refs), tuple(b.depends_on)) for b in batches]
         letters = tuple(dead_letters)
         deltas = dict(counters)
 
@@ -422,7 +421,7 @@ class SqliteJournal:
         )
         return bytes(raw)
 
-    async def load_refs(self, batch_id: int) -> list[RecordRef]:
+    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:
@@ -840,27 +839,29 @@ def _decode_spec(raw: bytes) -> RunSpec:
     )
 
 
-def _encode_refs(refs: Sequence[RecordRef]) -> bytes:
+def _packed(refs: Sequence[RecordRef]) -> RecordRefs:
+    return refs if isinstance(refs, RecordRefs) else RecordRefs.of(refs)
+
+
+def _encode_refs(refs: RecordRefs) -> bytes:
     # Compact: origins are listed once and named by position; a ref is [key, contact, source].
     origins: dict[str, int] = {}
     rows: list[list[object]] = []
-    for ref in refs:
-        contact = None if ref.contact is None else [ref.contact[0], ref.contact[1]]
-        source = None
-        if ref.source is not None:
-            at = origins.setdefault(ref.source.origin, len(origins))
-            source = [at, ref.source.line]
-        rows.append([ref.key, contact, source])
+    for key, contact, origin, line in zip(*refs.columns(), strict=True):
+        source = None if origin is None else [origins.setdefault(origin, len(origins)), line]
+        rows.append([key, None if contact is None else [contact[0], contact[1]], source])
     return orjson.dumps([list(origins), rows])
 
 
-def _decode_refs(raw: bytes) -> list[RecordRef]:
+def _decode_refs(raw: bytes) -> RecordRefs:
     origins, rows = orjson.loads(raw)
-    return [
-        RecordRef(
-            key=key,
-            contact=None if contact is None else (contact[0], contact[1]),
-            source=None if source is None else Source(origin=origins[source[0]], line=source[1]),
-        )
-        for key, contact, source in rows
-    ]
+    keys: list[str] = []
+    contacts: list[tuple[str, str] | None] = []
+    record_origins: list[str | None] = []
+    lines: list[int] = []
+    for key, contact, source in rows:
+        keys.append(key)
+        contacts.append(None if contact is None else (contact[0], contact[1]))
+        record_origins.append(None if source is None else origins[source[0]])
+        lines.append(0 if source is None else source[1])
+    return RecordRefs(keys, contacts, record_origins, lines)
