@@ -10,9 +10,11 @@ fit.
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast, overload
+from itertools import accumulate
+from typing import overload
 
 from orchestrator import errors
 from orchestrator.records import Collection, EncodedRecord, Source
@@ -44,12 +46,13 @@ class RecordRef:
 
 
 class RecordRefs(Sequence[RecordRef]):
-    """The records of a batch, in body order, kept as a few flat lists.
+    """The records of a batch, in body order, packed into a few flat strings and arrays.
 
     A batch can hold 100,000 records and a run keeps several batches in flight: one object per
-    record would give the garbage collector hundreds of thousands of long-lived objects to walk on
-    every full collection (a pause of the event loop). Here the fields live in lists of strings,
-    tuples and ints, and a :class:`RecordRef` is only made when one is asked for.
+    record (or per field) would cost memory and give the garbage collector hundreds of thousands
+    of objects to walk on every full collection, a pause of the event loop each time. Here the
+    keys and contact identities are concatenated strings with arrays of end offsets, sources are
+    arrays of line numbers and origin numbers; a :class:`RecordRef` is made only when asked for.
 
     Args:
         keys: the records' keys.
@@ -58,21 +61,38 @@ class RecordRefs(Sequence[RecordRef]):
         lines: each record's source line (ignored where the origin is ``None``).
     """
 
-    __slots__ = ("_contacts", "_keys", "_lines", "_origins")
+    __slots__ = (
+        "_count",
+        "_has_contact",
+        "_identifier_ends",
+        "_identifiers",
+        "_key_ends",
+        "_keys",
+        "_line_numbers",
+        "_origin_numbers",
+        "_origins",
+        "_value_ends",
+        "_values",
+    )
 
     def __init__(
         self,
-        keys: list[str],
-        contacts: list[tuple[str, str] | None],
-        origins: list[str | None],
-        lines: list[int],
+        keys: Sequence[str],
+        contacts: Sequence[tuple[str, str] | None],
+        origins: Sequence[str | None],
+        lines: Sequence[int],
     ) -> None:
         if not len(keys) == len(contacts) == len(origins) == len(lines):
             raise ValueError("keys, contacts, origins and lines must have the same length")
-        self._keys = keys
-        self._contacts = contacts
-        self._origins = origins
-        self._lines = lines
+        self._count = len(keys)
+        self._keys, self._key_ends = _pack(keys)
+        self._has_contact = bytes(c is not None for c in contacts)
+        self._identifiers, self._identifier_ends = _pack([c[0] if c else "" for c in contacts])
+        self._values, self._value_ends = _pack([c[1] if c else "" for c in contacts])
+        numbers: dict[str | None, int] = {}
+        self._origin_numbers = array("I", [numbers.setdefault(o, len(numbers)) for o in origins])
+        self._origins = tuple(numbers)
+        self._line_numbers = array("q", lines)
 
     @classmethod
     def of(cls, refs: Iterable[RecordRef]) -> RecordRefs:
@@ -89,7 +109,25 @@ class RecordRefs(Sequence[RecordRef]):
         return cls(keys, contacts, origins, lines)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._count
+
+    def key(self, index: int) -> str:
+        """The key of record ``index``."""
+        return _unpack(self._keys, self._key_ends, index)
+
+    def contact(self, index: int) -> tuple[str, str] | None:
+        """The ``(identifier, value)`` of record ``index``, or ``None``."""
+        if not self._has_contact[index]:
+            return None
+        return (
+            _unpack(self._identifiers, self._identifier_ends, index),
+            _unpack(self._values, self._value_ends, index),
+        )
+
+    def source(self, index: int) -> Source | None:
+        """Where record ``index`` came from, when known."""
+        origin = self._origins[self._origin_numbers[index]]
+        return None if origin is None else Source(origin, self._line_numbers[index])
 
     @overload
     def __getitem__(self, index: int) -> RecordRef: ...
@@ -99,21 +137,19 @@ class RecordRefs(Sequence[RecordRef]):
 
     def __getitem__(self, index: int | slice) -> RecordRef | RecordRefs:
         if isinstance(index, slice):
-            return RecordRefs(
-                self._keys[index], self._contacts[index], self._origins[index], self._lines[index]
-            )
-        origin = self._origins[index]
-        source = None if origin is None else Source(origin, self._lines[index])
-        return RecordRef(self._keys[index], self._contacts[index], source)
+            keys, contacts, origins, lines = self.columns()
+            return RecordRefs(keys[index], contacts[index], origins[index], lines[index])
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("record index out of range")
+        return RecordRef(self.key(index), self.contact(index), self.source(index))
+
+    def __iter__(self) -> Iterator[RecordRef]:
+        for index in range(self._count):
+            yield self[index]
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, RecordRefs):
-            return (self._keys, self._contacts, self._origins, self._lines) == (
-                other._keys,
-                other._contacts,
-                other._origins,
-                other._lines,
-            )
         if isinstance(other, Sequence):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
@@ -123,20 +159,41 @@ class RecordRefs(Sequence[RecordRef]):
     def __repr__(self) -> str:
         return f"<RecordRefs of {len(self)} records>"
 
-    def __iter__(self) -> Iterator[RecordRef]:
-        for index in range(len(self._keys)):
-            yield self[index]
+    def keys(self) -> list[str]:
+        """Every record's key, in order."""
+        return _unpack_all(self._keys, self._key_ends)
 
     def columns(
         self,
     ) -> tuple[list[str], list[tuple[str, str] | None], list[str | None], list[int]]:
-        """The flat lists (keys, contacts, origins, lines); read them, do not change them."""
-        return self._keys, self._contacts, self._origins, self._lines
+        """The records as four lists: keys, contacts, origins, lines."""
+        identifiers = _unpack_all(self._identifiers, self._identifier_ends)
+        values = _unpack_all(self._values, self._value_ends)
+        contacts = [
+            (identifier, value) if has else None
+            for identifier, value, has in zip(identifiers, values, self._has_contact, strict=True)
+        ]
+        origins = [self._origins[number] for number in self._origin_numbers]
+        return self.keys(), contacts, origins, list(self._line_numbers)
 
     def identities(self) -> Iterator[tuple[str, str, str] | str]:
         """Each record's identity, in order, without making a ref per record."""
-        for key, contact in zip(self._keys, self._contacts, strict=True):
+        keys, contacts, _, _ = self.columns()
+        for key, contact in zip(keys, contacts, strict=True):
             yield key if contact is None else (contact[0], contact[1], key)
+
+
+def _pack(texts: Sequence[str]) -> tuple[str, array[int]]:
+    return "".join(texts), array("q", accumulate(map(len, texts)))
+
+
+def _unpack(text: str, ends: array[int], index: int) -> str:
+    return text[ends[index - 1] if index else 0 : ends[index]]
+
+
+def _unpack_all(text: str, ends: array[int]) -> list[str]:
+    starts = [0, *ends[:-1]] if ends else []
+    return [text[start:end] for start, end in zip(starts, ends, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +205,7 @@ class Batch:
         refs: the records of the body, in the order they appear in it.
     """
 
-    body: bytes
+    body: bytes | bytearray
     refs: Sequence[RecordRef]
 
     @property
@@ -167,8 +224,8 @@ class BatchAssembler:
 
     Inside the open batch the last occurrence of an identity wins: the older record is dropped and
     reported to ``on_superseded``. Records keep their arrival order (a replacing record takes the
-    place of the newest). The open batch is kept in flat lists (see :class:`RecordRefs`), so the
-    encoded records themselves die young.
+    place of the newest). Each record's bytes are copied once, into the growing body; the encoded
+    records themselves die young.
 
     Args:
         collection: the collection the bodies are for (gives the envelope).
@@ -182,10 +239,11 @@ class BatchAssembler:
 
     __slots__ = (
         "_base",
+        "_body",
         "_cap",
         "_contacts",
-        "_data",
         "_dropped",
+        "_ends",
         "_index",
         "_keys",
         "_lines",
@@ -216,14 +274,19 @@ class BatchAssembler:
         self._reset()
 
     def _reset(self) -> None:
+        self._body = bytearray(self._prefix)  # the prefix, then each record followed by a comma
+        self._ends = array("q")  # where each record's bytes end in the body
         self._index: dict[tuple[str, str, str] | str, int] = {}
-        self._data: list[bytes | None] = []  # None where a later record replaced this one
         self._keys: list[str] = []
         self._contacts: list[tuple[str, str] | None] = []
         self._origins: list[str | None] = []
-        self._lines: list[int] = []
-        self._size = 0  # sum of the open records' data lengths
-        self._dropped = 0
+        self._lines = array("q")
+        self._size = 0  # sum of the open (not replaced) records' data lengths
+        self._dropped: set[int] = set()  # places of records replaced by a later one
+
+    def _span(self, index: int) -> tuple[int, int]:
+        start = self._ends[index - 1] + 1 if index else len(self._prefix)
+        return start, self._ends[index]
 
     def add(self, record: EncodedRecord) -> Batch | None:
         """Add a record to the open batch; return the batch sealed to make room for it, if any.
@@ -248,23 +311,23 @@ class BatchAssembler:
         contact = record.contact
         key = record.key
         identity = key if contact is None else (contact[0], contact[1], key)
-        old = self._index.get(identity)
+        old = self._index.pop(identity, None)
         if old is not None:
-            old_data = self._data[old]
-            assert old_data is not None
+            start, end = self._span(old)
             if self._on_superseded is not None:
-                self._on_superseded(self._record_at(old, old_data))
-            self._data[old] = None
-            self._dropped += 1
-            self._size -= len(old_data)
-            del self._index[identity]
+                self._on_superseded(self._record_at(old, bytes(self._body[start:end])))
+            self._dropped.add(old)
+            self._size -= end - start
         sealed = None
         count = len(self._index)
         # count commas: the n records already open plus this one need n separators
         if count and self._base + self._size + count + data_len > self._cap:
             sealed = self._seal()
-        self._index[identity] = len(self._data)
-        self._data.append(data)
+        body = self._body
+        self._index[identity] = len(self._ends)
+        body += data
+        self._ends.append(len(body))
+        body += b","
         self._keys.append(key)
         self._contacts.append(contact)
         source = record.source
@@ -296,8 +359,9 @@ class BatchAssembler:
         count = len(self._index)
         size = self._size
         if old is not None:
+            start, end = self._span(old)
             count -= 1
-            size -= len(self._data[old] or b"")
+            size -= end - start
         return not count or self._base + size + count + len(record.data) <= self._cap
 
     def seal(self) -> Batch | None:
@@ -307,22 +371,24 @@ class BatchAssembler:
         return self._seal()
 
     def _seal(self) -> Batch:
-        data, keys, contacts = self._data, self._keys, self._contacts
-        origins, lines = self._origins, self._lines
-        if self._dropped:  # drop the replaced records' places from every list
-            kept = [i for i, part in enumerate(data) if part is not None]
-            data = [data[i] for i in kept]
+        body, keys, contacts = self._body, self._keys, self._contacts
+        origins, lines = self._origins, list(self._lines)
+        if self._dropped:  # rare: rebuild without the replaced records
+            kept = [i for i in range(len(keys)) if i not in self._dropped]
+            view = memoryview(body)
+            parts = [view[slice(*self._span(i))] for i in kept]
+            body = bytearray(self._prefix) + b",".join(parts) + b","
+            view.release()
             keys = [keys[i] for i in kept]
             contacts = [contacts[i] for i in kept]
             origins = [origins[i] for i in kept]
             lines = [lines[i] for i in kept]
-        parts = cast(list[bytes], data)
         refs = RecordRefs(keys, contacts, origins, lines)
         self._reset()
-        # one copy of every record: the envelope is glued to the first and last records only
-        parts[0] = self._prefix + parts[0]
-        parts[-1] = parts[-1] + self._suffix
-        return Batch(b",".join(parts), refs)
+        # the body ends with the last record's comma: put the suffix in its place
+        del body[-1:]
+        body += self._suffix
+        return Batch(body, refs)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -344,9 +410,9 @@ class BatchAssembler:
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
-def _split_records(region: bytes) -> list[bytes]:
+def _split_records(region: bytes | bytearray) -> list[bytes | bytearray]:
     """Split the inside of a ``records`` array into each record's bytes."""
-    records: list[bytes] = []
+    records: list[bytes | bytearray] = []
     depth = 0
     start = 0
     for match in _TOKEN.finditer(region):

@@ -450,7 +450,7 @@ class _JsonBody(aiohttp_payload.BytesPayload):
     take at once into its buffer, doubling a 50 MB body in memory for the whole upload.
     """
 
-    def __init__(self, value: bytes) -> None:
+    def __init__(self, value: bytes | bytearray) -> None:
         aiohttp_payload.Payload.__init__(self, value, content_type="application/json")
         self._size = len(value)
 
@@ -551,7 +551,7 @@ class InsightClient:
                 self._session._retry_connection = False
         return self._session
 
-    async def submit_import(self, body: bytes) -> SubmitReceipt:
+    async def submit_import(self, body: bytes | bytearray) -> SubmitReceipt:
         """Start a bulk import: ``PUT /insightData/v3/import`` with ``body`` sent as given.
 
         A PUT whose answer was lost after the body went out is sent again (records are
@@ -617,7 +617,7 @@ class InsightClient:
         )
 
     async def _call(
-        self, method: str, path: str, *, body: bytes | None = None
+        self, method: str, path: str, *, body: bytes | bytearray | None = None
     ) -> tuple[_Answer, _CallState]:
         policy = self.settings.retry
         state = _CallState()
@@ -682,7 +682,12 @@ class InsightClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
-        self, method: str, path: str, body: bytes | None, state: _CallState, remaining: float
+        self,
+        method: str,
+        path: str,
+        body: bytes | bytearray | None,
+        state: _CallState,
+        remaining: float,
     ) -> _Answer:
         session = self._ensure_session()
         timeout = aiohttp.ClientTimeout(
@@ -746,7 +751,7 @@ class InsightClient:
         raise error
 
     def _count_sends(
-        self, tracker: aiohttp.UploadTracker, state: _CallState, body: bytes | None
+        self, tracker: aiohttp.UploadTracker, state: _CallState, body: bytes | bytearray | None
     ) -> None:
         sends = max(tracker.attempts, 1)
         self.calls += sends

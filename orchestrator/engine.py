@@ -23,8 +23,10 @@ import hashlib
 import math
 import random
 import time
+from array import array
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Protocol
 
 import anyio
@@ -253,6 +255,7 @@ class _BatchTask:
     record_count: int
     body_bytes: int
     refs: Sequence[RecordRef]
+    identity_hashes: array[int]  # made in a worker thread: one per record
     depends_on: tuple[int, ...]
     import_id: str | None = None
     attempts: int = 0
@@ -461,8 +464,13 @@ def _identities(refs: Sequence[RecordRef]) -> Iterable[object]:
 
 def _keys(refs: Sequence[RecordRef]) -> Iterable[str]:
     if isinstance(refs, RecordRefs):
-        return refs.columns()[0]
+        return refs.keys()
     return (ref.key for ref in refs)
+
+
+def _identity_hashes(refs: Sequence[RecordRef]) -> array[int]:
+    """The hash of every record's identity (run it in a worker thread: one per record)."""
+    return array("q", map(hash, _identities(refs)))
 
 
 def _account_id(client: InsightClient) -> str:
@@ -490,8 +498,9 @@ class _Run:
         self.stats = stats
         self.planner = orchestrator._planner
         self.tasks: dict[int, _BatchTask] = {}
-        # identity -> batch id of the newest unfinished batch holding that identity
-        self.in_flight: dict[object, int] = {}
+        # hash(identity) -> id of the newest unfinished batch holding that identity. Hashes keep
+        # this map small (no tuple per record); a collision only holds a record back needlessly.
+        self.in_flight: dict[int, int] = {}
         self.capacity = anyio.Semaphore(self.settings.max_concurrent + 1)
         self.task_group: TaskGroup  # the run's own, set when it starts
 
@@ -569,7 +578,7 @@ class _Run:
 
     async def _launch(self, tg: TaskGroup, task: _BatchTask) -> None:
         self.tasks[task.batch_id] = task
-        self.in_flight.update(dict.fromkeys(_identities(task.refs), task.batch_id))
+        self.in_flight.update(zip(task.identity_hashes, repeat(task.batch_id)))
         tg.start_soon(self._run_batch, task, name=f"batch-{task.batch_id}")
 
     async def _resume_batch(self, tg: TaskGroup, stored: StoredBatch) -> None:
@@ -580,6 +589,7 @@ class _Run:
             record_count=stored.record_count,
             body_bytes=stored.body_bytes,
             refs=refs,
+            identity_hashes=await anyio.to_thread.run_sync(_identity_hashes, refs),
             depends_on=tuple(d for d in stored.depends_on if d in self.tasks),
             import_id=stored.import_id if stored.phase is BatchPhase.SUBMITTED else None,
             attempts=stored.attempts,
@@ -618,9 +628,9 @@ class _Run:
                     await result
         finally:
             in_flight = self.in_flight
-            for identity in _identities(task.refs):
-                if in_flight.get(identity) == task.batch_id:
-                    del in_flight[identity]
+            for identity_hash in task.identity_hashes:
+                if in_flight.get(identity_hash) == task.batch_id:
+                    del in_flight[identity_hash]
             task.finished.set()
             self.tasks.pop(task.batch_id, None)
             if task.holds_capacity:
@@ -818,6 +828,7 @@ class _Run:
                 record_count=half.record_count,
                 body_bytes=half.body_bytes,
                 refs=half.refs,
+                identity_hashes=await anyio.to_thread.run_sync(_identity_hashes, half.refs),
                 depends_on=(),
                 holds_capacity=False,
             )
@@ -930,6 +941,10 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
 # --------------------------------------------------------------------------- producer
 
 
+# A sealed batch with the hashes of its records' identities (both made in a worker thread).
+_Sealed = tuple[Batch, "array[int]"]
+
+
 def _progress_after(index: int, chunk: _Chunk) -> InputProgress:
     """Progress through the last line of ``chunk``."""
     return InputProgress(
@@ -998,7 +1013,7 @@ class _Producer:
 
     async def _add(self, record: EncodedRecord, index: int, chunk: _Chunk) -> None:
         identity = record.identity
-        holder = self.run.in_flight.get(identity)
+        holder = self.run.in_flight.get(hash(identity))
         target = self.held if holder is not None or identity in self.held else self.main
         if not target.fits(record):
             # One of the open batches is full: seal both, with the progress up to this record
@@ -1011,7 +1026,7 @@ class _Producer:
             )
             await self._seal_open(progress=progress)
             # An older version of this record may have just been sealed: it is in flight now.
-            holder = self.run.in_flight.get(identity)
+            holder = self.run.in_flight.get(hash(identity))
             target = self.held if holder is not None else self.main
         try:
             target.add(record)  # never seals now: the record fits, or the batch is empty
@@ -1047,7 +1062,12 @@ class _Producer:
         Sealing copies up to a whole body and makes one ref per record: done in a worker
         thread, so the event loop is not held for it (the producer alone touches the assemblers).
         """
-        main, held = await anyio.to_thread.run_sync(lambda: (self.main.seal(), self.held.seal()))
+
+        def seal(assembler: BatchAssembler) -> _Sealed | None:
+            batch = assembler.seal()
+            return None if batch is None else (batch, _identity_hashes(batch.refs))
+
+        main, held = await anyio.to_thread.run_sync(lambda: (seal(self.main), seal(self.held)))
         if main is None and held is None:
             if progress is not None:
                 await self._save(progress)
@@ -1055,24 +1075,24 @@ class _Producer:
         await self._seal(main=main, held=held, progress=progress)
 
     async def _seal(
-        self, *, main: Batch | None, held: Batch | None, progress: InputProgress | None
+        self, *, main: _Sealed | None, held: _Sealed | None, progress: InputProgress | None
     ) -> None:
         """Journal the sealed batches with the progress, rejects and counters of their records.
 
         Held records come before the main batch's last records in the input, so the two are
         journaled together: a crash can never keep one and re-read the other.
         """
-        plans: list[tuple[Batch, tuple[int, ...]]] = []
+        plans: list[tuple[Batch, array[int], tuple[int, ...]]] = []
         if held is not None:
-            plans.append((held, self._take_held_depends()))
+            plans.append((*held, self._take_held_depends()))
         if main is not None:
-            plans.append((main, ()))
+            plans.append((*main, ()))
         for _ in plans:
             await self.run.capacity.acquire()
-        self._count("records_submitted", sum(batch.record_count for batch, _ in plans))
+        self._count("records_submitted", sum(batch.record_count for batch, _, _ in plans))
         progresses = [*self.finished_inputs, *([progress] if progress is not None else [])]
         batch_ids = await self.run.journal.seal_batches(
-            batches=[NewBatch(batch.body, batch.refs, deps) for batch, deps in plans],
+            batches=[NewBatch(batch.body, batch.refs, deps) for batch, _, deps in plans],
             progress=progresses,
             dead_letters=self.dead_letters,
             counters=self.counters,
@@ -1081,7 +1101,7 @@ class _Producer:
         self.dead_letters = []
         self.counters = {}
         failpoints.hit("sealed")
-        for batch_id, (batch, depends_on) in zip(batch_ids, plans, strict=True):
+        for batch_id, (batch, hashes, depends_on) in zip(batch_ids, plans, strict=True):
             self.run.stats.batches_sealed += 1
             log.info(
                 "batch.sealed",
@@ -1096,6 +1116,7 @@ class _Producer:
                 record_count=batch.record_count,
                 body_bytes=batch.body_bytes,
                 refs=batch.refs,
+                identity_hashes=hashes,
                 depends_on=depends_on,
             )
             await self.run._launch(self.tg, task)

@@ -190,7 +190,7 @@ class NewBatch:
         depends_on: batch ids that must finish before this one is submitted.
     """
 
-    body: bytes
+    body: bytes | bytearray
     refs: Sequence[RecordRef]
     depends_on: Sequence[int] = ()
 
@@ -238,7 +238,7 @@ class Journal(Protocol):
     async def seal_batch(
         self,
         *,
-        body: bytes,
+        body: bytes | bytearray,
         refs: Sequence[RecordRef],
         depends_on: Sequence[int],
         progress: InputProgress | Sequence[InputProgress] | None,
@@ -363,7 +363,7 @@ class Journal(Protocol):
         """
         ...
 
-    async def load_body(self, batch_id: int) -> bytes:
+    async def load_body(self, batch_id: int) -> bytes | bytearray:
         """Return the stored body of an unfinished batch.
 
         Args:

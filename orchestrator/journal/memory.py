@@ -36,7 +36,7 @@ class _Run:
     spec: RunSpec
     inputs: list[InputProgress]
     batches: dict[int, StoredBatch]
-    payloads: dict[int, tuple[bytes, Sequence[RecordRef]]]
+    payloads: dict[int, tuple[bytes | bytearray, Sequence[RecordRef]]]
     dead_letters: list[DeadLetter]
     counters: dict[str, int]
     next_batch_id: int = 1
@@ -108,7 +108,7 @@ class MemoryJournal:
     async def seal_batch(
         self,
         *,
-        body: bytes,
+        body: bytes | bytearray,
         refs: Sequence[RecordRef],
         depends_on: Sequence[int],
         progress: InputProgress | Sequence[InputProgress] | None,
@@ -172,7 +172,7 @@ class MemoryJournal:
             )
             refs = batch.refs
             run.payloads[batch_id] = (
-                bytes(batch.body),
+                batch.body,
                 refs if isinstance(refs, RecordRefs) else RecordRefs.of(refs),
             )
             ids.append(batch_id)
@@ -285,7 +285,7 @@ class MemoryJournal:
         run.payloads.pop(batch_id, None)
         self._apply(run, (), dead_letters, counters)
 
-    async def load_body(self, batch_id: int) -> bytes:
+    async def load_body(self, batch_id: int) -> bytes | bytearray:
         """Return the stored body of an unfinished batch.
 
         Args:

@@ -198,7 +198,7 @@ class SqliteJournal:
     async def seal_batch(
         self,
         *,
-        body: bytes,
+        body: bytes | bytearray,
         refs: Sequence[RecordRef],
         depends_on: Sequence[int],
         progress: InputProgress | Sequence[InputProgress] | None,
