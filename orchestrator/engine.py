@@ -758,6 +758,11 @@ class _Run:
         # the server two polls are never closer than poll_min.
         last_answer = submitted
         running_at: float | None = None
+        aimed_with = (
+            self.planner.version
+            if self.planner.expected_duration(task.record_count) is not None
+            else None
+        )
         errors_in_row = 0
         while True:
             elapsed = anyio.current_time() - submitted
@@ -794,6 +799,7 @@ class _Run:
                     records=task.record_count,
                     running_at=running_at,
                     finished_by=asked_at - submitted,
+                    aimed_with=aimed_with,
                 )
             return status
 

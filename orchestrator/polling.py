@@ -37,6 +37,9 @@ class PollPlanner:
     max_margin: float = 0.5
     smoothing: float = 0.3
     _seconds_per_record: float | None = field(default=None, init=False)
+    _version: int = field(default=0, init=False)
+    _hits_in_row: int = field(default=0, init=False)
+    _floor: float = field(default=0.0, init=False)  # seconds per record some import ran past
 
     @property
     def seconds_per_record(self) -> float | None:
@@ -64,7 +67,19 @@ class PollPlanner:
         # No estimate yet, or the import is overdue: check back as soon as allowed.
         return self.poll_min
 
-    def observe(self, *, records: int, running_at: float | None, finished_by: float) -> None:
+    @property
+    def version(self) -> int:
+        """Grows whenever the estimate changes; an import remembers the version it was aimed with."""
+        return self._version
+
+    def observe(
+        self,
+        *,
+        records: int,
+        running_at: float | None,
+        finished_by: float,
+        aimed_with: int | None = None,
+    ) -> None:
         """Learn from an import that a poll found finished.
 
         Args:
@@ -72,26 +87,46 @@ class PollPlanner:
             running_at: seconds after submit of the last poll that still saw it running
                 (``None`` when the first poll already found it finished).
             finished_by: seconds after submit of the poll that found it finished.
+            aimed_with: the :attr:`version` of the estimate its polls were aimed with, or
+                ``None`` when they were not aimed (no estimate yet: polled every poll_min).
         """
         records = max(records, 1)
         upper = finished_by / records
         current = self._seconds_per_record
         if running_at is None:
-            # Censored: it took at most `upper`. Never raise the estimate on this, but probe a
-            # little lower so a faster API is noticed (a too-early poll costs one extra call).
-            self.margin = max(self.min_margin, self.margin * 0.85)
             if current is None or upper < current:
-                self._seconds_per_record = upper
-            else:
-                self._seconds_per_record = current * 0.995
+                self._update(upper)
+            elif aimed_with == self._version:
+                # Found done at the aim: it may have ended well before. Probe lower, faster
+                # after each hit in a row, so a faster API (or an estimate that came from a late
+                # poll) is caught up with; a miss ends the streak. One step per estimate: the
+                # other imports aimed with the same estimate tell nothing new.
+                self._hits_in_row += 1
+                self.margin = max(self.min_margin, self.margin * 0.85)
+                step = 0.01 * 2 ** min(self._hits_in_row - 1, 4)
+                # Never below what an import was seen to last (that floor fades very slowly).
+                self._floor *= 0.998
+                self._update(max(current * (1.0 - step), self._floor))
             return
-        if current is not None:  # aimed with an estimate and missed: aim wider next time
-            self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
-        # Bracketed: it ran past `running_at`. The finishing poll may have come long after the
-        # finish (polls are poll_min apart), so lean on the lower bound plus the margin.
+        if aimed_with is None:
+            # Polled every poll_min with no estimate: it ended within the last poll_min. Take
+            # the later end: aiming a little late costs a fraction of a poll, too early a whole
+            # poll_min, and the hits that follow pull the estimate down.
+            self._floor = max(self._floor, running_at / records)
+            self._update(upper if current is None else min(current, upper))
+            return
+        # Aimed and missed: aim wider next time. The finishing poll came poll_min after the
+        # miss, so lean on the lower bound plus the margin.
+        self._hits_in_row = 0
+        self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
         observed = min(finished_by, running_at * (1.0 + self.margin)) / records
         smoothed = observed if current is None else current + self.smoothing * (observed - current)
-        self._seconds_per_record = max(smoothed, running_at / records)
+        self._floor = max(self._floor, running_at / records)
+        self._update(max(smoothed, running_at / records))
+
+    def _update(self, seconds_per_record: float) -> None:
+        self._seconds_per_record = seconds_per_record
+        self._version += 1
 
     def _clamp(self, delay: float) -> float:
         return min(max(delay, self.poll_min), self.poll_max)

@@ -49,7 +49,7 @@ class Settings:
     max_account_full_waits: int | None = None
     seal_after: float = 2.0
     status_error_budget: int = 10
-    max_uploads: int = 2
+    max_uploads: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_concurrent <= 100:
