@@ -266,6 +266,30 @@ class _BatchTask:
     finished: anyio.Event = field(default_factory=anyio.Event)
 
 
+class _ByteBudget:
+    """Lets holders in while the bytes they hold stay within a budget; one always gets in."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._changed: asyncio.Event | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        while self._used and self._used + size > self._budget:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+        self._used += size
+        try:
+            yield
+        finally:
+            self._used -= size
+            changed, self._changed = self._changed, None
+            if changed is not None:
+                changed.set()
+
+
 class Orchestrator:
     """Imports records into Dotdigital Insight data collections, as fast as one account allows.
 
@@ -282,7 +306,7 @@ class Orchestrator:
         self.client = client
         self.settings = settings if settings is not None else Settings()
         self._slots = asyncio.Semaphore(self.settings.max_concurrent)
-        self._uploads = asyncio.Semaphore(self.settings.max_uploads)
+        self._uploads = _ByteBudget(self.settings.max_upload_bytes)
         self._planner = PollPlanner(
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
         )
@@ -728,10 +752,10 @@ class _Run:
     async def _put(self, task: _BatchTask) -> SubmitReceipt:
         """One submit: intent, PUT, import id, each journaled; the body is in memory only here.
 
-        At most ``max_uploads`` bodies are loaded and sent at once: a body is the biggest thing
-        the run holds, and uploads share one network link anyway.
+        At most ``max_upload_bytes`` of bodies are loaded and sent at once: a body is the biggest
+        thing the run holds, and uploads share one network link anyway.
         """
-        async with self.orch._uploads:
+        async with self.orch._uploads.hold(task.body_bytes):
             body = await self.journal.load_body(task.batch_id)
             await self.journal.mark_submitting(task.batch_id)
             failpoints.hit("intent")

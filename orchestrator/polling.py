@@ -32,7 +32,7 @@ class PollPlanner:
 
     poll_min: float
     poll_max: float
-    margin: float = 0.1
+    margin: float = 0.05
     min_margin: float = 0.03
     max_margin: float = 0.5
     smoothing: float = 0.3
@@ -69,7 +69,7 @@ class PollPlanner:
 
     @property
     def version(self) -> int:
-        """Grows whenever the estimate changes; an import remembers the version it was aimed with."""
+        """Grows whenever the estimate changes; an import keeps the version it was aimed with."""
         return self._version
 
     def observe(
@@ -103,10 +103,13 @@ class PollPlanner:
                 # other imports aimed with the same estimate tell nothing new.
                 self._hits_in_row += 1
                 self.margin = max(self.min_margin, self.margin * 0.85)
-                step = 0.01 * 2 ** min(self._hits_in_row - 1, 4)
-                # Never below what an import was seen to last (that floor fades very slowly).
-                self._floor *= 0.998
-                self._update(max(current * (1.0 - step), self._floor))
+                if self._hits_in_row >= 3:
+                    # Steps grow while the hits go on, but stay under half the margin: with an
+                    # exact estimate a step past the margin would be a sure miss.
+                    step = min(0.005 * 2 ** (self._hits_in_row - 3), self.margin / 2)
+                    # Never below what an import was seen to last (that floor fades slowly).
+                    self._floor *= 0.998
+                    self._update(max(current * (1.0 - step), self._floor))
             return
         if aimed_with is None:
             # Polled every poll_min with no estimate: it ended within the last poll_min. Take

@@ -36,8 +36,9 @@ class Settings:
             from an async source still gets imported).
         status_error_budget: consecutive failed status polls of one import (after the client's own
             retries) before the engine gives that import up as lost.
-        max_uploads: request bodies loaded and sent at once; each is up to ``max_body_bytes`` in
-            memory, so this bounds the run's memory while the uploads share the network anyway.
+        max_upload_bytes: bytes of request bodies loaded and being sent at once (one body always
+            goes, however large). Bodies are the biggest thing a run holds, so this bounds its
+            memory; the uploads share one network link anyway. Small bodies still go together.
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -49,7 +50,7 @@ class Settings:
     max_account_full_waits: int | None = None
     seal_after: float = 2.0
     status_error_budget: int = 10
-    max_uploads: int = 1
+    max_upload_bytes: int = 60_000_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_concurrent <= 100:
@@ -76,8 +77,8 @@ class Settings:
             raise ConfigError(
                 f"max_account_full_waits must be >= 1 or None, got {self.max_account_full_waits}"
             )
-        if self.max_uploads < 1:
-            raise ConfigError(f"max_uploads must be >= 1, got {self.max_uploads}")
+        if self.max_upload_bytes < 1:
+            raise ConfigError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
 

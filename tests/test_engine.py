@@ -426,3 +426,26 @@ async def test_leaving_the_stream_early_cancels_the_import(sim: Simulator) -> No
         await anyio.sleep(0.3)
         assert len(sim.stats.imports) == submitted
     assert len(stored(sim, "Early")) < 2_000
+
+
+async def test_upload_budget_holds_bodies_back_but_always_lets_one_through() -> None:
+    """Bodies wait while the bytes being uploaded would pass the budget; one always goes."""
+    from orchestrator.engine import _ByteBudget
+
+    budget = _ByteBudget(100)
+    inside: list[int] = []
+    peak = 0
+
+    async def upload(size: int) -> None:
+        nonlocal peak
+        async with budget.hold(size):
+            inside.append(size)
+            peak = max(peak, sum(inside))
+            await anyio.sleep(0.01)
+            inside.remove(size)
+
+    async with anyio.create_task_group() as tg:
+        for size in (60, 60, 30, 150, 10):
+            tg.start_soon(upload, size)
+    assert peak == 150  # the oversized body went alone
+    assert not inside
