@@ -8,6 +8,7 @@ retrying cannot fix); 130 interrupted with the state saved.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import hashlib
 import os
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command owns its process: collect young objects less often. Every record makes a few
     # short-lived objects, and the default threshold (700) spends ~10% of a run in the collector.
     gc.set_threshold(50_000, 20, 100)
+    _fix_mmap_threshold()
     args = _parser().parse_args(argv)
     command = args.command
     if command == "run":
@@ -136,6 +138,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         code = EXIT_USAGE
     return code
+
+
+def _fix_mmap_threshold() -> None:
+    """Give every allocation of 1 MB or more its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold (up to 32 MB) after the first big block is freed; from then
+    on, bodies being built and read back (up to 50 MB each) come from the heap, interleave with
+    small long-lived objects, and the heap only grows: about +100 MB over a 3 GB run. Fixing the
+    threshold keeps the peak flat. glibc only; elsewhere nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _fail(message: str, code: int) -> int:
