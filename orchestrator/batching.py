@@ -246,11 +246,10 @@ class BatchAssembler:
         "_ends",
         "_index",
         "_keys",
-        "_lines",
         "_on_superseded",
-        "_origins",
         "_prefix",
         "_size",
+        "_sources",
         "_suffix",
     )
 
@@ -279,8 +278,7 @@ class BatchAssembler:
         self._index: dict[tuple[str, str, str] | str, int] = {}
         self._keys: list[str] = []
         self._contacts: list[tuple[str, str] | None] = []
-        self._origins: list[str | None] = []
-        self._lines = array("q")
+        self._sources: list[Source | None] = []  # split into origins and lines when sealed
         self._size = 0  # sum of the open (not replaced) records' data lengths
         self._dropped: set[int] = set()  # places of records replaced by a later one
 
@@ -311,39 +309,34 @@ class BatchAssembler:
         contact = record.contact
         key = record.key
         identity = key if contact is None else (contact[0], contact[1], key)
-        old = self._index.pop(identity, None)
+        index = self._index
+        old = index.get(identity)
         if old is not None:
+            del index[identity]
             start, end = self._span(old)
             if self._on_superseded is not None:
                 self._on_superseded(self._record_at(old, bytes(self._body[start:end])))
             self._dropped.add(old)
             self._size -= end - start
         sealed = None
-        count = len(self._index)
         # count commas: the n records already open plus this one need n separators
-        if count and self._base + self._size + count + data_len > self._cap:
+        if index and self._base + self._size + len(index) + data_len > self._cap:
             sealed = self._seal()
+            index = self._index
         body = self._body
-        self._index[identity] = len(self._ends)
+        keys = self._keys
+        index[identity] = len(keys)
         body += data
         self._ends.append(len(body))
         body += b","
-        self._keys.append(key)
+        keys.append(key)
         self._contacts.append(contact)
-        source = record.source
-        if source is None:
-            self._origins.append(None)
-            self._lines.append(0)
-        else:
-            self._origins.append(source.origin)
-            self._lines.append(source.line)
+        self._sources.append(record.source)
         self._size += data_len
         return sealed
 
     def _record_at(self, index: int, data: bytes) -> EncodedRecord:
-        origin = self._origins[index]
-        source = None if origin is None else Source(origin, self._lines[index])
-        return EncodedRecord(self._keys[index], self._contacts[index], data, source)
+        return EncodedRecord(self._keys[index], self._contacts[index], data, self._sources[index])
 
     def fits(self, record: EncodedRecord) -> bool:
         """Whether ``add(record)`` would keep the open batch (no seal needed to make room).
@@ -372,7 +365,7 @@ class BatchAssembler:
 
     def _seal(self) -> Batch:
         body, keys, contacts = self._body, self._keys, self._contacts
-        origins, lines = self._origins, list(self._lines)
+        sources = self._sources
         if self._dropped:  # rare: rebuild without the replaced records
             kept = [i for i in range(len(keys)) if i not in self._dropped]
             view = memoryview(body)
@@ -381,9 +374,13 @@ class BatchAssembler:
             view.release()
             keys = [keys[i] for i in kept]
             contacts = [contacts[i] for i in kept]
-            origins = [origins[i] for i in kept]
-            lines = [lines[i] for i in kept]
-        refs = RecordRefs(keys, contacts, origins, lines)
+            sources = [sources[i] for i in kept]
+        refs = RecordRefs(
+            keys,
+            contacts,
+            [None if source is None else source.origin for source in sources],
+            [0 if source is None else source.line for source in sources],
+        )
         self._reset()
         # the body ends with the last record's comma: put the suffix in its place
         del body[-1:]
