@@ -262,6 +262,7 @@ class _BatchTask:
     polls: int = 0
     resubmits: int = 0
     submitted_at: float | None = None
+    accepted: float | None = None  # loop clock when the 202 arrived (this process only)
     holds_capacity: bool = True  # halves of a split batch borrow their parent's place
     finished: anyio.Event = field(default_factory=anyio.Event)
 
@@ -763,6 +764,7 @@ class _Run:
             # id is worth recording (else the import is in doubt and sent again).
             with anyio.CancelScope(shield=True):
                 receipt = await self.client.submit_import(body)
+                task.accepted = anyio.current_time()
                 failpoints.hit("accepted")
                 task.attempts += receipt.attempts
                 task.import_id = receipt.import_id
@@ -777,10 +779,14 @@ class _Run:
         """Poll within [poll_min, poll_max]: the final status, or None if the API forgot it."""
         assert task.import_id is not None
         settings = self.settings
-        submitted = anyio.current_time()
-        # Measured from the answer of the previous call (the later end), so that even seen from
-        # the server two polls are never closer than poll_min.
-        last_answer = submitted
+        now = anyio.current_time()
+        submitted = task.accepted if task.accepted is not None else now
+        task.accepted = None  # a resubmit gets its own
+        # poll_min is counted from the answer of the previous call (the later end) and poll_max
+        # from its sending (the earlier end), less a little for the way to the server: seen from
+        # the server, polls stay inside [poll_min, poll_max] whatever the round trip.
+        last_answer = last_sent = submitted
+        safety = min(0.02 * settings.poll_max, 0.25)
         running_at: float | None = None
         aimed_with = (
             self.planner.version
@@ -791,8 +797,12 @@ class _Run:
         while True:
             elapsed = anyio.current_time() - submitted
             delay = self.planner.next_delay(records=task.record_count, elapsed=elapsed)
-            await anyio.sleep(max(0.0, last_answer + delay - anyio.current_time()))
-            asked_at = anyio.current_time()
+            wake = max(
+                min(last_answer + delay, last_sent + settings.poll_max - safety),
+                last_answer + settings.poll_min,
+            )
+            await anyio.sleep(max(0.0, wake - anyio.current_time()))
+            asked_at = last_sent = anyio.current_time()
             try:
                 status = await self.client.import_status(task.import_id)
             except NotFoundError:
