@@ -17,7 +17,7 @@ from itertools import accumulate
 from typing import overload
 
 from orchestrator import errors
-from orchestrator.records import Collection, EncodedRecord, Source
+from orchestrator.records import Collection, EncodedRecord, Source, identity_of
 
 __all__ = ["Batch", "BatchAssembler", "RecordRef", "RecordRefs", "split_batch"]
 
@@ -39,10 +39,7 @@ class RecordRef:
     @property
     def identity(self) -> tuple[str, str, str] | str:
         """What "the same record" means to the API: the key, or (identifier, value, key)."""
-        contact = self.contact
-        if contact is None:
-            return self.key
-        return (contact[0], contact[1], self.key)
+        return identity_of(self.key, self.contact)
 
 
 class RecordRefs(Sequence[RecordRef]):
@@ -180,7 +177,7 @@ class RecordRefs(Sequence[RecordRef]):
         """Each record's identity, in order, without making a ref per record."""
         keys, contacts, _, _ = self.columns()
         for key, contact in zip(keys, contacts, strict=True):
-            yield key if contact is None else (contact[0], contact[1], key)
+            yield identity_of(key, contact)
 
 
 def _pack(texts: Sequence[str]) -> tuple[str, array[int]]:
@@ -346,8 +343,7 @@ class BatchAssembler:
         Args:
             record: the encoded record.
         """
-        contact = record.contact
-        identity = record.key if contact is None else (contact[0], contact[1], record.key)
+        identity = identity_of(record.key, record.contact)
         old = self._index.get(identity)
         count = len(self._index)
         size = self._size

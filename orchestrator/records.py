@@ -183,6 +183,16 @@ class Source:
         return f"{self.origin}:{self.line}"
 
 
+def identity_of(key: str, contact: tuple[str, str] | None) -> tuple[str, str, str] | str:
+    """What "the same record" means to the API: the key (account scope), or the key per contact.
+
+    Args:
+        key: the record's key.
+        contact: ``(identifier, value)`` of the owning contact, or ``None``.
+    """
+    return key if contact is None else (contact[0], contact[1], key)
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedRecord:
     """A valid record, encoded once, ready to go into a request body.
@@ -202,10 +212,7 @@ class EncodedRecord:
     @property
     def identity(self) -> tuple[str, str, str] | str:
         """What "the same record" means to the API: the key, or (identifier, value, key)."""
-        contact = self.contact
-        if contact is None:
-            return self.key
-        return (contact[0], contact[1], self.key)
+        return identity_of(self.key, self.contact)
 
 
 # Building frozen dataclasses field by field through their slots skips the generated __init__'s
