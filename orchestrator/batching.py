@@ -243,10 +243,11 @@ class BatchAssembler:
         "_ends",
         "_index",
         "_keys",
+        "_lines",
         "_on_superseded",
+        "_origins",
         "_prefix",
         "_size",
-        "_sources",
         "_suffix",
     )
 
@@ -275,7 +276,8 @@ class BatchAssembler:
         self._index: dict[tuple[str, str, str] | str, int] = {}
         self._keys: list[str] = []
         self._contacts: list[tuple[str, str] | None] = []
-        self._sources: list[Source | None] = []  # split into origins and lines when sealed
+        self._origins: list[str | None] = []
+        self._lines = array("q")
         self._size = 0  # sum of the open (not replaced) records' data lengths
         self._dropped: set[int] = set()  # places of records replaced by a later one
 
@@ -328,12 +330,22 @@ class BatchAssembler:
         body += b","
         keys.append(key)
         self._contacts.append(contact)
-        self._sources.append(record.source)
+        # Sources are split into an origin (one shared string) and a line (in an array):
+        # holding the Source objects would give the garbage collector one more object a record.
+        source = record.source
+        if source is None:
+            self._origins.append(None)
+            self._lines.append(0)
+        else:
+            self._origins.append(source.origin)
+            self._lines.append(source.line)
         self._size += data_len
         return sealed
 
     def _record_at(self, index: int, data: bytes) -> EncodedRecord:
-        return EncodedRecord(self._keys[index], self._contacts[index], data, self._sources[index])
+        origin = self._origins[index]
+        source = None if origin is None else Source(origin, self._lines[index])
+        return EncodedRecord(self._keys[index], self._contacts[index], data, source)
 
     def fits(self, record: EncodedRecord) -> bool:
         """Whether ``add(record)`` would keep the open batch (no seal needed to make room).
@@ -361,7 +373,7 @@ class BatchAssembler:
 
     def _seal(self) -> Batch:
         body, keys, contacts = self._body, self._keys, self._contacts
-        sources = self._sources
+        origins, lines = self._origins, list(self._lines)
         if self._dropped:  # rare: rebuild without the replaced records
             kept = [i for i in range(len(keys)) if i not in self._dropped]
             view = memoryview(body)
@@ -370,13 +382,9 @@ class BatchAssembler:
             view.release()
             keys = [keys[i] for i in kept]
             contacts = [contacts[i] for i in kept]
-            sources = [sources[i] for i in kept]
-        refs = RecordRefs(
-            keys,
-            contacts,
-            [None if source is None else source.origin for source in sources],
-            [0 if source is None else source.line for source in sources],
-        )
+            origins = [origins[i] for i in kept]
+            lines = [lines[i] for i in kept]
+        refs = RecordRefs(keys, contacts, origins, lines)
         self._reset()
         # the body ends with the last record's comma: put the suffix in its place
         del body[-1:]

@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(50_000, 20, 100)
     _fix_mmap_threshold()
     args = _parser().parse_args(argv)
+    # What is loaded by now lives as long as the process: keep full collections off it.
+    gc.freeze()
     command = args.command
     if command == "run":
         code = _main_run(args)

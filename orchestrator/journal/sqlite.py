@@ -864,24 +864,28 @@ def _packed(refs: Sequence[RecordRef]) -> RecordRefs:
 
 
 def _encode_refs(refs: RecordRefs) -> bytes:
-    # Compact: origins are listed once and named by position; a ref is [key, contact, source].
-    origins: dict[str, int] = {}
-    rows: list[list[object]] = []
-    for key, contact, origin, line in zip(*refs.columns(), strict=True):
-        source = None if origin is None else [origins.setdefault(origin, len(origins)), line]
-        rows.append([key, None if contact is None else [contact[0], contact[1]], source])
-    return orjson.dumps([list(origins), rows])
+    # Column by column, so that no object is made per record (a batch can hold 100,000): keys,
+    # contacts as two columns (null where there is none), and origins named by number.
+    keys, contacts, origins, lines = refs.columns()
+    numbers: dict[str | None, int] = {}
+    return orjson.dumps(
+        {
+            "keys": keys,
+            "identifiers": [None if c is None else c[0] for c in contacts],
+            "values": [None if c is None else c[1] for c in contacts],
+            "origins": [numbers.setdefault(origin, len(numbers)) for origin in origins],
+            "origin_names": list(numbers),
+            "lines": lines,
+        }
+    )
 
 
 def _decode_refs(raw: bytes) -> RecordRefs:
-    origins, rows = orjson.loads(raw)
-    keys: list[str] = []
-    contacts: list[tuple[str, str] | None] = []
-    record_origins: list[str | None] = []
-    lines: list[int] = []
-    for key, contact, source in rows:
-        keys.append(key)
-        contacts.append(None if contact is None else (contact[0], contact[1]))
-        record_origins.append(None if source is None else origins[source[0]])
-        lines.append(0 if source is None else source[1])
-    return RecordRefs(keys, contacts, record_origins, lines)
+    columns = orjson.loads(raw)
+    names = columns["origin_names"]
+    contacts: list[tuple[str, str] | None] = [
+        None if identifier is None else (identifier, value)
+        for identifier, value in zip(columns["identifiers"], columns["values"], strict=True)
+    ]
+    origins = [names[number] for number in columns["origins"]]
+    return RecordRefs(columns["keys"], contacts, origins, columns["lines"])
