@@ -32,9 +32,10 @@ Where the time goes (profiled on the 2-core machine above, per ~1.2 KB record): 
 ~3.1 us (all the baseline does, plus ~0.4 us of line iteration); reading + splitting ~0.5 us and
 the SHA-256 input fingerprint for the journal ~1.0 us (sha256 is the fastest hashlib digest here,
 ~1.15 GB/s with SHA-NI); validation beyond parsing, `Source` and `EncodedRecord` ~1.8 us (was ~3.3
-before the inline fast path and slot-wise construction); `BatchAssembler.add` ~0.65 us and sealing
-~1.2 us (one `RecordRef` per record, one copy of the bytes into fresh pages); the garbage
-collector ~1 us, because every record keeps 3-4 small objects alive until its body is sealed.
+before the inline fast path and slot-wise construction); `BatchAssembler.add` ~1.9 us (the copy
+into the growing body, fresh pages included, and the record's fields into flat lists; sealing
+packs them, off the event loop in the engine); the garbage collector, for the short-lived
+`EncodedRecord` and `Source` of each line.
 
 The goal of 0.8x is missed: the baseline does nothing but `orjson.loads`, and everything the
 pipeline must add per record (validation, file:line, identity, the fingerprint, the exact body)
