@@ -364,12 +364,12 @@ def _print_summary(result: ImportResult, job: _Job) -> None:
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             print(f"    {count:>8,}  {reason}")
     events = [
-        f"{counters[name]} {label}"
+        f"{label} {counters[name]}"
         for name, label in (
-            ("lost_responses", "lost responses re-sent"),
-            ("account_full_waits", "waits for a free import slot"),
-            ("submits_in_doubt", "in-doubt submits re-sent after a crash"),
-            ("resubmits", "failed imports re-sent"),
+            ("lost_responses", "lost responses re-sent:"),
+            ("account_full_waits", "waits for a free import slot:"),
+            ("submits_in_doubt", "in-doubt submits re-sent after a crash:"),
+            ("resubmits", "failed imports re-sent:"),
         )
         if counters.get(name)
     ]

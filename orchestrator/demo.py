@@ -90,8 +90,9 @@ async def run_demo(
         code = await execute(job)
         stored = sum(len(records) for records in sim.collections.values())
         print(
-            f"\nThe simulator now holds {stored:,} records and saw at most "
-            f"{sim.stats.max_active_seen} imports running at once (the API allows 5)."
+            f"\nThe simulator now holds {stored:,} distinct records (an updated order overwrote "
+            f"its earlier version) and saw at most {sim.stats.max_active_seen} imports running "
+            "at once (the API allows 5)."
         )
         print(
             "Next: run against your account with DOTDIGITAL_API_USER and DOTDIGITAL_API_PASSWORD "
