@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import math
 import random
@@ -27,10 +26,9 @@ from array import array
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
-import orjson
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -49,6 +47,7 @@ from orchestrator.errors import (
     RecordError,
     TransientError,
 )
+from orchestrator.inputs import Chunk, FileInput, IterableInput, RecordInput
 from orchestrator.journal import (
     BatchPhase,
     DeadLetter,
@@ -65,184 +64,14 @@ from orchestrator.records import (
     Collection,
     EncodedRecord,
     RejectedRecord,
-    Source,
-    encode_line,
-    encode_lines,
-    encode_record,
 )
 from orchestrator.settings import Settings
-from orchestrator.sources import JsonLinesReader
 
 __all__ = ["Orchestrator"]
 
 log = structlog.get_logger("orchestrator.engine")
 
 OutcomeHandler = Callable[[ImportOutcome], Any]
-
-# How many records of an iterable are encoded between two yields to the event loop.
-_ITERABLE_CHUNK = 2_000
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(slots=True)
-class _Chunk:
-    """Validated records of consecutive lines of one input."""
-
-    results: list[EncodedRecord | RejectedRecord]
-    first_line: int
-    last_line: int
-    digest_through: Callable[[int], str]
-
-
-class _Input(Protocol):
-    origin: str
-
-    async def skip(self, lines: int) -> str: ...
-
-    def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
-        """Chunks in order; ``None`` when the input pauses (seal what is pending)."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _FileInput:
-    def __init__(self, path: str) -> None:
-        self._reader = JsonLinesReader(path)
-        self.origin = self._reader.origin
-
-    async def skip(self, lines: int) -> str:
-        return await self._reader.skip(lines)
-
-    async def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
-        async for chunk in self._reader.chunks():
-            results = await anyio.to_thread.run_sync(
-                functools.partial(
-                    encode_lines,
-                    chunk.lines,
-                    collection,
-                    origin=chunk.origin,
-                    first_line=chunk.first_line,
-                )
-            )
-            yield _Chunk(results, chunk.first_line, chunk.last_line, chunk.digest_through)
-
-    async def aclose(self) -> None:
-        await self._reader.aclose()
-
-
-class _IterableInput:
-    """Records from an iterable or async iterable of mappings (or JSON lines as bytes).
-
-    An async iterable is drained by a pump task into a bounded stream, so a pause in the source
-    can be noticed (and the pending batch sealed) without cancelling the iterator itself.
-    """
-
-    origin = "<records>"
-
-    def __init__(
-        self, records: Iterable[Any] | AsyncIterable[Any], task_group: TaskGroup, seal_after: float
-    ) -> None:
-        self._records = records
-        self._task_group = task_group
-        self._seal_after = seal_after
-        self._skip = 0
-
-    async def skip(self, lines: int) -> str:
-        self._skip = lines
-        return ""
-
-    async def chunks(self, collection: Collection) -> AsyncIterator[_Chunk | None]:
-        if isinstance(self._records, AsyncIterable):
-            async for chunk in self._async_chunks(self._records, collection):
-                yield chunk
-            return
-        position = 0
-        batch: list[EncodedRecord | RejectedRecord] = []
-        for item in self._records:
-            position += 1
-            if position <= self._skip:
-                continue
-            batch.append(_encode_item(item, collection, position))
-            if len(batch) >= _ITERABLE_CHUNK:
-                yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
-                batch = []
-                await anyio.lowlevel.checkpoint()
-        if batch:
-            yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
-
-    async def _async_chunks(
-        self, records: AsyncIterable[Any], collection: Collection
-    ) -> AsyncIterator[_Chunk | None]:
-        send, receive = anyio.create_memory_object_stream[Any](_ITERABLE_CHUNK)
-
-        async def pump() -> None:
-            async with send:
-                async for item in records:
-                    await send.send(item)
-
-        self._task_group.start_soon(pump)
-        position = 0
-        async with receive:
-            while True:
-                item: Any = _PAUSE
-                with anyio.move_on_after(self._seal_after):
-                    try:
-                        item = await receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                if item is _PAUSE:
-                    yield None
-                    continue
-                position += 1
-                if position <= self._skip:
-                    continue
-                batch = [_encode_item(item, collection, position)]
-                while len(batch) < _ITERABLE_CHUNK:  # take what is already there, without waiting
-                    try:
-                        item = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    except anyio.EndOfStream:
-                        yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
-                        return
-                    position += 1
-                    batch.append(_encode_item(item, collection, position))
-                yield _Chunk(batch, position - len(batch) + 1, position, _no_digest)
-
-    async def aclose(self) -> None:
-        return None
-
-
-_PAUSE = object()
-
-
-def _no_digest(count: int) -> str:
-    return ""
-
-
-def _encode_item(
-    item: Any, collection: Collection, position: int
-) -> EncodedRecord | RejectedRecord:
-    source = Source("<records>", position)
-    try:
-        if isinstance(item, bytes | bytearray | memoryview):
-            return encode_line(bytes(item), collection, source=source)
-        return encode_record(item, collection, source=source)
-    except RecordError as error:
-        return RejectedRecord(error=error, raw=_raw_of(item))
-
-
-def _raw_of(item: Any) -> bytes:
-    if isinstance(item, bytes | bytearray | memoryview):
-        return bytes(item)
-    try:
-        return orjson.dumps(item, default=str)
-    except TypeError:
-        return b"null"
-
 
 # --------------------------------------------------------------------------- batches
 
@@ -346,7 +175,7 @@ class Orchestrator:
         """
         return await self._run(
             collection,
-            lambda tg: [_IterableInput(records, tg, self.settings.seal_after)],
+            lambda tg: [IterableInput(records, tg, self.settings.seal_after)],
             inputs=("<records>",),
             journal=journal,
             on_outcome=on_outcome,
@@ -408,7 +237,7 @@ class Orchestrator:
         """
         return await self._run(
             collection,
-            lambda tg: [_FileInput(path) for path in paths],
+            lambda tg: [FileInput(path) for path in paths],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,
@@ -419,7 +248,7 @@ class Orchestrator:
     async def _run(
         self,
         collection: Collection,
-        make_inputs: Callable[[TaskGroup], list[_Input]],
+        make_inputs: Callable[[TaskGroup], list[RecordInput]],
         *,
         inputs: tuple[str, ...],
         journal: Journal | None,
@@ -534,7 +363,7 @@ class _Run:
     async def execute(
         self,
         spec: RunSpec,
-        make_inputs: Callable[[TaskGroup], list[_Input]],
+        make_inputs: Callable[[TaskGroup], list[RecordInput]],
         *,
         fresh: bool,
     ) -> ImportResult:
@@ -581,7 +410,7 @@ class _Run:
     # ----------------------------------------------------------------- producer
 
     async def _produce(
-        self, tg: TaskGroup, inputs: list[_Input], progress: Sequence[InputProgress]
+        self, tg: TaskGroup, inputs: list[RecordInput], progress: Sequence[InputProgress]
     ) -> None:
         producer = _Producer(self, tg)
         for index, source in enumerate(inputs):
@@ -985,7 +814,7 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
 _Sealed = tuple[Batch, "array[int]"]
 
 
-def _progress_after(index: int, chunk: _Chunk) -> InputProgress:
+def _progress_after(index: int, chunk: Chunk) -> InputProgress:
     """Progress through the last line of ``chunk``."""
     return InputProgress(
         index=index,
@@ -1030,9 +859,9 @@ class _Producer:
     def _superseded(self, record: EncodedRecord) -> None:
         self._count("records_superseded")
 
-    async def consume(self, index: int, source: _Input) -> None:
+    async def consume(self, index: int, source: RecordInput) -> None:
         run = self.run
-        last: _Chunk | None = None
+        last: Chunk | None = None
         async for chunk in source.chunks(run.collection):
             if chunk is None:  # the source paused: do not keep what we have waiting
                 if last is not None:
@@ -1051,7 +880,7 @@ class _Producer:
             InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)
         )
 
-    async def _add(self, record: EncodedRecord, index: int, chunk: _Chunk) -> None:
+    async def _add(self, record: EncodedRecord, index: int, chunk: Chunk) -> None:
         identity = record.identity
         holder = self.run.in_flight.get(hash(identity))
         target = self.held if holder is not None or identity in self.held else self.main

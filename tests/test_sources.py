@@ -253,6 +253,9 @@ def test_any_content_round_trips(
 
     if lines and lines[0].startswith(b"\xef\xbb\xbf"):
         lines[0] = lines[0][3:]
+    if not packed and lines and lines[0].startswith(b"\x1f\x8b"):
+        # gzip is told by its magic bytes; JSON text never starts with them
+        lines[0] = lines[0][2:]
     ending = b"\r\n" if crlf else b"\n"
     data = ending.join(lines) + (ending if trailing_newline and lines else b"")
     if lines and lines[-1] == b"" and not trailing_newline:
