@@ -592,7 +592,11 @@ class _Run:
             # A submit in progress is finished even when the run is being cancelled: the import
             # id is worth recording (else the import is in doubt and sent again).
             with anyio.CancelScope(shield=True):
-                receipt = await self.client.submit_import(body)
+                try:
+                    receipt = await self.client.submit_import(body)
+                finally:
+                    if not isinstance(self.journal, MemoryJournal):  # there it is the only copy
+                        _release(body)
                 task.accepted = anyio.current_time()
                 failpoints.hit("accepted")
                 task.attempts += receipt.attempts
@@ -769,6 +773,17 @@ class _Run:
 
 
 _TOO_LARGE = "BodyTooLarge"
+
+
+def _release(body: object) -> None:
+    """Free a body's memory now, not when the HTTP client's reference cycles are collected.
+
+    The request objects of aiohttp refer to the body and to each other; with the collector run
+    rarely, a 50 MB body could outlive its upload by seconds and overlap with the next one.
+    """
+    if isinstance(body, bytearray):
+        with contextlib.suppress(BufferError):  # still exported somewhere: leave it to the GC
+            body.clear()
 
 
 def _api_message(error: OrchestratorError, advice: str) -> str:

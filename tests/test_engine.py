@@ -106,6 +106,7 @@ async def test_imports_every_valid_record_and_dead_letters_the_rest(sim: Simulat
 
 async def test_never_more_than_max_concurrent_in_flight(sim: Simulator) -> None:
     """The slot gate holds the account to max_concurrent imports, however many batches wait."""
+    sim.config.records_per_second = 300  # ~0.1 s an import: the gate, not the API, sets the pace
     settings = Settings.scaled(0.01, max_body_bytes=5_000, max_concurrent=3)
     async with Orchestrator(client_for(sim), settings) as orch:
         result = await orch.import_records(Collection("Few", "contact"), orders(400))
