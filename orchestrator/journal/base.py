@@ -454,3 +454,45 @@ def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:
         f"this journal belongs to another run ({theirs.describe()}; differs in "
         f"{', '.join(differs)}); use another --journal or --fresh"
     )
+
+
+class SealOne:
+    """``seal_batch`` for journals that implement ``seal_batches``: one batch is a list of one."""
+
+    async def seal_batches(
+        self,
+        *,
+        batches: Sequence[NewBatch],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> list[int]:
+        raise NotImplementedError
+
+    async def seal_batch(
+        self,
+        *,
+        body: bytes | bytearray,
+        refs: Sequence[RecordRef],
+        depends_on: Sequence[int],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> int:
+        """Store one sealed batch; see ``Journal.seal_batch``.
+
+        Args:
+            body: the request body, exactly as it will be sent.
+            refs: the batch's records, in body order.
+            depends_on: batch ids that must finish before this one is submitted.
+            progress: the input progress this batch completes (one per input), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+        """
+        (batch_id,) = await self.seal_batches(
+            batches=[NewBatch(body, refs, depends_on)],
+            progress=progress,
+            dead_letters=dead_letters,
+            counters=counters,
+        )
+        return batch_id

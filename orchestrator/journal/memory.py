@@ -17,6 +17,7 @@ from orchestrator.journal.base import (
     NewBatch,
     RunSpec,
     RunState,
+    SealOne,
     StoredBatch,
     check_phase,
     mismatch_message,
@@ -43,7 +44,7 @@ class _Run:
     complete: bool = False
 
 
-class MemoryJournal:
+class MemoryJournal(SealOne):
     """A journal kept in memory: same behaviour as ``SqliteJournal``, gone when the process ends.
 
     Closing it keeps the state, so ``open`` on the same object resumes the run (and finds submits
@@ -104,34 +105,6 @@ class MemoryJournal:
             complete=run.complete,
             counters=dict(run.counters),
         )
-
-    async def seal_batch(
-        self,
-        *,
-        body: bytes | bytearray,
-        refs: Sequence[RecordRef],
-        depends_on: Sequence[int],
-        progress: InputProgress | Sequence[InputProgress] | None,
-        dead_letters: Sequence[DeadLetter],
-        counters: Mapping[str, int],
-    ) -> int:
-        """Store a sealed batch; see ``Journal.seal_batch``.
-
-        Args:
-            body: the request body, exactly as it will be sent.
-            refs: the batch's records, in body order.
-            depends_on: batch ids that must finish before this one is submitted.
-            progress: the input progress this batch completes (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
-        (batch_id,) = await self.seal_batches(
-            batches=[NewBatch(body, refs, depends_on)],
-            progress=progress,
-            dead_letters=dead_letters,
-            counters=counters,
-        )
-        return batch_id
 
     async def seal_batches(
         self,

@@ -34,6 +34,7 @@ from orchestrator.journal.base import (
     NewBatch,
     RunSpec,
     RunState,
+    SealOne,
     StoredBatch,
     check_phase,
     mismatch_message,
@@ -126,7 +127,7 @@ _ADVICE = {
 _DEFAULT_ADVICE = "check the journal file and its disk, then run the same command again to resume"
 
 
-class SqliteJournal:
+class SqliteJournal(SealOne):
     """The durable journal of one run, in a SQLite file (WAL mode, fsync'd commits).
 
     The file and its parent directories are created when missing (the file with mode 0600: bodies
@@ -194,34 +195,6 @@ class SqliteJournal:
             submits_in_doubt=in_doubt,
         )
         return state
-
-    async def seal_batch(
-        self,
-        *,
-        body: bytes | bytearray,
-        refs: Sequence[RecordRef],
-        depends_on: Sequence[int],
-        progress: InputProgress | Sequence[InputProgress] | None,
-        dead_letters: Sequence[DeadLetter],
-        counters: Mapping[str, int],
-    ) -> int:
-        """Store a sealed batch in one transaction; see ``Journal.seal_batch``.
-
-        Args:
-            body: the request body, exactly as it will be sent.
-            refs: the batch's records, in body order.
-            depends_on: batch ids that must finish before this one is submitted.
-            progress: the input progress this batch completes (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
-        (batch_id,) = await self.seal_batches(
-            batches=[NewBatch(body, refs, depends_on)],
-            progress=progress,
-            dead_letters=dead_letters,
-            counters=counters,
-        )
-        return batch_id
 
     async def seal_batches(
         self,
