@@ -582,18 +582,21 @@ class InsightClient:
             lost_responses=state.lost_responses,
         )
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str, *, retry: bool = True) -> ImportStatus:
         """Read an import's status: ``GET /insightData/v3/import/{import_id}``.
 
         Args:
             import_id: the id from :meth:`submit_import`.
+            retry: retry 5xx answers, resets and timeouts here. A poller that keeps its own
+                rhythm (the engine: polls between poll_min and poll_max apart) passes ``False``
+                and simply polls again.
 
         Raises:
             NotFoundError: the id is unknown or no longer kept.
             BadRequestError: the id is malformed.
         """
         path = f"{IMPORT_PATH}/{quote(import_id, safe='')}"
-        answer, _ = await self._call("GET", path)
+        answer, _ = await self._call("GET", path, attempts=None if retry else 1)
         return _parse_status(import_id, answer.data)
 
     async def account_api_endpoint(self) -> str:
@@ -617,7 +620,12 @@ class InsightClient:
         )
 
     async def _call(
-        self, method: str, path: str, *, body: bytes | bytearray | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | bytearray | None = None,
+        attempts: int | None = None,
     ) -> tuple[_Answer, _CallState]:
         policy = self.settings.retry
         state = _CallState()
@@ -636,7 +644,7 @@ class InsightClient:
         try:
             async for attempt in stamina.retry_context(
                 on=backoff,
-                attempts=policy.attempts,
+                attempts=attempts if attempts is not None else policy.attempts,
                 timeout=policy.timeout,
                 wait_initial=policy.wait_initial,
                 wait_max=policy.wait_max,

@@ -637,7 +637,7 @@ class _Run:
             await anyio.sleep(max(0.0, wake - anyio.current_time()))
             asked_at = last_sent = anyio.current_time()
             try:
-                status = await self.client.import_status(task.import_id)
+                status = await self.client.import_status(task.import_id, retry=False)
             except NotFoundError:
                 log.warning("import.forgotten", batch_id=task.batch_id, import_id=task.import_id)
                 return None

@@ -34,8 +34,8 @@ class Settings:
             aborts; ``None`` waits forever.
         seal_after: seconds: seal a partly filled batch when the input pauses this long (a trickle
             from an async source still gets imported).
-        status_error_budget: consecutive failed status polls of one import (after the client's own
-            retries) before the engine gives that import up as lost.
+        status_error_budget: consecutive failed status polls of one import (5xx, resets,
+            timeouts; each is polled again within the poll window) before the run gives up.
         max_upload_bytes: bytes of request bodies loaded and being sent at once (one body always
             goes, however large). Bodies are the biggest thing a run holds, so this bounds its
             memory; the uploads share one network link anyway. Small bodies still go together.
@@ -49,7 +49,7 @@ class Settings:
     account_full_wait: float = 5.0
     max_account_full_waits: int | None = None
     seal_after: float = 2.0
-    status_error_budget: int = 10
+    status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
 
     def __post_init__(self) -> None:

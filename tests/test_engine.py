@@ -450,3 +450,24 @@ async def test_upload_budget_holds_bodies_back_but_always_lets_one_through() -> 
             tg.start_soon(upload, size)
     assert peak == 150  # the oversized body went alone
     assert not inside
+
+
+async def test_status_errors_are_polled_again_within_the_window(sim: Simulator) -> None:
+    """5xx answers to status polls are retried by the poller's own rhythm, inside the window."""
+    sim.config.records_per_second = 100  # 20 records: ~0.2 s of processing
+    sim.config.jitter = 0.0
+
+    async def break_polls() -> None:
+        await anyio.sleep(0.02)  # after the PUT
+        sim.faults.server_errors = 3
+
+    async with anyio.create_task_group() as tg, Orchestrator(client_for(sim), FAST) as orch:
+        tg.start_soon(break_polls)
+        result = await orch.import_records(Collection("Flaky", "contact"), orders(20))
+    assert result.ok
+    (stats,) = sim.stats.imports.values()
+    times = [stats.accepted_at, *stats.polls]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(stats.polls) >= 4  # three failed polls, then the one that saw the end
+    assert min(gaps) >= FAST.poll_min
+    assert max(gaps) <= FAST.poll_max + SLACK
