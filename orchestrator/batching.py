@@ -164,19 +164,20 @@ class RecordRefs(Sequence[RecordRef]):
         self,
     ) -> tuple[list[str], list[tuple[str, str] | None], list[str | None], list[int]]:
         """The records as four lists: keys, contacts, origins, lines."""
+        origins = [self._origins[number] for number in self._origin_numbers]
+        return self.keys(), self._contact_list(), origins, list(self._line_numbers)
+
+    def _contact_list(self) -> list[tuple[str, str] | None]:
         identifiers = _unpack_all(self._identifiers, self._identifier_ends)
         values = _unpack_all(self._values, self._value_ends)
-        contacts = [
+        return [
             (identifier, value) if has else None
             for identifier, value, has in zip(identifiers, values, self._has_contact, strict=True)
         ]
-        origins = [self._origins[number] for number in self._origin_numbers]
-        return self.keys(), contacts, origins, list(self._line_numbers)
 
     def identities(self) -> Iterator[tuple[str, str, str] | str]:
         """Each record's identity, in order, without making a ref per record."""
-        keys, contacts, _, _ = self.columns()
-        for key, contact in zip(keys, contacts, strict=True):
+        for key, contact in zip(self.keys(), self._contact_list(), strict=True):
             yield identity_of(key, contact)
 
 
@@ -203,7 +204,7 @@ class Batch:
     """
 
     body: bytes | bytearray
-    refs: Sequence[RecordRef]
+    refs: RecordRefs
 
     @property
     def body_bytes(self) -> int:

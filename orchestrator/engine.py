@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
-from orchestrator.batching import Batch, BatchAssembler, RecordRef, RecordRefs, split_batch
+from orchestrator.batching import Batch, BatchAssembler, RecordRefs, split_batch
 from orchestrator.client import ImportState, ImportStatus, InsightClient, SubmitReceipt
 from orchestrator.errors import (
     AccountFullError,
@@ -83,7 +83,7 @@ class _BatchTask:
     batch_id: int
     record_count: int
     body_bytes: int
-    refs: Sequence[RecordRef]
+    refs: RecordRefs
     identity_hashes: array[int]  # made in a worker thread: one per record
     depends_on: tuple[int, ...]
     import_id: str | None = None
@@ -310,21 +310,9 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return leaves
 
 
-def _identities(refs: Sequence[RecordRef]) -> Iterable[object]:
-    if isinstance(refs, RecordRefs):
-        return refs.identities()
-    return (ref.identity for ref in refs)
-
-
-def _keys(refs: Sequence[RecordRef]) -> Iterable[str]:
-    if isinstance(refs, RecordRefs):
-        return refs.keys()
-    return (ref.key for ref in refs)
-
-
-def _identity_hashes(refs: Sequence[RecordRef]) -> array[int]:
+def _identity_hashes(refs: RecordRefs) -> array[int]:
     """The hash of every record's identity (run it in a worker thread: one per record)."""
-    return array("q", map(hash, _identities(refs)))
+    return array("q", map(hash, refs.identities()))
 
 
 def _account_id(client: InsightClient) -> str:
@@ -461,7 +449,7 @@ class _Run:
                 waiting_for = self.tasks.get(dependency)
                 if waiting_for is not None:
                     await waiting_for.finished.wait()
-            if self._slots_full():
+            if self.orch._slots.locked():
                 log.debug("slot.waiting", batch_id=task.batch_id)
             async with self.orch._slots:
                 self.stats.imports_in_flight += 1
@@ -489,9 +477,6 @@ class _Run:
             self.tasks.pop(task.batch_id, None)
             if task.holds_capacity:
                 self.capacity.release()
-
-    def _slots_full(self) -> bool:
-        return self.orch._slots.locked()
 
     async def _import_batch(self, task: _BatchTask) -> ImportOutcome | list[_BatchTask]:
         """Submit, then poll until the batch ends; a Failed import is sent again (bounded).
@@ -673,7 +658,7 @@ class _Run:
     async def _split(self, task: _BatchTask) -> list[_BatchTask]:
         """The API refused the body as too large (its limit is below ours): send it in halves."""
         body = await self.journal.load_body(task.batch_id)
-        halves = split_batch(Batch(body=body, refs=tuple(task.refs)), self.collection)
+        halves = split_batch(Batch(body=body, refs=task.refs), self.collection)
         ids = await self.journal.seal_batches(
             batches=[NewBatch(half.body, half.refs, ()) for half in halves],
             progress=None,
@@ -712,7 +697,7 @@ class _Run:
         return tasks
 
     async def _succeed(self, task: _BatchTask, status: ImportStatus) -> ImportOutcome:
-        failures = _map_failures(task, status)
+        failures = await anyio.to_thread.run_sync(_map_failures, task, status)
         imported = task.record_count - len(failures)
         return await self._finish(task, status.status, imported, failures)
 
@@ -794,12 +779,12 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
     """Per-record failures of the API, mapped back to the records' sources."""
     if not status.failures:
         return ()
+    # One pass over the batch's records (a worker thread runs this: a batch can hold 100,000).
     position: dict[object, int] = {}
     first_with_key: dict[str, int] = {}
-    for index, ref_key in enumerate(_keys(task.refs)):
-        first_with_key.setdefault(ref_key, index)
-    for index, identity in enumerate(_identities(task.refs)):
+    for index, identity in enumerate(task.refs.identities()):
         position[identity] = index
+        first_with_key.setdefault(identity if isinstance(identity, str) else identity[2], index)
     letters = []
     for failure in status.failures:
         found: int | None = None
@@ -808,7 +793,7 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
                 found = position.get((*failure.contact_identity, failure.key))
             if found is None:
                 found = first_with_key.get(failure.key)
-        source = task.refs[found].source if found is not None else None
+        source = task.refs.source(found) if found is not None else None
         letters.append(
             DeadLetter(
                 source=str(source) if source is not None else None,

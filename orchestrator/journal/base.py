@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Self
 import orjson
 
 if TYPE_CHECKING:
-    from orchestrator.batching import RecordRef
+    from orchestrator.batching import RecordRef, RecordRefs
 
 __all__ = [
     "BatchPhase",
@@ -235,32 +235,6 @@ class Journal(Protocol):
         """
         ...
 
-    async def seal_batch(
-        self,
-        *,
-        body: bytes | bytearray,
-        refs: Sequence[RecordRef],
-        depends_on: Sequence[int],
-        progress: InputProgress | Sequence[InputProgress] | None,
-        dead_letters: Sequence[DeadLetter],
-        counters: Mapping[str, int],
-    ) -> int:
-        """Store a sealed batch with the progress, dead letters and counter deltas that go with it.
-
-        Args:
-            body: the request body, exactly as it will be sent.
-            refs: the batch's records, in body order.
-            depends_on: batch ids that must finish before this one is submitted.
-            progress: the input progress this batch completes (one per input it touches, applied
-                in order), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-
-        Returns:
-            The new batch's id (monotonic within the run).
-        """
-        ...
-
     async def seal_batches(
         self,
         *,
@@ -269,7 +243,9 @@ class Journal(Protocol):
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> list[int]:
-        """Like ``seal_batch`` for several batches at once, all in one transaction.
+        """Store sealed batches with their progress, dead letters and counter deltas.
+
+        One transaction: a crash keeps all of them, with their progress mark, or none.
 
         Args:
             batches: the batches, stored in order (their ids increase in that order).
@@ -289,7 +265,7 @@ class Journal(Protocol):
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> None:
-        """Like ``seal_batch`` without a batch: progress, dead letters and counter deltas at once.
+        """Like ``seal_batches`` without a batch: progress, dead letters and counter deltas at once.
 
         Args:
             progress: the input progress to record (one per input, applied in order), if any.
@@ -371,7 +347,7 @@ class Journal(Protocol):
         """
         ...
 
-    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
+    async def load_refs(self, batch_id: int) -> RecordRefs:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:
@@ -479,7 +455,7 @@ class SealOne:
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> int:
-        """Store one sealed batch; see ``Journal.seal_batch``.
+        """Store one sealed batch; see ``Journal.seal_batches``.
 
         Args:
             body: the request body, exactly as it will be sent.

@@ -25,7 +25,7 @@ from orchestrator.journal.base import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.batching import RecordRef
+    pass
 
 __all__ = ["MemoryJournal"]
 
@@ -37,7 +37,7 @@ class _Run:
     spec: RunSpec
     inputs: list[InputProgress]
     batches: dict[int, StoredBatch]
-    payloads: dict[int, tuple[bytes | bytearray, Sequence[RecordRef]]]
+    payloads: dict[int, tuple[bytes | bytearray, RecordRefs]]
     dead_letters: list[DeadLetter]
     counters: dict[str, int]
     next_batch_id: int = 1
@@ -267,7 +267,7 @@ class MemoryJournal(SealOne):
         run, _ = self._batch(batch_id, _UNFINISHED, "load its body")
         return run.payloads[batch_id][0]
 
-    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
+    async def load_refs(self, batch_id: int) -> RecordRefs:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:

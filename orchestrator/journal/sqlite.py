@@ -393,7 +393,7 @@ class SqliteJournal(SealOne):
             f"load the body of batch {batch_id}",
         )
 
-    async def load_refs(self, batch_id: int) -> Sequence[RecordRef]:
+    async def load_refs(self, batch_id: int) -> RecordRefs:
         """Return the record refs of an unfinished batch, in body order.
 
         Args:
