@@ -15,11 +15,28 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator.client import ClientSettings, RetryPolicy
+from orchestrator.simulator import Simulator
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Run async tests on asyncio only."""
     return "asyncio"
+
+
+def sim_client_settings(sim: Simulator, **overrides: Any) -> ClientSettings:
+    """Client settings for an in-process simulator: its credentials and URL, short timeouts,
+    no waits between retries (override any field, e.g. ``retry=``)."""
+    values: dict[str, Any] = {
+        "username": sim.config.username,
+        "password": sim.config.password,
+        "base_url": sim.base_url,
+        "request_timeout": 5.0,
+        "retry": RetryPolicy.immediate(timeout=10.0),
+    }
+    values.update(overrides)
+    return ClientSettings(**values)
 
 
 # --------------------------------------------------------------------------- CLI fixtures

@@ -44,6 +44,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.conftest import sim_client_settings
 
 PASSWORD = "s3cret-Pa55word"
 
@@ -66,15 +67,7 @@ def account_records(count: int, *, pad: int = 0) -> list[dict[str, Any]]:
 
 
 def settings_for(sim: Simulator, **overrides: Any) -> ClientSettings:
-    values: dict[str, Any] = {
-        "username": sim.config.username,
-        "password": sim.config.password,
-        "base_url": sim.base_url,
-        "request_timeout": 5.0,
-        "retry": RetryPolicy.immediate(timeout=10.0),
-    }
-    values.update(overrides)
-    return ClientSettings(**values)
+    return sim_client_settings(sim, **overrides)
 
 
 @pytest.fixture

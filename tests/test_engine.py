@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from orchestrator import (
     AuthenticationError,
-    ClientSettings,
     Collection,
     ImportOutcome,
     InsightClient,
@@ -27,6 +26,7 @@ from orchestrator import (
     SqliteJournal,
 )
 from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.conftest import sim_client_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -37,15 +37,9 @@ SLACK = 0.05
 
 
 def client_for(sim: Simulator, **overrides: Any) -> InsightClient:
-    values: dict[str, Any] = {
-        "username": sim.config.username,
-        "password": sim.config.password,
-        "base_url": sim.base_url,
-        "request_timeout": 5.0,
-        "retry": RetryPolicy(wait_initial=0.01, wait_max=0.05, wait_jitter=0.01, timeout=20.0),
-    }
-    values.update(overrides)
-    return InsightClient(ClientSettings(**values))
+    # small real waits between retries: the poll-window tests must see them
+    retry = RetryPolicy(wait_initial=0.01, wait_max=0.05, wait_jitter=0.01, timeout=20.0)
+    return InsightClient(sim_client_settings(sim, **{"retry": retry, **overrides}))
 
 
 def orders(n: int, *, contacts: int = 50, seed: int = 1) -> list[dict[str, Any]]:
