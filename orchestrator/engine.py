@@ -702,17 +702,19 @@ class _Run:
         return await self._finish(task, status.status, imported, failures)
 
     async def _give_up(self, task: _BatchTask, *, status: str, message: str) -> ImportOutcome:
-        failures = tuple(
-            DeadLetter(
-                source=str(ref.source) if ref.source is not None else None,
-                key=ref.key,
-                reason=status,
-                message=message,
-                import_id=task.import_id,
+        def letters() -> tuple[DeadLetter, ...]:  # one per record: made in a worker thread
+            return tuple(
+                DeadLetter(
+                    source=str(ref.source) if ref.source is not None else None,
+                    key=ref.key,
+                    reason=status,
+                    message=message,
+                    import_id=task.import_id,
+                )
+                for ref in task.refs
             )
-            for ref in task.refs
-        )
-        return await self._finish(task, status, 0, failures)
+
+        return await self._finish(task, status, 0, await anyio.to_thread.run_sync(letters))
 
     async def _finish(
         self, task: _BatchTask, status: str, imported: int, failures: tuple[DeadLetter, ...]
