@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 import orjson
 
 from benchmarks._data import best_of, record_section, write_orders_jsonl
 from orchestrator.batching import BatchAssembler
-from orchestrator.records import Collection, EncodedRecord, Scope, encode_lines
-from orchestrator.sources import JsonLinesReader
+from orchestrator.inputs import FileInput
+from orchestrator.parsing import default_processes
+from orchestrator.records import Collection, Scope
 
 TITLE = "File to bodies (benchmarks.file_to_bodies)"
 
@@ -57,25 +57,30 @@ def baseline(path: Path, compressed: bool) -> int:
     return count
 
 
-async def pipeline(path: Path, collection: Collection, cap: int) -> tuple[int, int, int]:
-    """Read, validate and pack the file; return (records, bodies, body bytes)."""
+async def pipeline(
+    path: Path, collection: Collection, cap: int, processes: int
+) -> tuple[int, int, int]:
+    """Read, validate and pack the file as the engine does; return (records, bodies, body bytes)."""
     assembler = BatchAssembler(collection, max_body_bytes=cap)
-    add = assembler.add
     records = bodies = body_bytes = 0
-    async with JsonLinesReader(str(path)) as reader:
-        async for chunk in reader.chunks():
-            results = await anyio.to_thread.run_sync(
-                lambda c=chunk: encode_lines(
-                    c.lines, collection, origin=c.origin, first_line=c.first_line
-                )
-            )
-            for result in results:
-                if type(result) is EncodedRecord:
-                    records += 1
-                    batch = add(result)
-                    if batch is not None:
-                        bodies += 1
-                        body_bytes += batch.body_bytes
+    source = FileInput(str(path), processes=processes)
+    try:
+        async for chunk in source.chunks(collection):
+            assert chunk is not None
+            assert chunk.run is not None
+            run = chunk.run
+            position = 0
+            while position < len(run):
+                stop = assembler.add_run(run, position)
+                records += stop - position
+                if stop < len(run):
+                    batch = assembler.seal()
+                    assert batch is not None
+                    bodies += 1
+                    body_bytes += batch.body_bytes
+                position = stop
+    finally:
+        await source.aclose()
     last = assembler.seal()
     if last is not None:
         bodies += 1
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept")
     parser.add_argument("--cap", type=int, default=50_000_000, help="max body bytes")
     parser.add_argument("--gzip", action="store_true", help="read a gzip-compressed file")
+    parser.add_argument(
+        "--processes", type=int, default=default_processes(), help="parse worker processes"
+    )
     args = parser.parse_args(argv)
 
     collection = Collection("Orders", scope=Scope.CONTACT, type="orders")
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> float:
 
         def ours() -> None:
             nonlocal result
-            result = anyio.run(pipeline, path, collection, args.cap)
+            result = anyio.run(pipeline, path, collection, args.cap, args.processes)
 
         base_s = best_of(args.repeat, lambda: baseline(path, args.gzip))
         ours_s = best_of(args.repeat, ours)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import overload
 
 from orchestrator import errors
-from orchestrator.records import Collection, EncodedRecord, Source, identity_of
+from orchestrator.records import Collection, EncodedRecord, RecordRun, Source, identity_of
 
 __all__ = ["Batch", "BatchAssembler", "RecordRef", "RecordRefs", "split_batch"]
 
@@ -299,13 +300,7 @@ class BatchAssembler:
         data = record.data
         data_len = len(data)
         if self._base + data_len > self._cap:
-            raise errors.RecordError(
-                "record-too-large",
-                f"the record encodes to {data_len} bytes, more than fits in one request body"
-                f" of at most {self._cap} bytes; make its json smaller",
-                key=record.key,
-                source=record.source,
-            )
+            raise self._too_large(record)
         contact = record.contact
         key = record.key
         identity = key if contact is None else (contact[0], contact[1], key)
@@ -342,6 +337,71 @@ class BatchAssembler:
             self._lines.append(source.line)
         self._size += data_len
         return sealed
+
+    def add_run(self, run: RecordRun, start: int = 0) -> int:
+        """Add records of ``run`` from ``start`` on while they fit; return the index it stopped at.
+
+        The bulk form of ``add`` for a chunk of input: one copy of the records' bytes, no object
+        per record. It never seals: a return value below ``len(run)`` means the open batch is
+        full (seal it, then call again from there).
+
+        Args:
+            run: the records.
+            start: the index of the first record to add.
+
+        Raises:
+            errors.RecordError: ``rule="record-too-large"``: record ``start`` alone does not fit in
+                a body; nothing was added.
+        """
+        ends = run.ends
+        total = len(ends)
+        if start >= total:
+            return total
+        offset = run.start_of(start)
+        count = len(self._index)
+        # Records start..k-1 fit when the body's size after them, base + size + count (the
+        # commas) + ends[k-1] - offset, stays within the cap.
+        limit = self._cap - self._base - self._size - count + offset
+        stop = bisect_right(ends, limit, start, total)
+        if stop == start:
+            if count:
+                return start  # full
+            raise self._too_large(run.record(start))
+        identities = run.identities(start, stop)
+        first = len(self._keys)
+        fresh = dict(zip(identities, range(first, first + stop - start), strict=True))
+        if len(fresh) != stop - start or not self._index.keys().isdisjoint(fresh):
+            return self._add_one_by_one(run, start)  # rare: a key repeats in the batch
+        self._index.update(fresh)
+        body = self._body
+        shift = len(body) - offset
+        body += memoryview(run.segment)[offset : ends[stop - 1] + 1]
+        self._ends.extend(array("q", [end + shift for end in ends[start:stop]]))
+        self._keys.extend(run.keys[start:stop])
+        self._contacts.extend(run.contacts(start, stop))
+        self._origins.extend([run.origin] * (stop - start))
+        self._lines.extend(run.lines[start:stop])
+        self._size += ends[stop - 1] - offset - (stop - start - 1)
+        return stop
+
+    def _add_one_by_one(self, run: RecordRun, start: int) -> int:
+        for index in range(start, len(run)):
+            record = run.record(index)
+            if index > start and (
+                not self.fits(record) or self._base + len(record.data) > self._cap
+            ):
+                return index  # full, or a record too large for any body: the next call says so
+            self.add(record)
+        return len(run)
+
+    def _too_large(self, record: EncodedRecord) -> errors.RecordError:
+        return errors.RecordError(
+            "record-too-large",
+            f"the record encodes to {len(record.data)} bytes, more than fits in one request body"
+            f" of at most {self._cap} bytes; make its json smaller",
+            key=record.key,
+            source=record.source,
+        )
 
     def _record_at(self, index: int, data: bytes) -> EncodedRecord:
         origin = self._origins[index]
@@ -397,6 +457,10 @@ class BatchAssembler:
 
     def __contains__(self, identity: object) -> bool:
         return identity in self._index
+
+    def holds_any(self, identities: Iterable[object]) -> bool:
+        """Whether the open batch holds any of these identities."""
+        return not self._index.keys().isdisjoint(identities)
 
     @property
     def pending_bytes(self) -> int:

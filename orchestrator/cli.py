@@ -202,6 +202,7 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
         poll_min=opts["poll_min"],
         poll_max=opts["poll_max"],
         max_resubmits=opts["max_resubmits"],
+        parse_processes=opts["parse_processes"],
     )
     client = ClientSettings.from_env(
         base_url=opts["base_url"], region=opts["region"], request_timeout=opts["request_timeout"]

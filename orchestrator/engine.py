@@ -59,10 +59,12 @@ from orchestrator.journal import (
     StoredBatch,
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
+from orchestrator.parsing import default_processes
 from orchestrator.polling import PollPlanner
 from orchestrator.records import (
     Collection,
     EncodedRecord,
+    RecordRun,
     RejectedRecord,
 )
 from orchestrator.settings import Settings
@@ -235,9 +237,12 @@ class Orchestrator:
             on_outcome: called with each :class:`ImportOutcome` as its batch ends.
             stats: live counters to update (for a progress display).
         """
+        processes = self.settings.parse_processes
+        if processes is None:
+            processes = default_processes()
         return await self._run(
             collection,
-            lambda tg: [FileInput(path) for path in paths],
+            lambda tg: [FileInput(path, processes=processes) for path in paths],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,
@@ -871,12 +876,15 @@ class _Producer:
                 continue
             last = chunk
             failpoints.hit("read")
-            for result in chunk.results:
-                if isinstance(result, RejectedRecord):
-                    self._reject(result.error, result.raw)
-                    continue
-                await self._add(result, index, chunk)
-            run.stats.records_read += len(chunk.results)
+            if chunk.run is not None:
+                await self._add_run(chunk, chunk.run, index)
+            else:
+                for result in chunk.results:
+                    if isinstance(result, RejectedRecord):
+                        self._reject(result.error, result.raw)
+                        continue
+                    await self._add(result, index, chunk)
+            run.stats.records_read += chunk.read
         end = _progress_after(index, last) if last is not None else InputProgress(index, 0, "")
         self.finished_inputs.append(
             InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)
@@ -907,6 +915,57 @@ class _Producer:
         if holder is not None:
             self.held_depends_on.add(holder)
         self._count("records_read")
+
+    async def _add_run(self, chunk: Chunk, records: RecordRun, index: int) -> None:
+        """Add a file chunk's records in bulk; a record whose key is still in flight (or held)
+        sends the rest of the chunk down the per-record path. ``chunk.results`` holds the
+        chunk's rejects, which are dead-lettered in line order with the seals between them."""
+        rejects = chunk.results
+        next_reject = 0
+
+        def reject_before(line: int) -> None:
+            nonlocal next_reject
+            while next_reject < len(rejects):
+                result = rejects[next_reject]
+                assert isinstance(result, RejectedRecord)
+                source = result.error.source
+                if source is not None and source.line >= line:
+                    return
+                self._reject(result.error, result.raw)
+                next_reject += 1
+
+        in_flight = self.run.in_flight
+        hashes = list(map(hash, records.identities()))
+        position = 0
+        total = len(records)
+        while position < total:
+            if (in_flight and not in_flight.keys().isdisjoint(hashes[position:])) or (
+                self.held and self.held.holds_any(records.identities(position))
+            ):
+                for at in range(position, total):  # rare: updates of records still in flight
+                    reject_before(records.lines[at])
+                    await self._add(records.record(at), index, chunk)
+                break
+            try:
+                stop = self.main.add_run(records, position)
+            except RecordError as error:
+                reject_before(records.lines[position])
+                self._reject(error, records.record(position).data)
+                position += 1
+                continue
+            self._count("records_read", stop - position)
+            if stop < total:
+                # the main batch is full: seal both, with the progress up to record `stop`
+                line = records.lines[stop]
+                reject_before(line)
+                progress = InputProgress(
+                    index=index,
+                    lines=line - 1,
+                    digest=chunk.digest_through(line - chunk.first_line),
+                )
+                await self._seal_open(progress=progress)
+            position = stop
+        reject_before(chunk.last_line + 1)
 
     def _take_held_depends(self) -> tuple[int, ...]:
         depends_on = tuple(sorted(self.held_depends_on))

@@ -1,13 +1,15 @@
 """The engine's inputs: files and iterables turned into chunks of validated, encoded records.
 
-Blocking reads and validation of file lines run in worker threads; an async iterable is drained by
-a pump task into a bounded stream, so a pause in the source can be noticed (the engine then seals
+Blocking reads run in worker threads; file lines are validated in a worker thread, or for large
+inputs in worker processes (``parsing``), a few chunks ahead. An async iterable is drained by a
+pump task into a bounded stream, so a pause in the source can be noticed (the engine then seals
 what is pending) without cancelling the iterator itself.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,16 +20,19 @@ import orjson
 from anyio.abc import TaskGroup
 
 from orchestrator.errors import RecordError
+from orchestrator.parsing import ChunkParser
 from orchestrator.records import (
     Collection,
+    EncodedLines,
     EncodedRecord,
+    RecordRun,
     RejectedRecord,
+    Scope,
     Source,
     encode_line,
-    encode_lines,
     encode_record,
 )
-from orchestrator.sources import JsonLinesReader
+from orchestrator.sources import JsonLinesReader, LineChunk
 
 __all__ = ["Chunk", "FileInput", "IterableInput", "RecordInput"]
 
@@ -37,12 +42,22 @@ _ITERABLE_CHUNK = 2_000
 
 @dataclass(slots=True)
 class Chunk:
-    """Validated records of consecutive lines of one input."""
+    """Validated records of consecutive lines of one input.
+
+    File inputs give their records as one ``run`` (columns) and their rejects in ``results``;
+    iterables give every result in ``results``, in order.
+    """
 
     results: list[EncodedRecord | RejectedRecord]
     first_line: int
     last_line: int
     digest_through: Callable[[int], str]
+    run: RecordRun | None = None
+
+    @property
+    def read(self) -> int:
+        """How many records (valid or not) the chunk holds."""
+        return len(self.results) + (len(self.run) if self.run is not None else 0)
 
 
 class RecordInput(Protocol):
@@ -58,25 +73,52 @@ class RecordInput(Protocol):
 
 
 class FileInput:
-    def __init__(self, path: str) -> None:
+    """A JSON Lines file (or standard input), read, parsed and validated ahead of the engine.
+
+    Args:
+        path: the path as given, or ``"-"``.
+        processes: worker processes for parsing (see ``parsing``); 0 parses in a thread.
+    """
+
+    def __init__(self, path: str, *, processes: int = 0) -> None:
         self._reader = JsonLinesReader(path)
+        self._processes = processes
         self.origin = self._reader.origin
 
     async def skip(self, lines: int) -> str:
         return await self._reader.skip(lines)
 
     async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
-        async for chunk in self._reader.chunks():
-            results = await anyio.to_thread.run_sync(
-                functools.partial(
-                    encode_lines,
-                    chunk.lines,
-                    collection,
-                    origin=chunk.origin,
-                    first_line=chunk.first_line,
-                )
-            )
-            yield Chunk(results, chunk.first_line, chunk.last_line, chunk.digest_through)
+        contact_scope = collection.scope is Scope.CONTACT
+        pending: deque[tuple[LineChunk, asyncio.Future[EncodedLines] | None]] = deque()
+        async with ChunkParser(contact_scope=contact_scope, processes=self._processes) as parser:
+            try:
+                async for line_chunk in self._reader.chunks():
+                    pending.append((line_chunk, await parser.start(line_chunk)))
+                    if len(pending) >= parser.depth:
+                        yield await self._chunk(parser, *pending.popleft(), contact_scope)
+                while pending:
+                    yield await self._chunk(parser, *pending.popleft(), contact_scope)
+            finally:
+                for _, started in pending:
+                    if started is not None:
+                        started.cancel()
+
+    async def _chunk(
+        self,
+        parser: ChunkParser,
+        line_chunk: LineChunk,
+        started: asyncio.Future[EncodedLines] | None,
+        contact_scope: bool,
+    ) -> Chunk:
+        encoded = await parser.result(line_chunk, started)
+        return Chunk(
+            list(encoded.rejected(self.origin)),
+            line_chunk.first_line,
+            line_chunk.last_line,
+            line_chunk.digest_through,
+            encoded.records(line_chunk.data, self.origin, contact_scope=contact_scope),
+        )
 
     async def aclose(self) -> None:
         await self._reader.aclose()

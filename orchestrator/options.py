@@ -67,6 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("poll-max", float, 30.0, "seconds: most time between two status polls of one import"),
     Option("max-resubmits", int, 2, "times a Failed import is sent again before dead-lettering"),
     Option("request-timeout", float, 120.0, "seconds allowed for one API call"),
+    Option("parse-processes", int, None, "processes parsing large inputs (default: one per CPU)"),
     Option("journal", str, None, "SQLite journal (default: one per command in the state dir)"),
     Option(
         "dead-letter", str, None, "dead-letter JSONL (default: <journal dir>/dead-letter.jsonl)"

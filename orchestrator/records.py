@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import re
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,10 +42,13 @@ __all__ = [
     "COLLECTION_TYPES",
     "RULES",
     "Collection",
+    "EncodedLines",
     "EncodedRecord",
+    "RecordRun",
     "RejectedRecord",
     "Scope",
     "Source",
+    "encode_chunk",
     "encode_line",
     "encode_lines",
     "encode_record",
@@ -520,16 +524,18 @@ def _encode_line(raw: bytes, contact_scope: bool, source: Source) -> EncodedReco
     return _encode_parsed(obj, raw, contact_scope, source)
 
 
+_JSON_SYNTAX_MESSAGE = (
+    "the line is not valid UTF-8 JSON; each line must hold one complete JSON object"
+)
+
+
 def _json_syntax(source: Source) -> errors.RecordError:
-    return _fail(
-        "json-syntax",
-        "the line is not valid UTF-8 JSON; each line must hold one complete JSON object",
-        None,
-        source,
-    )
+    return _fail("json-syntax", _JSON_SYNTAX_MESSAGE, None, source)
 
 
-def _encode_parsed(obj: object, raw: bytes, contact_scope: bool, source: Source) -> EncodedRecord:
+def _encode_parsed(
+    obj: object, raw: bytes, contact_scope: bool, source: Source | None
+) -> EncodedRecord:
     key, contact, clean = _check(obj, contact_scope, source)
     assert isinstance(obj, Mapping)
     if not clean:
@@ -543,13 +549,259 @@ def _encode_parsed(obj: object, raw: bytes, contact_scope: bool, source: Source)
     return _encoded(key, contact, raw, source)
 
 
+RejectedLine = tuple[int, str, str, "str | None", bytes]
+"""A line that broke a rule, as ``encode_chunk`` reports it: (line, rule, message, key, raw)."""
+
+
+@dataclass(slots=True)
+class EncodedLines:
+    """A chunk of JSON Lines validated and encoded, in columns: what ``encode_chunk`` returns.
+
+    Small enough to send back from a worker process: the records' bytes are not copied but
+    described as ranges of the chunk (``pieces``), which ``records`` turns into a body segment.
+
+    Args:
+        pieces: how the chunk's records become a body segment, in order: a ``(start, end)`` range
+            of the chunk holding consecutive records one per line (each newline becomes the comma
+            after its record), or ``bytes`` of one record already in body form, comma included
+            (re-encoded, or stripped of surrounding whitespace).
+        ends: where each record ends in the segment (the comma after it is at that offset).
+        keys: each record's key.
+        identifiers: each record's contact identifier (contact scope; empty for account scope).
+        values: each record's contact value (contact scope; empty for account scope).
+        lines: each record's 1-based line number.
+        rejects: the lines that broke a rule, in order.
+        read: how many non-blank lines the chunk held (records plus rejects).
+    """
+
+    pieces: list[tuple[int, int] | bytes]
+    ends: array[int]
+    keys: list[str]
+    identifiers: list[str]
+    values: list[str]
+    lines: array[int]
+    rejects: list[RejectedLine]
+    read: int
+
+    def segment(self, data: bytes) -> bytes:
+        """The records as they go into a body, each followed by a comma.
+
+        Args:
+            data: the chunk ``encode_chunk`` was given.
+        """
+        pieces = self.pieces
+        if len(pieces) == 1 and pieces[0] == (0, len(data)):
+            return data.replace(b"\n", b",")  # the common case: every line a clean record
+        return b"".join(
+            piece if type(piece) is bytes else data[piece[0] : piece[1]].replace(b"\n", b",")
+            for piece in pieces
+        )
+
+    def records(self, data: bytes, origin: str, *, contact_scope: bool) -> RecordRun:
+        """The records as a ``RecordRun`` (the bulk form of ``EncodedRecord``).
+
+        Args:
+            data: the chunk ``encode_chunk`` was given.
+            origin: the input's display name for the records' sources.
+            contact_scope: what ``encode_chunk`` was given.
+        """
+        return RecordRun(
+            self.segment(data),
+            self.ends,
+            self.keys,
+            self.identifiers if contact_scope else None,
+            self.values,
+            origin,
+            self.lines,
+        )
+
+    def rejected(self, origin: str) -> list[RejectedRecord]:
+        """The rejected lines as ``RejectedRecord`` objects with their sources."""
+        return [
+            RejectedRecord(
+                errors.RecordError(rule, message, key=key, source=Source(origin, line)), raw
+            )
+            for line, rule, message, key, raw in self.rejects
+        ]
+
+
+@dataclass(slots=True)
+class RecordRun:
+    """Consecutive encoded records of one input, in columns: the bulk form of ``EncodedRecord``.
+
+    Args:
+        segment: the records' bytes as they go into a body, each followed by a comma.
+        ends: where each record ends in ``segment`` (the comma after it is at that offset).
+        keys: each record's key.
+        identifiers: each record's contact identifier, or ``None`` for account scope.
+        values: each record's contact value (ignored for account scope).
+        origin: the input's display name.
+        lines: each record's 1-based line number in the input.
+    """
+
+    segment: bytes
+    ends: array[int]
+    keys: list[str]
+    identifiers: list[str] | None
+    values: list[str]
+    origin: str
+    lines: array[int]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def start_of(self, index: int) -> int:
+        """Where record ``index`` starts in the segment."""
+        return self.ends[index - 1] + 1 if index else 0
+
+    def contacts(self, start: int, stop: int) -> list[tuple[str, str] | None]:
+        """The ``(identifier, value)`` of records ``start`` to ``stop`` (``None``s for account)."""
+        if self.identifiers is None:
+            return [None] * (stop - start)
+        return list(zip(self.identifiers[start:stop], self.values[start:stop], strict=True))
+
+    def identities(
+        self, start: int = 0, stop: int | None = None
+    ) -> list[tuple[str, str, str] | str]:
+        """The identities of records ``start`` to ``stop`` (see ``identity_of``)."""
+        keys = self.keys[start:stop]
+        if self.identifiers is None:
+            return list(keys)
+        return list(zip(self.identifiers[start:stop], self.values[start:stop], keys, strict=True))
+
+    def record(self, index: int) -> EncodedRecord:
+        """Record ``index`` as an ``EncodedRecord``."""
+        contact = None
+        if self.identifiers is not None:
+            contact = (self.identifiers[index], self.values[index])
+        data = self.segment[self.start_of(index) : self.ends[index]]
+        return _encoded(self.keys[index], contact, data, _source(self.origin, self.lines[index]))
+
+
+def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> EncodedLines:
+    """Validate and encode a chunk of JSON Lines: the one implementation of the line rules.
+
+    Pure and picklable in and out, so it can run in a worker thread or a worker process. Blank
+    (whitespace-only) lines are skipped; every other line becomes a record or a reject. A line
+    that already is exactly what the API wants keeps its own bytes (nothing is serialized again).
+
+    Args:
+        data: the lines, each followed by ``b"\\n"`` (an empty chunk is ``b""``).
+        contact_scope: whether the collection is contact-scoped (its rules apply).
+        first_line: the 1-based line number of the chunk's first line.
+
+    Raises:
+        ValueError: ``data`` is not empty and does not end with a newline.
+    """
+    if data and not data.endswith(b"\n"):
+        raise ValueError("a chunk must end with a newline")
+    fields = 3 if contact_scope else 2
+    pieces: list[tuple[int, int] | bytes] = []
+    ends = array("q")
+    keys: list[str] = []
+    identifiers: list[str] = []
+    values: list[str] = []
+    numbers = array("q")
+    rejects: list[RejectedLine] = []
+    loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
+    standard = _STANDARD_IDENTIFIERS
+    number = first_line - 1
+    read = 0
+    position = 0  # where the current line starts in data
+    run_start = -1  # where the open range of clean lines starts, -1 when none is open
+    size = 0  # the segment's size so far
+    lines = data.split(b"\n")
+    lines.pop()  # what follows the last newline: nothing
+    for line in lines:
+        start = position
+        position += len(line) + 1
+        number += 1
+        raw = line.strip()
+        if not raw:
+            if run_start >= 0:
+                pieces.append((run_start, start))
+                run_start = -1
+            continue
+        read += 1
+        try:
+            obj = loads(raw)
+        except decode_error:
+            rejects.append((number, "json-syntax", _JSON_SYNTAX_MESSAGE, None, raw))
+            if run_start >= 0:
+                pieces.append((run_start, start))
+                run_start = -1
+            continue
+        # The common case inline: exactly the allowed fields, a string key, a json object and a
+        # standard identifier. Anything else takes the full path, which names the broken rule.
+        if type(obj) is dict and len(obj) == fields:
+            key = obj.get("key")
+            if type(key) is str and key and not key.isspace() and type(obj.get("json")) is dict:
+                identifier: Any = ""
+                value: Any = ""
+                if contact_scope:
+                    identity = obj.get("contactIdentity")
+                    if type(identity) is dict and len(identity) == 2:
+                        identifier = identity.get("identifier")
+                        value = identity.get("value")
+                        if not (
+                            type(identifier) is str
+                            and identifier in standard
+                            and type(value) is str
+                            and 0 < len(value) <= _MAX_CONTACT_VALUE
+                        ):
+                            key = None
+                    else:
+                        key = None
+                if key is not None and len(raw) == len(line):
+                    if _maybe_nested_array(raw) and _has_nested_array(obj["json"]):
+                        rejects.append(
+                            (number, "json-nested-array", _NESTED_ARRAY_MESSAGE, key, raw)
+                        )
+                        if run_start >= 0:
+                            pieces.append((run_start, start))
+                            run_start = -1
+                        continue
+                    if run_start < 0:
+                        run_start = start
+                    size += len(raw) + 1
+                    ends.append(size - 1)
+                    keys.append(key)
+                    if contact_scope:
+                        identifiers.append(identifier)
+                        values.append(value)
+                    numbers.append(number)
+                    continue
+        # the full path: a rule broken, a record to re-encode, or a line to strip
+        if run_start >= 0:
+            pieces.append((run_start, start))
+            run_start = -1
+        try:
+            record = _encode_parsed(obj, raw, contact_scope, None)
+        except errors.RecordError as error:
+            rejects.append((number, error.rule, error.message, error.key, raw))
+            continue
+        piece = record.data + b","
+        pieces.append(piece)
+        size += len(piece)
+        ends.append(size - 1)
+        keys.append(record.key)
+        if record.contact is not None:
+            identifiers.append(record.contact[0])
+            values.append(record.contact[1])
+        numbers.append(number)
+    if run_start >= 0:
+        pieces.append((run_start, position))
+    return EncodedLines(pieces, ends, keys, identifiers, values, numbers, rejects, read)
+
+
 def encode_lines(
     lines: Sequence[bytes], collection: Collection, *, origin: str, first_line: int
 ) -> list[EncodedRecord | RejectedRecord]:
-    """Encode a chunk of JSON Lines lines, e.g. in a worker thread.
+    """Encode a run of JSON Lines lines into one result per non-blank line, in input order.
 
-    Blank (whitespace-only) lines are skipped without a result; every other line gives exactly one
-    result, an ``EncodedRecord`` or a ``RejectedRecord``, in input order.
+    The per-record form of ``encode_chunk`` (which the engine uses): every non-blank line gives
+    exactly one result, an ``EncodedRecord`` or a ``RejectedRecord``.
 
     Args:
         lines: the lines' bytes, without or with their line terminators.
@@ -557,54 +809,19 @@ def encode_lines(
         origin: the input's display name for ``Source`` (a path or ``"<stdin>"``).
         first_line: the 1-based line number of ``lines[0]``.
     """
+    data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
     contact_scope = collection.scope is Scope.CONTACT
-    fields = 3 if contact_scope else 2
-    results: list[EncodedRecord | RejectedRecord] = []
-    append = results.append
-    loads = orjson.loads
-    decode_error = orjson.JSONDecodeError
-    standard = _STANDARD_IDENTIFIERS
-    number = first_line - 1
-    for line in lines:
-        number += 1
-        raw = line.strip()
-        if not raw:
-            continue
-        source = _source(origin, number)
-        try:
-            obj = loads(raw)
-        except decode_error:
-            append(RejectedRecord(_json_syntax(source), raw))
-            continue
-        # The common case inline: exactly the allowed fields, a string key, a json object and a
-        # standard identifier. Anything else takes the full path, which names the broken rule.
-        if type(obj) is dict and len(obj) == fields:
-            key = obj.get("key")
-            if type(key) is str and key and not key.isspace() and type(obj.get("json")) is dict:
-                contact: tuple[str, str] | None = None
-                if contact_scope:
-                    identity = obj.get("contactIdentity")
-                    if type(identity) is dict and len(identity) == 2:
-                        identifier = identity.get("identifier")
-                        value = identity.get("value")
-                        if (
-                            type(identifier) is str
-                            and identifier in standard
-                            and type(value) is str
-                            and 0 < len(value) <= _MAX_CONTACT_VALUE
-                        ):
-                            contact = (identifier, value)
-                    if contact is None:
-                        key = None
-                if key is not None:
-                    if _maybe_nested_array(raw) and _has_nested_array(obj["json"]):
-                        error = _fail("json-nested-array", _NESTED_ARRAY_MESSAGE, key, source)
-                        append(RejectedRecord(error, raw))
-                    else:
-                        append(_encoded(key, contact, raw, source))
-                    continue
-        try:
-            append(_encode_parsed(obj, raw, contact_scope, source))
-        except errors.RecordError as error:
-            append(RejectedRecord(error, raw))
+    encoded = encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+    run = encoded.records(data, origin, contact_scope=contact_scope)
+    results: list[EncodedRecord | RejectedRecord] = [run.record(i) for i in range(len(run))]
+    rejected = encoded.rejected(origin)
+    if rejected:
+        results.extend(rejected)
+        results.sort(key=_line_of)
     return results
+
+
+def _line_of(result: EncodedRecord | RejectedRecord) -> int:
+    source = result.source if isinstance(result, EncodedRecord) else result.error.source
+    assert source is not None
+    return source.line

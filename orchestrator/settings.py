@@ -39,6 +39,11 @@ class Settings:
         max_upload_bytes: bytes of request bodies loaded and being sent at once (one body always
             goes, however large). Bodies are the biggest thing a run holds, so this bounds its
             memory; the uploads share one network link anyway. Small bodies still go together.
+        parse_processes: worker processes that parse and validate large input files (past their
+            first 8 MB), shared by the whole process; ``None``: one per CPU. The default, ``0``,
+            parses in a worker thread: starting processes is the embedding application's call
+            (its main module must be import-safe, ``if __name__ == "__main__":``). The CLI uses
+            one per CPU.
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -51,6 +56,7 @@ class Settings:
     seal_after: float = 2.0
     status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
+    parse_processes: int | None = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_concurrent <= 100:
@@ -79,6 +85,10 @@ class Settings:
             )
         if self.max_upload_bytes < 1:
             raise ConfigError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
+        if self.parse_processes is not None and not 0 <= self.parse_processes <= 64:
+            raise ConfigError(
+                f"parse_processes must be between 0 and 64 or None, got {self.parse_processes}"
+            )
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
 

@@ -96,7 +96,7 @@ BAD_LINES: list[tuple[Collection, bytes, str]] = [
     ),
     (ACCOUNT, b'{"key": "a", "json": {"m": [[1, 2], [3]]}}', "json-nested-array"),
     (ACCOUNT, b'{"key":"a","json":{"m":[1,[2]]}}', "json-nested-array"),
-    (ACCOUNT, b'{"key":"a","json":{"m":[1 ,\n [2]]}}', "json-nested-array"),
+    (ACCOUNT, b'{"key":"a","json":{"m":[1 ,\t [2]]}}', "json-nested-array"),
     (ACCOUNT, b'{"key":"a","json":{"m":[{"x":[{"y":[[]]}]}]}}', "json-nested-array"),
 ]
 

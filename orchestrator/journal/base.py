@@ -65,7 +65,7 @@ class InputProgress:
     Args:
         index: the input's position in ``RunSpec.inputs``.
         lines: lines fully handled (in a sealed batch, dead-lettered or superseded).
-        digest: the sha256 fingerprint of those lines (``sources.LineChunk.digest_through``);
+        digest: the fingerprint of those lines (``sources.LineChunk.digest_through``);
             empty while ``lines`` is 0.
         done: the whole input was read.
     """

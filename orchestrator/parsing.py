@@ -1,0 +1,229 @@
+"""Parsing large inputs on every core: worker processes validate and encode chunks of lines.
+
+``orjson.loads`` holds the GIL, so threads cannot parse in parallel; processes can. A chunk's bytes
+reach a worker through a spool file in shared memory (``/dev/shm`` where it exists): sending them
+down a pipe costs about as much as parsing them. Only the columns come back (keys, contacts, line
+numbers and byte ranges; see ``records.EncodedLines``), and the parent, which still holds the
+bytes, builds the body segment from them.
+
+The pool is shared by the whole process, started on first use (in a worker thread: starting
+processes blocks) and kept for later inputs. Small inputs never start it: the first
+``PROCESS_AFTER`` bytes of every input are parsed in a worker thread. If a worker dies, the
+chunks it held are parsed in a thread instead and later inputs start a fresh pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import anyio.to_thread
+import structlog
+
+from orchestrator.records import EncodedLines, encode_chunk
+from orchestrator.sources import LineChunk
+
+__all__ = ["PROCESS_AFTER", "ChunkParser", "default_processes"]
+
+log = structlog.get_logger("orchestrator.parsing")
+
+#: Bytes of each input parsed in a worker thread before worker processes are used for it.
+PROCESS_AFTER = 8 << 20
+# Chunks larger than a spool slot (a very long line) travel through the pipe instead.
+_SLOT_BYTES = 4 << 20
+
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def default_processes() -> int:
+    """One worker process per CPU this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _start_pool(processes: int) -> ProcessPoolExecutor:
+    """Return the shared pool, starting it (blocking, up to a second) if needed."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != processes:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            methods = multiprocessing.get_all_start_methods()
+            # forkserver: safe in a process with threads (fork is not), faster than spawn
+            context = multiprocessing.get_context(
+                "forkserver" if "forkserver" in methods else "spawn"
+            )
+            if "forkserver" in methods:
+                context.set_forkserver_preload(["orchestrator.records"])
+            _pool = ProcessPoolExecutor(
+                processes, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+            )
+            _pool_size = processes
+            # wait for the workers here (in a thread), not on the first chunk's critical path
+            for future in [_pool.submit(os.getpid) for _ in range(processes)]:
+                future.result()
+        return _pool
+
+
+def _forget_pool(broken: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides how to stop, not its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent, os.getppid()), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, spawner: int) -> None:
+    # A parent killed outright cannot shut the pool down: its workers leave on their own. The
+    # process that started this one (the forkserver, which ends with the parent, or the parent
+    # itself) going away shows it even while the dead parent is not yet reaped.
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != spawner:
+            os._exit(0)
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or the pid now someone else's
+            os._exit(0)
+
+
+def _parse_spooled(
+    path: str, offset: int, length: int, contact_scope: bool, first_line: int
+) -> EncodedLines:
+    """In a worker process: read a chunk from the spool file and encode it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise OSError(f"spool file {path!r} is shorter than expected")
+    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+
+
+def _parse_bytes(data: bytes, contact_scope: bool, first_line: int) -> EncodedLines:
+    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+
+
+class _Spool:
+    """A ring of chunk-sized slots in a file in shared memory, written by the parent."""
+
+    def __init__(self, slots: int) -> None:
+        directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.fd, self.path = tempfile.mkstemp(prefix="insight-import-", dir=directory)
+        self.slots = slots
+        self.next = 0
+
+    def write(self, data: bytes) -> int:
+        """Write a chunk to the next slot (blocking; run in a thread); return its offset."""
+        offset = self.next * _SLOT_BYTES
+        self.next = (self.next + 1) % self.slots
+        view = memoryview(data)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        return offset
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class ChunkParser:
+    """Parses one input's chunks in order: in a worker thread at first, then in worker processes.
+
+    Call ``start`` for each chunk as it is read and ``result`` for each in the same order; keep
+    at most ``depth`` started and not yet collected. Use as an async context manager (the spool
+    file is removed on exit).
+
+    Args:
+        contact_scope: whether the collection is contact-scoped.
+        processes: worker processes to use; 0 parses every chunk in a worker thread.
+    """
+
+    def __init__(self, *, contact_scope: bool, processes: int) -> None:
+        self.contact_scope = contact_scope
+        self.processes = processes
+        # enough chunks in the air to keep every worker busy while the parent takes results
+        self.depth = processes + 2 if processes else 1
+        self._seen = 0
+        self._spool: _Spool | None = None
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def start(self, chunk: LineChunk) -> asyncio.Future[EncodedLines] | None:
+        """Send a chunk to a worker process; ``None`` if it is to be parsed in a thread."""
+        self._seen += len(chunk.data)
+        if not self.processes or self._seen <= PROCESS_AFTER:
+            return None
+        if self._pool is None:
+            self._pool = await anyio.to_thread.run_sync(_start_pool, self.processes)
+            self._spool = _Spool(self.depth)
+        pool, spool = self._pool, self._spool
+        assert spool is not None
+        try:
+            future: Future[EncodedLines]
+            if len(chunk.data) > _SLOT_BYTES:
+                future = pool.submit(_parse_bytes, chunk.data, self.contact_scope, chunk.first_line)
+            else:
+                offset = await anyio.to_thread.run_sync(spool.write, chunk.data)
+                future = pool.submit(
+                    _parse_spooled,
+                    spool.path,
+                    offset,
+                    len(chunk.data),
+                    self.contact_scope,
+                    chunk.first_line,
+                )
+        except (BrokenProcessPool, RuntimeError):  # broken, or shut down at interpreter exit
+            self._give_up(pool)
+            return None
+        return asyncio.wrap_future(future)
+
+    async def result(
+        self, chunk: LineChunk, started: asyncio.Future[EncodedLines] | None
+    ) -> EncodedLines:
+        """The encoded chunk ``start`` was given (parsed in a thread if it was not sent)."""
+        if started is not None:
+            try:
+                return await started
+            except BrokenProcessPool:
+                if self._pool is not None:
+                    self._give_up(self._pool)
+        return await anyio.to_thread.run_sync(
+            lambda: encode_chunk(
+                chunk.data, contact_scope=self.contact_scope, first_line=chunk.first_line
+            )
+        )
+
+    def _give_up(self, pool: ProcessPoolExecutor) -> None:
+        log.warning("parsing.processes_lost", detail="a parse worker died; parsing in a thread")
+        _forget_pool(pool)
+        self.processes = 0
+        self._pool = None
+
+    async def __aenter__(self) -> ChunkParser:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
