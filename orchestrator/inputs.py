@@ -8,7 +8,6 @@ what is pending) without cancelling the iterator itself.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ import orjson
 from anyio.abc import TaskGroup
 
 from orchestrator.errors import RecordError
-from orchestrator.parsing import ChunkParser
+from orchestrator.parsing import ChunkParser, Started
 from orchestrator.records import (
     Collection,
-    EncodedLines,
     EncodedRecord,
     RecordRun,
     RejectedRecord,
@@ -90,7 +88,7 @@ class FileInput:
 
     async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
         contact_scope = collection.scope is Scope.CONTACT
-        pending: deque[tuple[LineChunk, asyncio.Future[EncodedLines] | None]] = deque()
+        pending: deque[tuple[LineChunk, Started | None]] = deque()
         async with ChunkParser(contact_scope=contact_scope, processes=self._processes) as parser:
             try:
                 async for line_chunk in self._reader.chunks():
@@ -102,22 +100,24 @@ class FileInput:
             finally:
                 for _, started in pending:
                     if started is not None:
-                        started.cancel()
+                        started.future.cancel()
 
     async def _chunk(
         self,
         parser: ChunkParser,
         line_chunk: LineChunk,
-        started: asyncio.Future[EncodedLines] | None,
+        started: Started | None,
         contact_scope: bool,
     ) -> Chunk:
-        encoded = await parser.result(line_chunk, started)
+        encoded, segment = await parser.result(line_chunk, started)
         return Chunk(
             list(encoded.rejected(self.origin)),
             line_chunk.first_line,
             line_chunk.last_line,
             line_chunk.digest_through,
-            encoded.records(line_chunk.data, self.origin, contact_scope=contact_scope),
+            encoded.records(
+                line_chunk.data, self.origin, contact_scope=contact_scope, segment=segment
+            ),
         )
 
     async def aclose(self) -> None:

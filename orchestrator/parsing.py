@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 import anyio.to_thread
 import structlog
@@ -107,20 +108,45 @@ def _exit_with_parent(parent: int, spawner: int) -> None:
 
 def _parse_spooled(
     path: str, offset: int, length: int, contact_scope: bool, first_line: int
-) -> EncodedLines:
-    """In a worker process: read a chunk from the spool file and encode it."""
-    fd = os.open(path, os.O_RDONLY)
+) -> tuple[EncodedLines, int]:
+    """In a worker process: read a chunk from its spool slot, encode it, and write its body
+    segment back into the slot (where the parent reads it: cheaper than making it there).
+
+    Returns the encoded chunk and the segment's length (-1 when it does not fit the slot).
+    """
+    fd = os.open(path, os.O_RDWR)
     try:
         data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"spool file {path!r} is shorter than expected")
+        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+        segment = encoded.segment(data)
+        if len(segment) > _SLOT_BYTES:
+            return encoded, -1
+        _write_all(fd, segment, offset)
+        encoded.pieces = []  # not needed any more: the parent reads the segment
+        return encoded, len(segment)
     finally:
         os.close(fd)
-    if len(data) != length:
-        raise OSError(f"spool file {path!r} is shorter than expected")
-    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
 
 
-def _parse_bytes(data: bytes, contact_scope: bool, first_line: int) -> EncodedLines:
-    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, view[written:], offset + written)
+
+
+def _parse_bytes(data: bytes, contact_scope: bool, first_line: int) -> tuple[EncodedLines, int]:
+    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line), -1
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A chunk sent to a worker process: its result to come, and its spool slot (-1: none)."""
+
+    future: asyncio.Future[tuple[EncodedLines, int]]
+    offset: int
 
 
 class _Spool:
@@ -136,11 +162,15 @@ class _Spool:
         """Write a chunk to the next slot (blocking; run in a thread); return its offset."""
         offset = self.next * _SLOT_BYTES
         self.next = (self.next + 1) % self.slots
-        view = memoryview(data)
-        written = 0
-        while written < len(data):
-            written += os.pwrite(self.fd, view[written:], offset + written)
+        _write_all(self.fd, data, offset)
         return offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read what a worker wrote into a slot (a copy from shared memory: fast)."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"spool file {self.path!r} is shorter than expected")
+        return data
 
     def close(self) -> None:
         os.close(self.fd)
@@ -169,7 +199,7 @@ class ChunkParser:
         self._spool: _Spool | None = None
         self._pool: ProcessPoolExecutor | None = None
 
-    async def start(self, chunk: LineChunk) -> asyncio.Future[EncodedLines] | None:
+    async def start(self, chunk: LineChunk) -> Started | None:
         """Send a chunk to a worker process; ``None`` if it is to be parsed in a thread."""
         self._seen += len(chunk.data)
         if not self.processes or self._seen <= PROCESS_AFTER:
@@ -179,8 +209,9 @@ class ChunkParser:
             self._spool = _Spool(self.depth)
         pool, spool = self._pool, self._spool
         assert spool is not None
+        offset = -1
         try:
-            future: Future[EncodedLines]
+            future: Future[tuple[EncodedLines, int]]
             if len(chunk.data) > _SLOT_BYTES:
                 future = pool.submit(_parse_bytes, chunk.data, self.contact_scope, chunk.first_line)
             else:
@@ -196,23 +227,29 @@ class ChunkParser:
         except (BrokenProcessPool, RuntimeError):  # broken, or shut down at interpreter exit
             self._give_up(pool)
             return None
-        return asyncio.wrap_future(future)
+        return Started(asyncio.wrap_future(future), offset)
 
     async def result(
-        self, chunk: LineChunk, started: asyncio.Future[EncodedLines] | None
-    ) -> EncodedLines:
-        """The encoded chunk ``start`` was given (parsed in a thread if it was not sent)."""
+        self, chunk: LineChunk, started: Started | None
+    ) -> tuple[EncodedLines, bytes | None]:
+        """The encoded chunk ``start`` was given, with its body segment when a worker made it
+        (parsed in a thread if it was not sent, or its worker died)."""
         if started is not None:
             try:
-                return await started
+                encoded, length = await started.future
             except BrokenProcessPool:
                 if self._pool is not None:
                     self._give_up(self._pool)
-        return await anyio.to_thread.run_sync(
+            else:
+                if length < 0 or self._spool is None:
+                    return encoded, None
+                return encoded, self._spool.read(started.offset, length)
+        encoded = await anyio.to_thread.run_sync(
             lambda: encode_chunk(
                 chunk.data, contact_scope=self.contact_scope, first_line=chunk.first_line
             )
         )
+        return encoded, None
 
     def _give_up(self, pool: ProcessPoolExecutor) -> None:
         log.warning("parsing.processes_lost", detail="a parse worker died; parsing in a thread")

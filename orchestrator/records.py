@@ -31,7 +31,7 @@ import enum
 import re
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -597,16 +597,19 @@ class EncodedLines:
             for piece in pieces
         )
 
-    def records(self, data: bytes, origin: str, *, contact_scope: bool) -> RecordRun:
+    def records(
+        self, data: bytes, origin: str, *, contact_scope: bool, segment: bytes | None = None
+    ) -> RecordRun:
         """The records as a ``RecordRun`` (the bulk form of ``EncodedRecord``).
 
         Args:
             data: the chunk ``encode_chunk`` was given.
             origin: the input's display name for the records' sources.
             contact_scope: what ``encode_chunk`` was given.
+            segment: ``segment(data)`` when already made (by a worker process).
         """
         return RecordRun(
-            self.segment(data),
+            self.segment(data) if segment is None else segment,
             self.ends,
             self.keys,
             self.identifiers if contact_scope else None,
@@ -646,6 +649,7 @@ class RecordRun:
     values: list[str]
     origin: str
     lines: array[int]
+    _identities: list[tuple[str, str, str] | str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -664,10 +668,12 @@ class RecordRun:
         self, start: int = 0, stop: int | None = None
     ) -> list[tuple[str, str, str] | str]:
         """The identities of records ``start`` to ``stop`` (see ``identity_of``)."""
-        keys = self.keys[start:stop]
-        if self.identifiers is None:
-            return list(keys)
-        return list(zip(self.identifiers[start:stop], self.values[start:stop], keys, strict=True))
+        if self._identities is None:
+            if self.identifiers is None:
+                self._identities = list(self.keys)
+            else:
+                self._identities = list(zip(self.identifiers, self.values, self.keys, strict=True))
+        return self._identities[start:stop]
 
     def record(self, index: int) -> EncodedRecord:
         """Record ``index`` as an ``EncodedRecord``."""
