@@ -342,8 +342,8 @@ class BatchAssembler:
         """Add records of ``run`` from ``start`` on while they fit; return the index it stopped at.
 
         The bulk form of ``add`` for a chunk of input: one copy of the records' bytes, no object
-        per record. It never seals: a return value below ``len(run)`` means the open batch is
-        full (seal it, then call again from there).
+        per record. It never seals: call it again from the index it returns; when that adds
+        nothing (it returns ``start``), the open batch is full: seal it, then call again.
 
         Args:
             run: the records.
@@ -363,15 +363,22 @@ class BatchAssembler:
         # commas) + ends[k-1] - offset, stays within the cap.
         limit = self._cap - self._base - self._size - count + offset
         stop = bisect_right(ends, limit, start, total)
-        if stop == start:
-            if count:
-                return start  # full
-            raise self._too_large(run.record(start))
-        identities = run.identities(start, stop)
+        identities = run.identities(start, min(stop + 1, total))  # and the first that does not fit
         first = len(self._keys)
-        fresh = dict(zip(identities, range(first, first + stop - start), strict=True))
-        if len(fresh) != stop - start or not self._index.keys().isdisjoint(fresh):
-            return self._add_one_by_one(run, start)  # rare: a key repeats in the batch
+        fresh = dict(zip(identities[: stop - start], range(first, first + stop - start)))
+        blocked = identities[-1] if stop < total else None
+        if (
+            len(fresh) != stop - start
+            or not self._index.keys().isdisjoint(fresh)
+            or (blocked is not None and (blocked in fresh or blocked in self._index))
+        ):
+            # rare: a key repeats in the batch (the record that does not fit may still replace
+            # an older one and so fit): one by one, exactly as add() does
+            return self._add_one_by_one(run, start)
+        if stop == start:
+            if self._base + ends[start] - offset > self._cap:
+                raise self._too_large(run.record(start))  # as add() does, without sealing
+            return start  # full
         self._index.update(fresh)
         body = self._body
         shift = len(body) - offset
@@ -387,11 +394,13 @@ class BatchAssembler:
     def _add_one_by_one(self, run: RecordRun, start: int) -> int:
         for index in range(start, len(run)):
             record = run.record(index)
-            if index > start and (
-                not self.fits(record) or self._base + len(record.data) > self._cap
-            ):
-                return index  # full, or a record too large for any body: the next call says so
-            self.add(record)
+            if self._base + len(record.data) > self._cap:
+                if index == start:
+                    raise self._too_large(record)
+                return index  # the next call raises for it
+            if not self.fits(record):
+                return index
+            self.add(record)  # never seals: it fits
         return len(run)
 
     def _too_large(self, record: EncodedRecord) -> errors.RecordError:

@@ -954,8 +954,8 @@ class _Producer:
                 position += 1
                 continue
             self._count("records_read", stop - position)
-            if stop < total:
-                # the main batch is full: seal both, with the progress up to record `stop`
+            if stop == position:
+                # the main batch is full: seal both, with the progress up to this record
                 line = records.lines[stop]
                 reject_before(line)
                 progress = InputProgress(

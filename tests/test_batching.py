@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,15 @@ from hypothesis import strategies as st
 
 from orchestrator import errors
 from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
-from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_record
+from orchestrator.records import (
+    Collection,
+    EncodedRecord,
+    Scope,
+    Source,
+    encode_chunk,
+    encode_line,
+    encode_record,
+)
 
 ACCOUNT = Collection("Orders")
 CONTACT = Collection("Orders", scope=Scope.CONTACT)
@@ -323,3 +333,70 @@ def test_fits_predicts_whether_add_seals(sizes: list[int], keys: list[int], cap:
             continue
         predicted = assembler.fits(record)
         assert (assembler.add(record) is None) == predicted
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    plan=record_plans,
+    cap_extra=st.integers(0, 3000),
+    contact=st.booleans(),
+    cuts=st.lists(st.integers(1, 120), max_size=6),
+)
+def test_add_run_packs_exactly_like_add(
+    plan: list[tuple[int, int, str]], cap_extra: int, contact: bool, cuts: list[int]
+) -> None:
+    """Runs of records (as file chunks give them) make the same bodies as adding one by one."""
+    collection = CONTACT if contact else ACCOUNT
+    prefix, suffix = collection.envelope()
+    cap = len(prefix) + len(suffix) + 60 + cap_extra
+    lines = [
+        make(f"k{key_no}", size, email=email if contact else None).data
+        for key_no, size, email in plan
+    ]
+
+    one_by_one = BatchAssembler(collection, max_body_bytes=cap)
+    expected: list[Batch] = []
+    rejected: list[int] = []
+    for line, data in enumerate(lines, start=1):
+        record = encode_line(data, collection, source=Source("f", line))
+        if len(prefix) + len(suffix) + len(record.data) > cap:
+            rejected.append(line)
+            continue
+        if not one_by_one.fits(record):  # as the engine adds one record: seal first if full
+            sealed = one_by_one.seal()
+            assert sealed is not None
+            expected.append(sealed)
+        assert one_by_one.add(record) is None
+    last = one_by_one.seal()
+    if last is not None:
+        expected.append(last)
+
+    in_runs = BatchAssembler(collection, max_body_bytes=cap)
+    got: list[Batch] = []
+    got_rejected: list[int] = []
+    bounds = sorted({0, len(lines), *(c for c in cuts if c < len(lines))})
+    for first, end in itertools.pairwise(bounds):
+        data = b"".join(line + b"\n" for line in lines[first:end])
+        encoded = encode_chunk(data, contact_scope=contact, first_line=first + 1)
+        run = encoded.records(data, "f", contact_scope=contact)
+        position = 0
+        while position < len(run):
+            try:
+                stop = in_runs.add_run(run, position)
+            except errors.RecordError as error:
+                assert error.rule == "record-too-large"  # noqa: PT017 - many adds
+                got_rejected.append(run.lines[position])
+                position += 1
+                continue
+            if stop == position:  # full
+                sealed = in_runs.seal()
+                assert sealed is not None
+                got.append(sealed)
+            position = stop
+    last = in_runs.seal()
+    if last is not None:
+        got.append(last)
+
+    assert got_rejected == rejected
+    assert [bytes(batch.body) for batch in got] == [bytes(batch.body) for batch in expected]
+    assert [list(batch.refs) for batch in got] == [list(batch.refs) for batch in expected]
