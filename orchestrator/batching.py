@@ -365,7 +365,9 @@ class BatchAssembler:
         stop = bisect_right(ends, limit, start, total)
         identities = run.identities(start, min(stop + 1, total))  # and the first that does not fit
         first = len(self._keys)
-        fresh = dict(zip(identities[: stop - start], range(first, first + stop - start)))
+        fresh = dict(
+            zip(identities[: stop - start], range(first, first + stop - start), strict=True)
+        )
         blocked = identities[-1] if stop < total else None
         if (
             len(fresh) != stop - start
