@@ -82,15 +82,52 @@ class RecordRefs(Sequence[RecordRef]):
     ) -> None:
         if not len(keys) == len(contacts) == len(origins) == len(lines):
             raise ValueError("keys, contacts, origins and lines must have the same length")
+        numbers: dict[str | None, int] = {}
+        self._set(
+            keys,
+            [c[0] if c else "" for c in contacts],
+            [c[1] if c else "" for c in contacts],
+            bytes(c is not None for c in contacts),
+            array("I", [numbers.setdefault(o, len(numbers)) for o in origins]),
+            tuple(numbers),
+            array("q", lines),
+        )
+
+    def _set(
+        self,
+        keys: Sequence[str],
+        identifiers: Sequence[str],
+        values: Sequence[str],
+        has_contact: bytes,
+        origin_numbers: array[int],
+        origins: tuple[str | None, ...],
+        lines: array[int],
+    ) -> None:
         self._count = len(keys)
         self._keys, self._key_ends = _pack(keys)
-        self._has_contact = bytes(c is not None for c in contacts)
-        self._identifiers, self._identifier_ends = _pack([c[0] if c else "" for c in contacts])
-        self._values, self._value_ends = _pack([c[1] if c else "" for c in contacts])
-        numbers: dict[str | None, int] = {}
-        self._origin_numbers = array("I", [numbers.setdefault(o, len(numbers)) for o in origins])
-        self._origins = tuple(numbers)
-        self._line_numbers = array("q", lines)
+        self._identifiers, self._identifier_ends = _pack(identifiers)
+        self._values, self._value_ends = _pack(values)
+        self._has_contact = has_contact
+        self._origin_numbers = origin_numbers
+        self._origins = origins
+        self._line_numbers = lines
+
+    @classmethod
+    def _of_columns(
+        cls,
+        keys: Sequence[str],
+        identifiers: Sequence[str],
+        values: Sequence[str],
+        has_contact: bytes,
+        origin_numbers: array[int],
+        origins: tuple[str | None, ...],
+        lines: array[int],
+    ) -> RecordRefs:
+        """Pack columns as an assembler keeps them (identifier and value ``""`` where
+        ``has_contact`` is 0); no work per record beyond joining the strings."""
+        refs: RecordRefs = object.__new__(cls)
+        refs._set(keys, identifiers, values, has_contact, origin_numbers, origins, lines)
+        return refs
 
     @classmethod
     def of(cls, refs: Iterable[RecordRef]) -> RecordRefs:
@@ -240,17 +277,20 @@ class BatchAssembler:
         "_base",
         "_body",
         "_cap",
-        "_contacts",
         "_dropped",
         "_ends",
+        "_has_contact",
+        "_identifiers",
         "_index",
         "_keys",
         "_lines",
         "_on_superseded",
+        "_origin_numbers",
         "_origins",
         "_prefix",
         "_size",
         "_suffix",
+        "_values",
     )
 
     def __init__(
@@ -276,9 +316,15 @@ class BatchAssembler:
         self._body = bytearray(self._prefix)  # the prefix, then each record followed by a comma
         self._ends = array("q")  # where each record's bytes end in the body
         self._index: dict[tuple[str, str, str] | str, int] = {}
+        # The records' fields in flat columns, as RecordRefs packs them: holding a tuple per
+        # contact or a Source per record would cost an object per record, and sealing would
+        # take them apart again.
         self._keys: list[str] = []
-        self._contacts: list[tuple[str, str] | None] = []
-        self._origins: list[str | None] = []
+        self._identifiers: list[str] = []  # "" where there is no contact
+        self._values: list[str] = []
+        self._has_contact = bytearray()
+        self._origins: dict[str | None, int] = {}  # origin -> its number
+        self._origin_numbers = array("I")
         self._lines = array("q")
         self._size = 0  # sum of the open (not replaced) records' data lengths
         self._dropped: set[int] = set()  # places of records replaced by a later one
@@ -325,16 +371,21 @@ class BatchAssembler:
         self._ends.append(len(body))
         body += b","
         keys.append(key)
-        self._contacts.append(contact)
-        # Sources are split into an origin (one shared string) and a line (in an array):
-        # holding the Source objects would give the garbage collector one more object a record.
-        source = record.source
-        if source is None:
-            self._origins.append(None)
-            self._lines.append(0)
+        if contact is None:
+            self._identifiers.append("")
+            self._values.append("")
+            self._has_contact.append(0)
         else:
-            self._origins.append(source.origin)
-            self._lines.append(source.line)
+            self._identifiers.append(contact[0])
+            self._values.append(contact[1])
+            self._has_contact.append(1)
+        source = record.source
+        origin = None if source is None else source.origin
+        number = self._origins.get(origin)
+        if number is None:
+            number = self._origins[origin] = len(self._origins)
+        self._origin_numbers.append(number)
+        self._lines.append(0 if source is None else source.line)
         self._size += data_len
         return sealed
 
@@ -386,11 +437,22 @@ class BatchAssembler:
         shift = len(body) - offset
         body += memoryview(run.segment)[offset : ends[stop - 1] + 1]
         self._ends.extend(array("q", [end + shift for end in ends[start:stop]]))
+        count = stop - start
         self._keys.extend(run.keys[start:stop])
-        self._contacts.extend(run.contacts(start, stop))
-        self._origins.extend([run.origin] * (stop - start))
+        if run.identifiers is None:
+            self._identifiers.extend([""] * count)
+            self._values.extend([""] * count)
+            self._has_contact.extend(bytes(count))
+        else:
+            self._identifiers.extend(run.identifiers[start:stop])
+            self._values.extend(run.values[start:stop])
+            self._has_contact.extend(b"\x01" * count)
+        number = self._origins.get(run.origin)
+        if number is None:
+            number = self._origins[run.origin] = len(self._origins)
+        self._origin_numbers.extend(array("I", [number]) * count)
         self._lines.extend(run.lines[start:stop])
-        self._size += ends[stop - 1] - offset - (stop - start - 1)
+        self._size += ends[stop - 1] - offset - (count - 1)
         return stop
 
     def _add_one_by_one(self, run: RecordRun, start: int) -> int:
@@ -415,9 +477,12 @@ class BatchAssembler:
         )
 
     def _record_at(self, index: int, data: bytes) -> EncodedRecord:
-        origin = self._origins[index]
+        origin = list(self._origins)[self._origin_numbers[index]]
         source = None if origin is None else Source(origin, self._lines[index])
-        return EncodedRecord(self._keys[index], self._contacts[index], data, source)
+        contact = None
+        if self._has_contact[index]:
+            contact = (self._identifiers[index], self._values[index])
+        return EncodedRecord(self._keys[index], contact, data, source)
 
     def fits(self, record: EncodedRecord) -> bool:
         """Whether ``add(record)`` would keep the open batch (no seal needed to make room).
@@ -444,8 +509,9 @@ class BatchAssembler:
         return self._seal()
 
     def _seal(self) -> Batch:
-        body, keys, contacts = self._body, self._keys, self._contacts
-        origins, lines = self._origins, list(self._lines)
+        body = self._body
+        keys, identifiers, values = self._keys, self._identifiers, self._values
+        has_contact, numbers, lines = self._has_contact, self._origin_numbers, self._lines
         if self._dropped:  # rare: rebuild without the replaced records
             kept = [i for i in range(len(keys)) if i not in self._dropped]
             view = memoryview(body)
@@ -453,10 +519,14 @@ class BatchAssembler:
             body = bytearray(self._prefix) + b",".join(parts) + b","
             view.release()
             keys = [keys[i] for i in kept]
-            contacts = [contacts[i] for i in kept]
-            origins = [origins[i] for i in kept]
-            lines = [lines[i] for i in kept]
-        refs = RecordRefs(keys, contacts, origins, lines)
+            identifiers = [identifiers[i] for i in kept]
+            values = [values[i] for i in kept]
+            has_contact = bytearray(has_contact[i] for i in kept)
+            numbers = array("I", [numbers[i] for i in kept])
+            lines = array("q", [lines[i] for i in kept])
+        refs = RecordRefs._of_columns(
+            keys, identifiers, values, bytes(has_contact), numbers, tuple(self._origins), lines
+        )
         self._reset()
         # the body ends with the last record's comma: put the suffix in its place
         del body[-1:]

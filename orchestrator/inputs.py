@@ -8,7 +8,8 @@ what is pending) without cancelling the iterator itself.
 
 from __future__ import annotations
 
-from collections import deque
+import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,19 +89,38 @@ class FileInput:
 
     async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
         contact_scope = collection.scope is Scope.CONTACT
-        pending: deque[tuple[LineChunk, Started | None]] = deque()
         async with ChunkParser(contact_scope=contact_scope, processes=self._processes) as parser:
+            # A task reads and sends chunks ahead while the caller packs earlier ones: the
+            # reading (in a thread) and the parsing (in processes) overlap the packing.
+            ahead: asyncio.Queue[tuple[LineChunk, Started | None] | BaseException | None]
+            ahead = asyncio.Queue(maxsize=parser.depth)
+            reading = asyncio.create_task(self._read_ahead(parser, ahead))
             try:
-                async for line_chunk in self._reader.chunks():
-                    pending.append((line_chunk, await parser.start(line_chunk)))
-                    if len(pending) >= parser.depth:
-                        yield await self._chunk(parser, *pending.popleft(), contact_scope)
-                while pending:
-                    yield await self._chunk(parser, *pending.popleft(), contact_scope)
+                while (item := await ahead.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield await self._chunk(parser, *item, contact_scope)
             finally:
-                for _, started in pending:
-                    if started is not None:
-                        started.future.cancel()
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+                while not ahead.empty():
+                    left = ahead.get_nowait()
+                    if isinstance(left, tuple) and left[1] is not None:
+                        left[1].future.cancel()
+
+    async def _read_ahead(
+        self,
+        parser: ChunkParser,
+        ahead: asyncio.Queue[tuple[LineChunk, Started | None] | BaseException | None],
+    ) -> None:
+        try:
+            async for line_chunk in self._reader.chunks():
+                await ahead.put((line_chunk, await parser.start(line_chunk)))
+        except Exception as error:  # handed to the reader of the queue
+            await ahead.put(error)
+            return
+        await ahead.put(None)
 
     async def _chunk(
         self,

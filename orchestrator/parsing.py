@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import multiprocessing
 import os
 import signal
@@ -150,39 +151,47 @@ class Started:
 
 
 class _Spool:
-    """A ring of chunk-sized slots in a file in shared memory, written by the parent."""
+    """A ring of chunk-sized slots in a file in shared memory, mapped into the parent.
+
+    The parent writes a chunk into a slot, a worker reads it and writes the chunk's body segment
+    back, and the parent takes the segment as a view of its mapping (no copy until it goes into a
+    body). A slot is reused only ``slots`` chunks later, after its chunk has been consumed.
+    """
 
     def __init__(self, slots: int) -> None:
         directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.fd, self.path = tempfile.mkstemp(prefix="insight-import-", dir=directory)
+        os.ftruncate(self.fd, slots * _SLOT_BYTES)  # sparse: memory only for what is written
+        self.map = mmap.mmap(self.fd, slots * _SLOT_BYTES)
         self.slots = slots
         self.next = 0
 
     def write(self, data: bytes) -> int:
-        """Write a chunk to the next slot (blocking; run in a thread); return its offset."""
+        """Write a chunk to the next slot (run it in a thread); return its offset."""
         offset = self.next * _SLOT_BYTES
         self.next = (self.next + 1) % self.slots
-        _write_all(self.fd, data, offset)
+        self.map[offset : offset + len(data)] = data
         return offset
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Read what a worker wrote into a slot (a copy from shared memory: fast)."""
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise OSError(f"spool file {self.path!r} is shorter than expected")
-        return data
+    def view(self, offset: int, length: int) -> memoryview:
+        """What a worker wrote into a slot, without copying it."""
+        return memoryview(self.map)[offset : offset + length]
 
     def close(self) -> None:
         os.close(self.fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        # views of the last chunks may still be alive: the mapping goes when they do
+        with contextlib.suppress(BufferError):
+            self.map.close()
 
 
 class ChunkParser:
     """Parses one input's chunks in order: in a worker thread at first, then in worker processes.
 
     Call ``start`` for each chunk as it is read and ``result`` for each in the same order; keep
-    at most ``depth`` started and not yet collected. Use as an async context manager (the spool
+    at most ``depth + 2`` started and not yet consumed (a chunk's segment is a view of a spool
+    slot, reused that many chunks later). Use as an async context manager (the spool
     file is removed on exit).
 
     Args:
@@ -206,7 +215,8 @@ class ChunkParser:
             return None
         if self._pool is None:
             self._pool = await anyio.to_thread.run_sync(_start_pool, self.processes)
-            self._spool = _Spool(self.depth)
+            # queued chunks, plus one being queued and one being consumed
+            self._spool = _Spool(self.depth + 2)
         pool, spool = self._pool, self._spool
         assert spool is not None
         offset = -1
@@ -231,7 +241,7 @@ class ChunkParser:
 
     async def result(
         self, chunk: LineChunk, started: Started | None
-    ) -> tuple[EncodedLines, bytes | None]:
+    ) -> tuple[EncodedLines, memoryview | None]:
         """The encoded chunk ``start`` was given, with its body segment when a worker made it
         (parsed in a thread if it was not sent, or its worker died)."""
         if started is not None:
@@ -243,7 +253,7 @@ class ChunkParser:
             else:
                 if length < 0 or self._spool is None:
                     return encoded, None
-                return encoded, self._spool.read(started.offset, length)
+                return encoded, self._spool.view(started.offset, length)
         encoded = await anyio.to_thread.run_sync(
             lambda: encode_chunk(
                 chunk.data, contact_scope=self.contact_scope, first_line=chunk.first_line

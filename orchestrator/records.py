@@ -598,7 +598,12 @@ class EncodedLines:
         )
 
     def records(
-        self, data: bytes, origin: str, *, contact_scope: bool, segment: bytes | None = None
+        self,
+        data: bytes,
+        origin: str,
+        *,
+        contact_scope: bool,
+        segment: bytes | memoryview | None = None,
     ) -> RecordRun:
         """The records as a ``RecordRun`` (the bulk form of ``EncodedRecord``).
 
@@ -606,7 +611,8 @@ class EncodedLines:
             data: the chunk ``encode_chunk`` was given.
             origin: the input's display name for the records' sources.
             contact_scope: what ``encode_chunk`` was given.
-            segment: ``segment(data)`` when already made (by a worker process).
+            segment: ``segment(data)`` when already made (by a worker process; a view of
+                shared memory that is valid until the next chunk is read).
         """
         return RecordRun(
             self.segment(data) if segment is None else segment,
@@ -633,7 +639,8 @@ class RecordRun:
     """Consecutive encoded records of one input, in columns: the bulk form of ``EncodedRecord``.
 
     Args:
-        segment: the records' bytes as they go into a body, each followed by a comma.
+        segment: the records' bytes as they go into a body, each followed by a comma (a view
+            is only valid while its chunk is being consumed).
         ends: where each record ends in ``segment`` (the comma after it is at that offset).
         keys: each record's key.
         identifiers: each record's contact identifier, or ``None`` for account scope.
@@ -642,7 +649,7 @@ class RecordRun:
         lines: each record's 1-based line number in the input.
     """
 
-    segment: bytes
+    segment: bytes | memoryview
     ends: array[int]
     keys: list[str]
     identifiers: list[str] | None
@@ -657,12 +664,6 @@ class RecordRun:
     def start_of(self, index: int) -> int:
         """Where record ``index`` starts in the segment."""
         return self.ends[index - 1] + 1 if index else 0
-
-    def contacts(self, start: int, stop: int) -> list[tuple[str, str] | None]:
-        """The ``(identifier, value)`` of records ``start`` to ``stop`` (``None``s for account)."""
-        if self.identifiers is None:
-            return [None] * (stop - start)
-        return list(zip(self.identifiers[start:stop], self.values[start:stop], strict=True))
 
     def identities(
         self, start: int = 0, stop: int | None = None
@@ -680,7 +681,7 @@ class RecordRun:
         contact = None
         if self.identifiers is not None:
             contact = (self.identifiers[index], self.values[index])
-        data = self.segment[self.start_of(index) : self.ends[index]]
+        data = bytes(self.segment[self.start_of(index) : self.ends[index]])
         return _encoded(self.keys[index], contact, data, _source(self.origin, self.lines[index]))
 
 
