@@ -3,43 +3,51 @@
     async with Orchestrator(InsightClient(ClientSettings.from_env())) as orch:
         result = await orch.import_records(Collection("Orders", "contact", "orders"), records)
 
-The public names are listed in ``__all__``; everything else is private.
+The public names are listed in ``__all__``; everything else is private. They are imported on
+first use, so a process that needs one part (a parse worker needs only the record rules) does
+not load the HTTP client and the engine.
 """
 
-from orchestrator.batching import Batch, BatchAssembler, RecordRef
-from orchestrator.client import (
-    REGIONS,
-    ClientSettings,
-    ImportState,
-    ImportStatus,
-    ImportSummary,
-    InsightClient,
-    RecordFailure,
-    RetryPolicy,
-    SubmitReceipt,
-)
-from orchestrator.engine import Orchestrator
-from orchestrator.errors import (
-    AccountFullError,
-    ApiError,
-    AuthenticationError,
-    BadRequestError,
-    BodyTooLargeError,
-    ConfigError,
-    ForbiddenError,
-    InputError,
-    JournalError,
-    JournalMismatch,
-    NotFoundError,
-    OrchestratorError,
-    RateLimitedError,
-    RecordError,
-    TransientError,
-)
-from orchestrator.journal import DeadLetter, Journal, MemoryJournal, SqliteJournal
-from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
-from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_record
-from orchestrator.settings import Settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.batching import Batch, BatchAssembler, RecordRef
+    from orchestrator.client import (
+        REGIONS,
+        ClientSettings,
+        ImportState,
+        ImportStatus,
+        ImportSummary,
+        InsightClient,
+        RecordFailure,
+        RetryPolicy,
+        SubmitReceipt,
+    )
+    from orchestrator.engine import Orchestrator
+    from orchestrator.errors import (
+        AccountFullError,
+        ApiError,
+        AuthenticationError,
+        BadRequestError,
+        BodyTooLargeError,
+        ConfigError,
+        ForbiddenError,
+        InputError,
+        JournalError,
+        JournalMismatch,
+        NotFoundError,
+        OrchestratorError,
+        RateLimitedError,
+        RecordError,
+        TransientError,
+    )
+    from orchestrator.journal import DeadLetter, Journal, MemoryJournal, SqliteJournal
+    from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
+    from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_record
+    from orchestrator.settings import Settings
 
 __all__ = [
     "REGIONS",
@@ -84,3 +92,60 @@ __all__ = [
     "TransientError",
     "encode_record",
 ]
+
+_MODULES: dict[str, str] = {
+    "AccountFullError": "orchestrator.errors",
+    "ApiError": "orchestrator.errors",
+    "AuthenticationError": "orchestrator.errors",
+    "BadRequestError": "orchestrator.errors",
+    "Batch": "orchestrator.batching",
+    "BatchAssembler": "orchestrator.batching",
+    "BodyTooLargeError": "orchestrator.errors",
+    "ClientSettings": "orchestrator.client",
+    "Collection": "orchestrator.records",
+    "ConfigError": "orchestrator.errors",
+    "DeadLetter": "orchestrator.journal",
+    "EncodedRecord": "orchestrator.records",
+    "ForbiddenError": "orchestrator.errors",
+    "ImportOutcome": "orchestrator.outcomes",
+    "ImportResult": "orchestrator.outcomes",
+    "ImportState": "orchestrator.client",
+    "ImportStatus": "orchestrator.client",
+    "ImportSummary": "orchestrator.client",
+    "InputError": "orchestrator.errors",
+    "InsightClient": "orchestrator.client",
+    "Journal": "orchestrator.journal",
+    "JournalError": "orchestrator.errors",
+    "JournalMismatch": "orchestrator.errors",
+    "MemoryJournal": "orchestrator.journal",
+    "NotFoundError": "orchestrator.errors",
+    "Orchestrator": "orchestrator.engine",
+    "OrchestratorError": "orchestrator.errors",
+    "REGIONS": "orchestrator.client",
+    "RateLimitedError": "orchestrator.errors",
+    "RecordError": "orchestrator.errors",
+    "RecordFailure": "orchestrator.client",
+    "RecordRef": "orchestrator.batching",
+    "RetryPolicy": "orchestrator.client",
+    "RunStats": "orchestrator.outcomes",
+    "Scope": "orchestrator.records",
+    "Settings": "orchestrator.settings",
+    "Source": "orchestrator.records",
+    "SqliteJournal": "orchestrator.journal",
+    "SubmitReceipt": "orchestrator.client",
+    "TransientError": "orchestrator.errors",
+    "encode_record": "orchestrator.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -19,10 +19,8 @@ import contextlib
 import mmap
 import multiprocessing
 import os
-import signal
 import tempfile
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 import anyio.to_thread
 import structlog
 
+from orchestrator import parse_worker
 from orchestrator.records import EncodedLines, encode_chunk
 from orchestrator.sources import LineChunk
 
@@ -68,9 +67,12 @@ def _start_pool(processes: int) -> ProcessPoolExecutor:
                 "forkserver" if "forkserver" in methods else "spawn"
             )
             if "forkserver" in methods:
-                context.set_forkserver_preload(["orchestrator.records"])
+                context.set_forkserver_preload(["orchestrator.parse_worker"])
             _pool = ProcessPoolExecutor(
-                processes, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+                processes,
+                mp_context=context,
+                initializer=parse_worker.init,
+                initargs=(os.getpid(),),
             )
             _pool_size = processes
             # wait for the workers here (in a thread), not on the first chunk's critical path
@@ -85,61 +87,6 @@ def _forget_pool(broken: ProcessPoolExecutor) -> None:
         if _pool is broken:
             _pool = None
     broken.shutdown(wait=False, cancel_futures=True)
-
-
-def _worker_init(parent: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides how to stop, not its workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent, os.getppid()), daemon=True).start()
-
-
-def _exit_with_parent(parent: int, spawner: int) -> None:
-    # A parent killed outright cannot shut the pool down: its workers leave on their own. The
-    # process that started this one (the forkserver, which ends with the parent, or the parent
-    # itself) going away shows it even while the dead parent is not yet reaped.
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != spawner:
-            os._exit(0)
-        try:
-            os.kill(parent, 0)
-        except (ProcessLookupError, PermissionError):  # gone, or the pid now someone else's
-            os._exit(0)
-
-
-def _parse_spooled(
-    path: str, offset: int, length: int, contact_scope: bool, first_line: int
-) -> tuple[EncodedLines, int]:
-    """In a worker process: read a chunk from its spool slot, encode it, and write its body
-    segment back into the slot (where the parent reads it: cheaper than making it there).
-
-    Returns the encoded chunk and the segment's length (-1 when it does not fit the slot).
-    """
-    fd = os.open(path, os.O_RDWR)
-    try:
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise OSError(f"spool file {path!r} is shorter than expected")
-        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
-        segment = encoded.segment(data)
-        if len(segment) > _SLOT_BYTES:
-            return encoded, -1
-        _write_all(fd, segment, offset)
-        encoded.pieces = []  # not needed any more: the parent reads the segment
-        return encoded, len(segment)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    written = 0
-    while written < len(data):
-        written += os.pwrite(fd, view[written:], offset + written)
-
-
-def _parse_bytes(data: bytes, contact_scope: bool, first_line: int) -> tuple[EncodedLines, int]:
-    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line), -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +170,17 @@ class ChunkParser:
         try:
             future: Future[tuple[EncodedLines, int]]
             if len(chunk.data) > _SLOT_BYTES:
-                future = pool.submit(_parse_bytes, chunk.data, self.contact_scope, chunk.first_line)
+                future = pool.submit(
+                    parse_worker.parse_bytes, chunk.data, self.contact_scope, chunk.first_line
+                )
             else:
                 offset = await anyio.to_thread.run_sync(spool.write, chunk.data)
                 future = pool.submit(
-                    _parse_spooled,
+                    parse_worker.parse_spooled,
                     spool.path,
                     offset,
                     len(chunk.data),
+                    _SLOT_BYTES,
                     self.contact_scope,
                     chunk.first_line,
                 )

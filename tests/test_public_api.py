@@ -38,3 +38,17 @@ def test_main_entry_points_are_exported() -> None:
         "DeadLetter",
     ):
         assert name in orchestrator.__all__
+
+
+def test_names_load_on_first_use() -> None:
+    """Each public name comes from where the index says; unknown names are AttributeErrors."""
+    import importlib
+
+    import pytest
+
+    for name in orchestrator.__all__:
+        module = importlib.import_module(orchestrator._MODULES[name])
+        assert getattr(orchestrator, name) is getattr(module, name)
+    assert set(orchestrator._MODULES) == set(orchestrator.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        orchestrator.no_such_name  # noqa: B018

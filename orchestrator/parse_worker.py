@@ -1,0 +1,70 @@
+"""What runs inside a parse worker process (see ``parsing``): kept to the record rules and the OS.
+
+A worker imports only this module and ``records`` (not the HTTP client, the engine or the journal),
+so each worker costs a few MB of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from orchestrator.records import EncodedLines, encode_chunk
+
+__all__ = ["init", "parse_bytes", "parse_spooled"]
+
+
+def init(parent: int) -> None:
+    """Set a worker up: Ctrl-C is the parent's to handle, and the worker ends with the parent."""
+    # Ctrl-C reaches the whole process group: the parent decides how to stop, not its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent, os.getppid()), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, spawner: int) -> None:
+    # A parent killed outright cannot shut the pool down: its workers leave on their own. The
+    # process that started this one (the forkserver, which ends with the parent, or the parent
+    # itself) going away shows it even while the dead parent is not yet reaped.
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != spawner:
+            os._exit(0)
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or the pid now someone else's
+            os._exit(0)
+
+
+def parse_spooled(
+    path: str, offset: int, length: int, slot_bytes: int, contact_scope: bool, first_line: int
+) -> tuple[EncodedLines, int]:
+    """Read a chunk from its spool slot, encode it, and write its body segment back into the slot
+    (where the parent takes it: making it here keeps that work off the parent).
+
+    Returns the encoded chunk and the segment's length (-1 when it does not fit the slot; the
+    parent then makes it from the chunk).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"spool file {path!r} is shorter than expected")
+        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+        segment = encoded.segment(data)
+        if len(segment) > slot_bytes:
+            return encoded, -1
+        view = memoryview(segment)
+        written = 0
+        while written < len(segment):
+            written += os.pwrite(fd, view[written:], offset + written)
+        encoded.pieces = []  # not needed any more: the parent takes the segment
+        return encoded, len(segment)
+    finally:
+        os.close(fd)
+
+
+def parse_bytes(data: bytes, contact_scope: bool, first_line: int) -> tuple[EncodedLines, int]:
+    """Encode a chunk sent through the pipe (one too big for a spool slot)."""
+    return encode_chunk(data, contact_scope=contact_scope, first_line=first_line), -1
