@@ -3,8 +3,8 @@
 Each import runs as its own child process (``python -m orchestrator run FILE ...`` with the default
 50 MB body cap), against the simulator in ANOTHER process (so its memory is not counted), with a
 fast processing rate and ``--poll-min 0.05 --poll-max 0.5``. The peak is the child's own
-``ru_maxrss`` (from ``os.wait4``), exact, plus the peak of its helper processes (parse workers
-and their forkserver) sampled every 50 ms.
+``ru_maxrss`` (from ``os.wait4``), exact, plus the peak PSS of its helper processes (parse
+workers and their forkserver) sampled every 50 ms.
 
 The first size is a file of unique keys (a generated base re-emitted with key prefixes); larger
 sizes repeat that file (the same keys again: a nightly full re-sync), which keeps the simulator's
@@ -63,7 +63,9 @@ def _run_child(command: list[str], **kwargs: object) -> tuple[int, float, float,
     """Run a child; return (exit code, its peak RSS in MB, its helpers' peak RSS in MB, wall s).
 
     The child's own peak is exact (``ru_maxrss``). Its helper processes (the parse workers and
-    the forkserver that starts them) are sampled every 50 ms: the peak of their summed RSS.
+    the forkserver that starts them) are sampled every 50 ms: the peak of their summed PSS
+    (proportional set size: a page shared by n processes counts 1/n in each, so the libraries and
+    modules they share are not counted once per process).
     """
     start = time.monotonic()
     proc = subprocess.Popen(command, **kwargs)  # type: ignore[call-overload]
@@ -78,7 +80,7 @@ def _run_child(command: list[str], **kwargs: object) -> tuple[int, float, float,
                 total = 0
                 for helper in parent.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
-                        total += helper.memory_info().rss
+                        total += helper.memory_full_info().pss
                 helpers_peak = max(helpers_peak, total / 2**20)
         except psutil.Error:
             return
@@ -221,8 +223,8 @@ def main() -> None:
         "Each import is `python -m orchestrator run FILE` (default 50 MB body cap, SQLite journal "
         "in a temp dir, `--poll-min 0.05 --poll-max 0.5`) against the simulator in another process "
         f"({args.records_per_second:,.0f} records/s); peak RSS is the child's `ru_maxrss` plus"
-        " the peak of its helper processes' summed RSS (the parse workers and their forkserver,"
-        " sampled every 50 ms; shared pages counted in each, so an upper bound). "
+        " the peak of its helper processes' summed PSS (the parse workers and their forkserver,"
+        " sampled every 50 ms; a page they share counts once, split between them). "
         f"The {sizes[0]:g} GB file has unique keys; larger files repeat it (same keys again).\n\n"
         f"Baseline (same run): loading the {sizes[0]:g} GB file whole with `orjson.loads` per "
         f"line into a list: **{baseline_mb:,.0f} MB**{extrapolated}.\n\n"

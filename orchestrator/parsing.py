@@ -76,8 +76,13 @@ def _start_pool(processes: int) -> ProcessPoolExecutor:
             )
             _pool_size = processes
             # wait for the workers here (in a thread), not on the first chunk's critical path
-            for future in [_pool.submit(os.getpid) for _ in range(processes)]:
-                future.result()
+            try:
+                for future in [_pool.submit(os.getpid) for _ in range(processes)]:
+                    future.result()
+            except BaseException:
+                _pool.shutdown(wait=False, cancel_futures=True)
+                _pool = None
+                raise
         return _pool
 
 
@@ -161,7 +166,17 @@ class ChunkParser:
         if not self.processes or self._seen <= PROCESS_AFTER:
             return None
         if self._pool is None:
-            self._pool = await anyio.to_thread.run_sync(_start_pool, self.processes)
+            try:
+                self._pool = await anyio.to_thread.run_sync(_start_pool, self.processes)
+            except (BrokenProcessPool, OSError) as error:
+                # e.g. a main module that is not import-safe, or a process limit: slower, not lost
+                log.warning(
+                    "parsing.processes_unavailable",
+                    error=type(error).__name__,
+                    detail="parse worker processes could not start; parsing in a thread",
+                )
+                self.processes = 0
+                return None
             # queued chunks, plus one being queued and one being consumed
             self._spool = _Spool(self.depth + 2)
         pool, spool = self._pool, self._spool

@@ -30,6 +30,7 @@ from orchestrator.journal import (
     InputProgress,
     Journal,
     MemoryJournal,
+    NewBatch,
     RunSpec,
     SqliteJournal,
     open_journal,
@@ -399,6 +400,25 @@ async def test_file_is_private_and_parents_are_created(tmp_path: Path) -> None:
         wal = path.with_name("journal.db-wal")
         assert stat.S_IMODE(wal.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.with_name("journal.db.lock").stat().st_mode) == 0o600
+
+
+async def test_the_body_is_the_payload_records_last_column(tmp_path: Path) -> None:
+    """A body goes in as a zeroblob then blob writes; only as the record's last column is the
+    zeroblob not made in memory first (50 MB of zeros for a full body). Layout, and round trip."""
+    path = tmp_path / "journal.db"
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        body = bytes(range(256)) * 20_000
+        [batch_id] = await journal.seal_batches(
+            batches=[NewBatch(body, RecordRefs(["k"], [None], ["f"], [1]))],
+            progress=[],
+            dead_letters=[],
+            counters={},
+        )
+        assert await journal.load_body(batch_id) == body
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(payloads)")]
+    assert columns[-1] == "body"
 
 
 async def test_second_open_of_the_same_journal_is_refused(path: Path) -> None:

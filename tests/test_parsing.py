@@ -158,3 +158,43 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_that_cannot_start_leave_parsing_to_a_thread(tmp_path: Path) -> None:
+    """A program whose main module is not import-safe still imports everything (in a thread)."""
+    data = tmp_path / "mixed.jsonl"
+    write_mixed(data, 3_000)
+    script = textwrap.dedent(
+        f"""
+        import anyio
+        from orchestrator import parsing
+        from orchestrator.inputs import FileInput
+        from orchestrator.records import Collection, Scope
+
+        parsing.PROCESS_AFTER = 0
+        # no `if __name__ == "__main__":` guard: a new worker would run this again and fail
+
+        async def count() -> int:
+            source = FileInput({str(data)!r}, processes=2)
+            total = 0
+            async for chunk in source.chunks(Collection("Orders", scope=Scope.CONTACT)):
+                total += chunk.read
+            await source.aclose()
+            return total
+
+        print(anyio.run(count))
+        """
+    )
+    (tmp_path / "unguarded.py").write_text(script)
+    output = tmp_path / "out.txt"
+    with output.open("w") as stdout:
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "unguarded.py")],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    blank = sum(1 for i in range(3_000) if i % 97 == 11)
+    assert output.read_text().split()[-1] == str(3_000 - blank)  # every non-blank line

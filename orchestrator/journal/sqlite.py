@@ -83,8 +83,8 @@ CREATE TABLE batches (
 CREATE INDEX batches_unfinished ON batches (phase) WHERE phase != 'finished';
 CREATE TABLE payloads (
     batch_id INTEGER PRIMARY KEY,
-    body BLOB NOT NULL,
-    refs BLOB NOT NULL
+    refs BLOB NOT NULL,
+    body BLOB NOT NULL
 );
 CREATE TABLE dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -229,10 +229,12 @@ class SqliteJournal(SealOne):
                 batch_id = cursor.lastrowid
                 assert batch_id is not None  # an INSERT into a rowid table always sets it
                 # The body goes in through incremental blob I/O: bound as a parameter, SQLite
-                # would copy all of it (up to 50 MB) before writing.
+                # would copy all of it (up to 50 MB) before writing. Its zeroblob must be the
+                # record's last column (the table is laid out so): anywhere else SQLite makes
+                # the zeros in memory and writes them out, 50 MB of both, before the blob I/O.
                 conn.execute(
-                    "INSERT INTO payloads (batch_id, body, refs) VALUES (?, zeroblob(?), ?)",
-                    (batch_id, len(body), _encode_refs(refs)),
+                    "INSERT INTO payloads (batch_id, refs, body) VALUES (?, ?, zeroblob(?))",
+                    (batch_id, _encode_refs(refs), len(body)),
                 )
                 if body:
                     view = memoryview(body)
