@@ -83,9 +83,14 @@ class FileInput:
         self._reader = JsonLinesReader(path)
         self._processes = processes
         self.origin = self._reader.origin
+        # Chunks are read unnumbered and counted by their parser; they are numbered here, in
+        # order, as their results come in.
+        self._next_line = 1
 
     async def skip(self, lines: int) -> str:
-        return await self._reader.skip(lines)
+        digest = await self._reader.skip(lines)
+        self._next_line = lines + 1
+        return digest
 
     async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
         contact_scope = collection.scope is Scope.CONTACT
@@ -115,7 +120,7 @@ class FileInput:
         ahead: asyncio.Queue[tuple[LineChunk, Started | None] | BaseException | None],
     ) -> None:
         try:
-            async for line_chunk in self._reader.chunks():
+            async for line_chunk in self._reader.chunks(numbered=False):
                 await ahead.put((line_chunk, await parser.start(line_chunk)))
         except Exception as error:  # handed to the reader of the queue
             await ahead.put(error)
@@ -130,6 +135,10 @@ class FileInput:
         contact_scope: bool,
     ) -> Chunk:
         encoded, segment = await parser.result(line_chunk, started)
+        first = self._next_line
+        self._next_line += encoded.count
+        encoded.shift_lines(first - 1)  # parsed as if it started at line 1
+        line_chunk = line_chunk.numbered(first, encoded.count)
         return Chunk(
             list(encoded.rejected(self.origin)),
             line_chunk.first_line,

@@ -185,9 +185,7 @@ class ChunkParser:
         try:
             future: Future[tuple[EncodedLines, int]]
             if len(chunk.data) > _SLOT_BYTES:
-                future = pool.submit(
-                    parse_worker.parse_bytes, chunk.data, self.contact_scope, chunk.first_line
-                )
+                future = pool.submit(parse_worker.parse_bytes, chunk.data, self.contact_scope, 1)
             else:
                 offset = await anyio.to_thread.run_sync(spool.write, chunk.data)
                 future = pool.submit(
@@ -197,7 +195,7 @@ class ChunkParser:
                     len(chunk.data),
                     _SLOT_BYTES,
                     self.contact_scope,
-                    chunk.first_line,
+                    1,
                 )
         except (BrokenProcessPool, RuntimeError):  # broken, or shut down at interpreter exit
             self._give_up(pool)
@@ -208,7 +206,8 @@ class ChunkParser:
         self, chunk: LineChunk, started: Started | None
     ) -> tuple[EncodedLines, memoryview | None]:
         """The encoded chunk ``start`` was given, with its body segment when a worker made it
-        (parsed in a thread if it was not sent, or its worker died)."""
+        (parsed in a thread if it was not sent, or its worker died). Its lines are numbered from
+        1: the caller knows where the chunk starts (``EncodedLines.shift_lines``)."""
         if started is not None:
             try:
                 encoded, length = await started.future
@@ -220,9 +219,7 @@ class ChunkParser:
                     return encoded, None
                 return encoded, self._spool.view(started.offset, length)
         encoded = await anyio.to_thread.run_sync(
-            lambda: encode_chunk(
-                chunk.data, contact_scope=self.contact_scope, first_line=chunk.first_line
-            )
+            lambda: encode_chunk(chunk.data, contact_scope=self.contact_scope, first_line=1)
         )
         return encoded, None
 

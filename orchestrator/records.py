@@ -572,6 +572,7 @@ class EncodedLines:
         lines: each record's 1-based line number.
         rejects: the lines that broke a rule, in order.
         read: how many non-blank lines the chunk held (records plus rejects).
+        count: how many lines the chunk held (blank ones too).
     """
 
     pieces: list[tuple[int, int] | bytes]
@@ -582,6 +583,16 @@ class EncodedLines:
     lines: array[int]
     rejects: list[RejectedLine]
     read: int
+    count: int
+
+    def shift_lines(self, offset: int) -> None:
+        """Add ``offset`` to every line number (for a chunk encoded before its place was known)."""
+        if offset:
+            self.lines = array("q", [line + offset for line in self.lines])
+            self.rejects = [
+                (line + offset, rule, message, key, raw)
+                for line, rule, message, key, raw in self.rejects
+            ]
 
     def segment(self, data: bytes) -> bytes:
         """The records as they go into a body, each followed by a comma.
@@ -799,7 +810,7 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         numbers.append(number)
     if run_start >= 0:
         pieces.append((run_start, position))
-    return EncodedLines(pieces, ends, keys, identifiers, values, numbers, rejects, read)
+    return EncodedLines(pieces, ends, keys, identifiers, values, numbers, rejects, read, len(lines))
 
 
 def encode_lines(

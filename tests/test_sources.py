@@ -316,3 +316,27 @@ async def test_skip_rejects_negative_and_repr(tmp_path: Path) -> None:
     assert repr(reader) == f"JsonLinesReader({str(tmp_path / 'x.jsonl')!r}, chunk_bytes=10)"
     with pytest.raises(ValueError, match=">= 0"):
         await reader.skip(-1)
+
+
+async def test_unnumbered_chunks_number_to_the_same(tmp_path: Path) -> None:
+    """Chunks read unnumbered (their parser counts the lines) and numbered afterwards carry the
+    same lines, numbers and fingerprints as chunks the reader numbers itself."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(b"line %d\r\n" % i if i % 7 else b"\n" for i in range(2_000)))
+    numbered = await read_all(str(path), chunk_bytes=1_000)
+    async with JsonLinesReader(str(path), chunk_bytes=1_000) as reader:
+        raw = [chunk async for chunk in reader.chunks(numbered=False)]
+    assert len(raw) == len(numbered) > 5
+    assert all((chunk.first_line, chunk.count) == (0, -1) for chunk in raw)
+    first = 1
+    for chunk, expected in zip(raw, numbered, strict=True):
+        count = chunk.data.count(b"\n")
+        made = chunk.numbered(first, count)
+        first += count
+        assert (made.first_line, made.count, made.lines) == (
+            expected.first_line,
+            expected.count,
+            expected.lines,
+        )
+        for lines in {0, 1, count // 2, count}:
+            assert made.digest_through(lines) == expected.digest_through(lines)
