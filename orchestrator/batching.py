@@ -436,7 +436,10 @@ class BatchAssembler:
         body = self._body
         shift = len(body) - offset
         body += memoryview(run.segment)[offset : ends[stop - 1] + 1]
-        self._ends.extend(array("q", [end + shift for end in ends[start:stop]]))
+        placed = array("q", [end + shift for end in ends[start:stop]])
+        for end in placed:  # a segment's separators may be newlines: a body has commas
+            body[end] = 0x2C
+        self._ends.extend(placed)
         count = stop - start
         self._keys.extend(run.keys[start:stop])
         if run.identifiers is None:

@@ -40,8 +40,9 @@ def _exit_with_parent(parent: int, spawner: int) -> None:
 def parse_spooled(
     path: str, offset: int, length: int, slot_bytes: int, contact_scope: bool, first_line: int
 ) -> tuple[EncodedLines, int]:
-    """Read a chunk from its spool slot, encode it, and write its body segment back into the slot
-    (where the parent takes it: making it here keeps that work off the parent).
+    """Read a chunk from its spool slot, encode it, and leave its body segment in the slot (where
+    the parent takes it): the chunk itself when every line is a clean record, else the segment
+    made here and written over it (keeping that work off the parent).
 
     Returns the encoded chunk and the segment's length (-1 when it does not fit the slot; the
     parent then makes it from the chunk).
@@ -52,6 +53,9 @@ def parse_spooled(
         if len(data) != length:
             raise OSError(f"spool file {path!r} is shorter than expected")
         encoded = encode_chunk(data, contact_scope=contact_scope, first_line=first_line)
+        if encoded.whole:  # the slot already holds the segment: the chunk itself
+            encoded.pieces = []
+            return encoded, length
         segment = encoded.segment(data)
         if len(segment) > slot_bytes:
             return encoded, -1

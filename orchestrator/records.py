@@ -562,10 +562,10 @@ class EncodedLines:
 
     Args:
         pieces: how the chunk's records become a body segment, in order: a ``(start, end)`` range
-            of the chunk holding consecutive records one per line (each newline becomes the comma
+            of the chunk holding consecutive records one per line (each newline is the separator
             after its record), or ``bytes`` of one record already in body form, comma included
             (re-encoded, or stripped of surrounding whitespace).
-        ends: where each record ends in the segment (the comma after it is at that offset).
+        ends: where each record ends in the segment (its separator is at that offset).
         keys: each record's key.
         identifiers: each record's contact identifier (contact scope; empty for account scope).
         values: each record's contact value (contact scope; empty for account scope).
@@ -594,18 +594,24 @@ class EncodedLines:
                 for line, rule, message, key, raw in self.rejects
             ]
 
+    @property
+    def whole(self) -> bool:
+        """Whether the chunk is its own segment: every line a record, kept as it was."""
+        return len(self.pieces) == 1 and self.pieces[0][0] == 0
+
     def segment(self, data: bytes) -> bytes:
-        """The records as they go into a body, each followed by a comma.
+        """The records as they go into a body, each followed by one separator byte: a newline
+        where the record was followed by one in ``data``, else a comma. Packing the records into
+        a body makes every separator a comma (``BatchAssembler.add_run``): that costs one store
+        per record, where replacing the newlines here would cost a pass over every byte.
 
         Args:
             data: the chunk ``encode_chunk`` was given.
         """
-        pieces = self.pieces
-        if len(pieces) == 1 and pieces[0] == (0, len(data)):
-            return data.replace(b"\n", b",")  # the common case: every line a clean record
+        if self.whole:
+            return data  # the common case: nothing to make
         return b"".join(
-            piece if type(piece) is bytes else data[piece[0] : piece[1]].replace(b"\n", b",")
-            for piece in pieces
+            piece if type(piece) is bytes else data[piece[0] : piece[1]] for piece in self.pieces
         )
 
     def records(
@@ -650,9 +656,9 @@ class RecordRun:
     """Consecutive encoded records of one input, in columns: the bulk form of ``EncodedRecord``.
 
     Args:
-        segment: the records' bytes as they go into a body, each followed by a comma (a view
-            is only valid while its chunk is being consumed).
-        ends: where each record ends in ``segment`` (the comma after it is at that offset).
+        segment: the records' bytes, each followed by one separator byte (a comma or a newline;
+            a body gets commas); a view is only valid while its chunk is being consumed.
+        ends: where each record ends in ``segment`` (its separator is at that offset).
         keys: each record's key.
         identifiers: each record's contact identifier, or ``None`` for account scope.
         values: each record's contact value (ignored for account scope).
