@@ -82,6 +82,7 @@ async def pipeline(
                     assert batch is not None
                     bodies += 1
                     body_bytes += batch.body_bytes
+                    assembler.recycle(batch.body)  # as the engine does once it is journaled
                 position = stop
     finally:
         await source.aclose()

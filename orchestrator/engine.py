@@ -1031,6 +1031,12 @@ class _Producer:
         self.dead_letters = []
         self.counters = {}
         failpoints.hit("sealed")
+        if not isinstance(self.run.journal, MemoryJournal):  # there the body is the stored copy
+            # The journal holds the bodies now: the next ones are built in their memory.
+            if main is not None:
+                self.main.recycle(main[0].body)
+            if held is not None:
+                self.held.recycle(held[0].body)
         for batch_id, (batch, hashes, depends_on) in zip(batch_ids, plans, strict=True):
             self.run.stats.batches_sealed += 1
             log.info(
