@@ -105,6 +105,8 @@ _ACCOUNT_FIELDS = frozenset({"key", "json"})
 _CONTACT_FIELDS = frozenset({"key", "json", "contactIdentity"})
 _IDENTITY_FIELDS = frozenset({"identifier", "value"})
 _WHITESPACE = frozenset(b" \t\r\n")
+_STRIPPED = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
+_UNPARSABLE = object()
 _ELEMENT_BEFORE = frozenset(b"[,")
 _COLON = ord(":")
 
@@ -414,25 +416,27 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def _maybe_nested_array(raw: bytes) -> bool:
-    """Cheap pre-filter: could ``raw`` hold an array directly inside an array?
+def _maybe_nested_array(raw: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Cheap pre-filter: could ``raw[start:end]`` hold an array directly inside an array?
 
     Structurally a ``[`` follows (after optional whitespace) ``:`` for an object member, or ``[`` /
     ``,`` for an array element; anything else before it means it sits inside a string. So only a
     ``[`` after ``[`` or ``,`` is a candidate (false positives only from strings).
     """
+    if end is None:
+        end = len(raw)
     find = raw.find
-    i = find(b"[")
+    i = find(b"[", start, end)
     while i != -1:
-        if raw[i - 1] != _COLON:  # compact JSON: one comparison per bracket
+        if i > start and raw[i - 1] != _COLON:  # compact JSON: one comparison per bracket
             j = i - 1
             c = raw[j]
-            while c in _WHITESPACE and j > 0:
+            while c in _WHITESPACE and j > start:
                 j -= 1
                 c = raw[j]
             if c in _ELEMENT_BEFORE:
                 return True
-        i = find(b"[", i + 1)
+        i = find(b"[", i + 1, end)
     return False
 
 
@@ -732,25 +736,39 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
     standard = _STANDARD_IDENTIFIERS
     number = first_line - 1
     read = 0
-    position = 0  # where the current line starts in data
     run_start = -1  # where the open range of clean lines starts, -1 when none is open
     size = 0  # the segment's size so far
-    lines = data.split(b"\n")
-    lines.pop()  # what follows the last newline: nothing
-    for line in lines:
+    find = data.find
+    view = memoryview(data)
+    strip_bytes = _STRIPPED
+    position = 0  # where the next line starts
+    while (end := find(b"\n", position)) != -1:
         start = position
-        position += len(line) + 1
+        position = end + 1
         number += 1
-        raw = line.strip()
-        if not raw:
-            if run_start >= 0:
-                pieces.append((run_start, start))
-                run_start = -1
-            continue
+        # A line without whitespace around it is parsed in place (no copy of its bytes); others
+        # are stripped first, as bytes.strip() does.
+        if end > start and data[start] not in strip_bytes and data[end - 1] not in strip_bytes:
+            raw: bytes | None = None
+            try:
+                obj = loads(view[start:end])
+            except decode_error:
+                obj = _UNPARSABLE
+        else:
+            raw = data[start:end].strip()
+            if not raw:
+                if run_start >= 0:
+                    pieces.append((run_start, start))
+                    run_start = -1
+                continue
+            try:
+                obj = loads(raw)
+            except decode_error:
+                obj = _UNPARSABLE
         read += 1
-        try:
-            obj = loads(raw)
-        except decode_error:
+        if obj is _UNPARSABLE:
+            if raw is None:
+                raw = data[start:end]
             rejects.append((number, "json-syntax", _JSON_SYNTAX_MESSAGE, None, raw))
             if run_start >= 0:
                 pieces.append((run_start, start))
@@ -758,7 +776,7 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
             continue
         # The common case inline: exactly the allowed fields, a string key, a json object and a
         # standard identifier. Anything else takes the full path, which names the broken rule.
-        if type(obj) is dict and len(obj) == fields:
+        if raw is None and type(obj) is dict and len(obj) == fields:
             key = obj.get("key")
             if type(key) is str and key and not key.isspace() and type(obj.get("json")) is dict:
                 identifier: Any = ""
@@ -777,10 +795,16 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                             key = None
                     else:
                         key = None
-                if key is not None and len(raw) == len(line):
-                    if _maybe_nested_array(raw) and _has_nested_array(obj["json"]):
+                if key is not None:
+                    if _maybe_nested_array(data, start, end) and _has_nested_array(obj["json"]):
                         rejects.append(
-                            (number, "json-nested-array", _NESTED_ARRAY_MESSAGE, key, raw)
+                            (
+                                number,
+                                "json-nested-array",
+                                _NESTED_ARRAY_MESSAGE,
+                                key,
+                                data[start:end],
+                            )
                         )
                         if run_start >= 0:
                             pieces.append((run_start, start))
@@ -788,7 +812,7 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                         continue
                     if run_start < 0:
                         run_start = start
-                    size += len(raw) + 1
+                    size += end - start + 1
                     ends.append(size - 1)
                     keys.append(key)
                     if contact_scope:
@@ -797,6 +821,8 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                     numbers.append(number)
                     continue
         # the full path: a rule broken, a record to re-encode, or a line to strip
+        if raw is None:
+            raw = data[start:end]
         if run_start >= 0:
             pieces.append((run_start, start))
             run_start = -1
@@ -816,7 +842,9 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         numbers.append(number)
     if run_start >= 0:
         pieces.append((run_start, position))
-    return EncodedLines(pieces, ends, keys, identifiers, values, numbers, rejects, read, len(lines))
+    return EncodedLines(
+        pieces, ends, keys, identifiers, values, numbers, rejects, read, number - first_line + 1
+    )
 
 
 def encode_lines(

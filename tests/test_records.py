@@ -442,3 +442,57 @@ def test_nested_array_detection_is_exact(json: dict[str, object]) -> None:
             encode_line(line, ACCOUNT, source=SRC)
     else:
         assert encode_line(line, ACCOUNT, source=SRC).data == line
+
+
+_LINE_PARTS = [
+    b'{"key":"a","json":{"n":1}}',
+    b'{"key":"b","contactIdentity":{"identifier":"email","value":"x@y.io"},"json":{"l":[1,2]}}',
+    b'{"key":"c","contactIdentity":{"identifier":"loyaltyId","value":"L1"},"json":{}}',
+    b'{"key":7,"json":{"n":[{"m":[1]}]}}',
+    b'{"key":"d","json":{"m":[1 ,\t [2]]}}',
+    b'{"key":"e","json":{"s":"[[ in a string"}}',
+    b'{"key":"f","json":[1]}',
+    b'{"key":"","json":{}}',
+    b'{"json":{}}',
+    b'{"key":"g","json":{},"extra":1}',
+    b'[{"key":"h"}]',
+    b"{not json",
+    b'"just a string"',
+    b"",
+]
+_PADDING = [b"", b" ", b"\t", b"\r", b"\x0c", b"\x0b", b"  \t"]
+
+
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.sampled_from(_PADDING), st.sampled_from(_LINE_PARTS), st.sampled_from(_PADDING)
+        ),
+        max_size=25,
+    ),
+    contact=st.booleans(),
+    first_line=st.integers(1, 10_000),
+)
+def test_a_chunk_encodes_each_line_as_encode_line_does(
+    lines: list[tuple[bytes, bytes, bytes]], contact: bool, first_line: int
+) -> None:
+    """encode_chunk (in place, one pass over the chunk) agrees with encode_line line by line:
+    the same records with the same bytes, the same rules broken, blank lines skipped."""
+    collection = CONTACT if contact else ACCOUNT
+    raw_lines = [before + part + after for before, part, after in lines]
+    results = encode_lines(raw_lines, collection, origin="f", first_line=first_line)
+    expected: list[object] = []
+    for number, line in enumerate(raw_lines, start=first_line):
+        if not line.strip():
+            continue
+        try:
+            expected.append(encode_line(line, collection, source=Source("f", number)))
+        except errors.RecordError as error:
+            expected.append((error.rule, str(error.source), error.key))
+    got = [
+        result
+        if isinstance(result, EncodedRecord)
+        else (result.error.rule, str(result.error.source), result.error.key)
+        for result in results
+    ]
+    assert got == expected
