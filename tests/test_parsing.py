@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from orchestrator import parsing
+from orchestrator import inputs, parsing
 from orchestrator.inputs import FileInput
 from orchestrator.records import Collection, Scope
 
@@ -79,6 +79,7 @@ async def read_chunks(path: Path, processes: int) -> list[tuple[object, ...]]:
 @pytest.fixture
 def parse_everything_in_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parsing, "PROCESS_AFTER", 0)
+    monkeypatch.setattr(inputs, "_CHUNK_BYTES", 1 << 18)  # many chunks from a small file
 
 
 async def test_processes_and_thread_agree(
@@ -86,7 +87,7 @@ async def test_processes_and_thread_agree(
 ) -> None:
     """Every chunk (records, bytes, line numbers, rejects, fingerprints) is the same either way."""
     path = tmp_path / "mixed.jsonl"
-    write_mixed(path, 30_000)  # more 1 MB chunks than spool slots
+    write_mixed(path, 30_000)  # more chunks than spool slots
     in_thread = await read_chunks(path, processes=0)
     in_processes = await read_chunks(path, processes=2)
     assert len(in_thread) > 2 + 2 + 1
@@ -126,7 +127,7 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import os, sys
-        from orchestrator import parsing
+        from orchestrator import inputs, parsing
         if __name__ == "__main__":
             pool = parsing._start_pool(2)
             print(" ".join(map(str, pool._processes)), flush=True)
@@ -167,7 +168,7 @@ def test_workers_that_cannot_start_leave_parsing_to_a_thread(tmp_path: Path) -> 
     script = textwrap.dedent(
         f"""
         import anyio
-        from orchestrator import parsing
+        from orchestrator import inputs, parsing
         from orchestrator.inputs import FileInput
         from orchestrator.records import Collection, Scope
 
