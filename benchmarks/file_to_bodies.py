@@ -33,20 +33,23 @@ TITLE = "File to bodies (benchmarks.file_to_bodies)"
 
 ANALYSIS = """\
 Where the time goes (2-core machine above, per ~1.2 KB record): the baseline is `orjson.loads`
-(~3.3 us) and line iteration. Parsing and validating a record (`encode_chunk`: parse, the record
-rules, the columns) costs ~5 us of CPU wherever it runs; in worker processes that part runs on
-every core. What stays in the parent is ~3.5-4 us per record of CPU: reading, the input
-fingerprint (XXH3-128 now; SHA-256 alone took ~1 us a record), unpickling the columns (one
-string per key, identifier and value), the identity of each record for last-write-wins inside a
-body, the copy into the body and the refs packed at sealing. On 2 cores the parent and two
-workers compete for the same two CPUs, so the parent's per-record Python work sets the pace.
+(~3.3 us) and line iteration. Parsing and validating a record costs ~5 us of CPU wherever it runs
+(`encode_chunk`: the parse, in place on the chunk, the record rules, the columns); in worker
+processes it runs on both cores, leaving the parent ~3 us a record: reading (one copy), the input
+fingerprint (XXH3-128; SHA-256 alone was ~1 us a record), the spool write, unpickling the
+columns, last-write-wins inside a body (an identity per record), the copy into the body and the
+refs packed at sealing. Parent and workers share the same two CPUs, so the ratio is total CPU
+against one core's parse: about 1.4 core-seconds here for what the baseline does in 0.65.
 
-The goal of 0.8x is still missed. The way on: keep the columns packed end to end (keys and
-contacts as joined strings with offsets, identities as 64-bit hashes made by the workers), so
-the parent's work per chunk no longer grows with its records; with that the parent's share
-would fall to the reading and the copy into the body. Tried and dropped: sending the chunks'
-bytes to the workers through the pool's pipe (it cost as much as the parsing it saved: hence the
-shared-memory spool), more workers than cores."""
+What got it from 0.36x: the columnar chunk (no object per record in the parent), parsing in
+processes with chunks passed through a shared-memory spool (through the pool's pipe, sending the
+bytes cost as much as parsing them), a chunk that is all clean lines being its own body segment
+(commas written per record while packing, not a pass over every byte), lines counted by the
+parser, bodies built in the memory of the previous one (fresh pages fault every 4 KB), the XXH3
+fingerprint, 2 MB chunks. The figure moves by +-5% from run to run on this shared machine; in
+a thread only (the library's default) it is ~0.5x. What is left in the parent is per-record
+Python work (identities, columns) and copies; a further step would be identities hashed by the
+workers, so the parent never touches a record."""
 
 
 def baseline(path: Path, compressed: bool) -> int:
