@@ -3,8 +3,9 @@
 ``orjson.loads`` holds the GIL, so threads cannot parse in parallel; processes can. A chunk's bytes
 reach a worker through a spool file in shared memory (``/dev/shm`` where it exists): sending them
 down a pipe costs about as much as parsing them. Only the columns come back (keys, contacts, line
-numbers and byte ranges; see ``records.EncodedLines``), and the parent, which still holds the
-bytes, builds the body segment from them.
+numbers; see ``records.EncodedLines``); the body segment stays in the spool, where the parent
+takes it as a view: the chunk itself when every line is a clean record, else the segment the
+worker wrote over it.
 
 The pool is shared by the whole process, started on first use (in a worker thread: starting
 processes blocks) and kept for later inputs. Small inputs never start it: the first
@@ -105,9 +106,10 @@ class Started:
 class _Spool:
     """A ring of chunk-sized slots in a file in shared memory, mapped into the parent.
 
-    The parent writes a chunk into a slot, a worker reads it and writes the chunk's body segment
-    back, and the parent takes the segment as a view of its mapping (no copy until it goes into a
-    body). A slot is reused only ``slots`` chunks later, after its chunk has been consumed.
+    The parent writes a chunk into a slot, a worker parses it (writing the chunk's body segment
+    over it when the two differ), and the parent takes the segment as a view of its mapping (no
+    copy until it goes into a body). A slot is reused only ``slots`` chunks later, after its
+    chunk has been consumed.
     """
 
     def __init__(self, slots: int) -> None:
