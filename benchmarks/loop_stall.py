@@ -7,7 +7,7 @@ the same run: the same ticker on an idle loop. Figures: max and p99 lateness dur
 ratios max / 50 ms goal and p99 / idle p99. ``--diagnose`` turns on asyncio debug mode and lists the
 slowest callbacks (debug mode slows everything a little).
 
-    python -m benchmarks.loop_stall [--mb 1000] [--keep] [--diagnose]
+    python -m benchmarks.loop_stall [--mb 1000] [--keep] [--diagnose] [--parse-processes N]
 """
 
 from __future__ import annotations
@@ -62,11 +62,13 @@ async def _idle(seconds: float) -> list[float]:
     return lateness
 
 
-async def _during_import(path: Path, base_url: str, journal_dir: Path) -> tuple[list[float], float]:
+async def _during_import(
+    path: Path, base_url: str, journal_dir: Path, processes: int
+) -> tuple[list[float], float]:
     client = InsightClient(
         ClientSettings(username=SIM_USER, password=SIM_PASSWORD, base_url=base_url)
     )
-    settings = Settings(poll_min=0.05, poll_max=0.5)
+    settings = Settings(poll_min=0.05, poll_max=0.5, parse_processes=processes)
     lateness: list[float] = []
     stop = asyncio.Event()
     async with (
@@ -114,6 +116,12 @@ def main() -> None:
     parser.add_argument("--records-per-second", type=float, default=2_000_000.0)
     parser.add_argument("--diagnose", action="store_true", help="asyncio debug: slow callbacks")
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    parser.add_argument(
+        "--parse-processes",
+        type=int,
+        default=0,
+        help="parse worker processes (default 0, the library's default: parse in a thread)",
+    )
     args = parser.parse_args()
     quiet_logs()
     ensure_free_disk(DATA_DIR, int(args.mb * 1e6 + 1e9))
@@ -129,7 +137,10 @@ def main() -> None:
             if args.diagnose:
                 logging.getLogger("asyncio").addHandler(slow)
                 logging.getLogger("asyncio").setLevel(logging.WARNING)
-            busy, wall = asyncio.run(_during_import(path, base_url, Path(tmp)), debug=args.diagnose)
+            busy, wall = asyncio.run(
+                _during_import(path, base_url, Path(tmp), args.parse_processes),
+                debug=args.diagnose,
+            )
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -152,12 +163,18 @@ def main() -> None:
     table = "| figure | idle loop (baseline) | during the import |\n|---|---|---|\n" + "\n".join(
         f"| {a} | {b} | {c} |" for a, b, c in rows
     )
+    parsing = (
+        f"parsing in {args.parse_processes} worker processes"
+        if args.parse_processes
+        else "parsing in a worker thread, the library's default"
+    )
     max_ratio = busy_max / GOAL_S
     p99_ratio = busy_p99 / idle_p99 if idle_p99 > 0 else float("inf")
     body = (
         f"In-process import of {path.stat().st_size / 1e9 if path.exists() else args.mb / 1000:.2f}"
         f" GB ({lines:,} records) with the library API (default 50 MB bodies, SQLite journal, polls"
-        f" 0.05-0.5 s) against the simulator in another process, in {wall:.0f} s; a ticker sleeps "
+        f" 0.05-0.5 s, {parsing}) against the simulator in another process, in {wall:.0f} s; a"
+        " ticker sleeps "
         f"{TICK * 1000:g} ms in a loop and records its lateness.\n\n"
         + table
         + "\n\n"
@@ -172,7 +189,10 @@ def main() -> None:
             + "\n"
         )
         print("\n".join(m[:400] for m in worst))
-    record_section("Event-loop stalls during a 1 GB in-process import", body)
+    title = "Event-loop stalls during a 1 GB in-process import"
+    if args.parse_processes:
+        title += f", {args.parse_processes} parse processes"
+    record_section(title, body)
     print(table)
     print(f"max stall / 50 ms goal: {max_ratio:.2f}x (goal < 1); max {busy_max * 1000:.1f} ms")
     print(

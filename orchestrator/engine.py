@@ -22,10 +22,8 @@ import hashlib
 import math
 import random
 import time
-from array import array
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import anyio
@@ -86,7 +84,7 @@ class _BatchTask:
     record_count: int
     body_bytes: int
     refs: RecordRefs
-    identity_hashes: array[int]  # made in a worker thread: one per record
+    identity_hashes: frozenset[int]  # made in a worker thread: one per record
     depends_on: tuple[int, ...]
     import_id: str | None = None
     attempts: int = 0
@@ -315,9 +313,45 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return leaves
 
 
-def _identity_hashes(refs: RecordRefs) -> array[int]:
-    """The hash of every record's identity (run it in a worker thread: one per record)."""
-    return array("q", map(hash, refs.identities()))
+def _identity_hashes(refs: RecordRefs) -> frozenset[int]:
+    """The hashes of the records' identities (run it in a worker thread: one per record)."""
+    return frozenset(map(hash, refs.identities()))
+
+
+class _InFlight:
+    """Which unfinished imports hold which records (identities as hashes), for last write wins.
+
+    One set per import, made off the event loop when the batch is sealed: adding or dropping an
+    import is then one step on the loop, where a dict of every record in flight (hundreds of
+    thousands) took tens of milliseconds to update, or to resize.
+    """
+
+    __slots__ = ("_imports",)
+
+    def __init__(self) -> None:
+        self._imports: dict[int, frozenset[int]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._imports)
+
+    def add(self, batch_id: int, identity_hashes: frozenset[int]) -> None:
+        self._imports[batch_id] = identity_hashes
+
+    def discard(self, batch_id: int) -> None:
+        self._imports.pop(batch_id, None)
+
+    def holder(self, identity_hash: int) -> int | None:
+        """The newest unfinished import holding this identity, if any."""
+        found = None
+        for batch_id, held in self._imports.items():
+            if identity_hash in held and (found is None or batch_id > found):
+                found = batch_id
+        return found
+
+    def holds_any(self, identity_hashes: Iterable[int]) -> bool:
+        """Whether any unfinished import holds one of these identities."""
+        probe = set(identity_hashes)
+        return any(not held.isdisjoint(probe) for held in self._imports.values())
 
 
 def _account_id(client: InsightClient) -> str:
@@ -347,7 +381,7 @@ class _Run:
         self.tasks: dict[int, _BatchTask] = {}
         # hash(identity) -> id of the newest unfinished batch holding that identity. Hashes keep
         # this map small (no tuple per record); a collision only holds a record back needlessly.
-        self.in_flight: dict[int, int] = {}
+        self.in_flight = _InFlight()
         self.capacity = anyio.Semaphore(self.settings.max_concurrent + 1)
         self.task_group: TaskGroup  # the run's own, set when it starts
 
@@ -425,7 +459,7 @@ class _Run:
 
     async def _launch(self, tg: TaskGroup, task: _BatchTask) -> None:
         self.tasks[task.batch_id] = task
-        self.in_flight.update(zip(task.identity_hashes, repeat(task.batch_id)))
+        self.in_flight.add(task.batch_id, task.identity_hashes)
         tg.start_soon(self._run_batch, task, name=f"batch-{task.batch_id}")
 
     async def _resume_batch(self, tg: TaskGroup, stored: StoredBatch) -> None:
@@ -474,10 +508,7 @@ class _Run:
                 if hasattr(result, "__await__"):
                     await result
         finally:
-            in_flight = self.in_flight
-            for identity_hash in task.identity_hashes:
-                if in_flight.get(identity_hash) == task.batch_id:
-                    del in_flight[identity_hash]
+            self.in_flight.discard(task.batch_id)
             task.finished.set()
             self.tasks.pop(task.batch_id, None)
             if task.holds_capacity:
@@ -818,7 +849,7 @@ def _map_failures(task: _BatchTask, status: ImportStatus) -> tuple[DeadLetter, .
 
 
 # A sealed batch with the hashes of its records' identities (both made in a worker thread).
-_Sealed = tuple[Batch, "array[int]"]
+_Sealed = tuple[Batch, frozenset[int]]
 
 
 def _progress_after(index: int, chunk: Chunk) -> InputProgress:
@@ -892,7 +923,7 @@ class _Producer:
 
     async def _add(self, record: EncodedRecord, index: int, chunk: Chunk) -> None:
         identity = record.identity
-        holder = self.run.in_flight.get(hash(identity))
+        holder = self.run.in_flight.holder(hash(identity))
         target = self.held if holder is not None or identity in self.held else self.main
         if not target.fits(record):
             # One of the open batches is full: seal both, with the progress up to this record
@@ -905,7 +936,7 @@ class _Producer:
             )
             await self._seal_open(progress=progress)
             # An older version of this record may have just been sealed: it is in flight now.
-            holder = self.run.in_flight.get(hash(identity))
+            holder = self.run.in_flight.holder(hash(identity))
             target = self.held if holder is not None else self.main
         try:
             target.add(record)  # never seals now: the record fits, or the batch is empty
@@ -939,7 +970,7 @@ class _Producer:
         position = 0
         total = len(records)
         while position < total:
-            if (in_flight and not in_flight.keys().isdisjoint(hashes[position:])) or (
+            if (in_flight and in_flight.holds_any(hashes[position:])) or (
                 self.held and self.held.holds_any(records.identities(position))
             ):
                 for at in range(position, total):  # rare: updates of records still in flight
@@ -1012,7 +1043,7 @@ class _Producer:
         Held records come before the main batch's last records in the input, so the two are
         journaled together: a crash can never keep one and re-read the other.
         """
-        plans: list[tuple[Batch, array[int], tuple[int, ...]]] = []
+        plans: list[tuple[Batch, frozenset[int], tuple[int, ...]]] = []
         if held is not None:
             plans.append((*held, self._take_held_depends()))
         if main is not None:

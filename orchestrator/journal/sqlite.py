@@ -723,9 +723,11 @@ def _read_body(conn: sqlite3.Connection, batch_id: int) -> bytearray:
             f"the payload of unfinished batch {batch_id} is missing"
         ) from error
     with blob:
-        body = bytearray(len(blob))
-        for start in range(0, len(body), _BLOB_CHUNK):
-            body[start : start + _BLOB_CHUNK] = blob.read(_BLOB_CHUNK)
+        # Grown piece by piece: bytearray(size) would zero all of it (page faults included) in
+        # one call, holding the GIL for tens of ms.
+        body = bytearray()
+        for _ in range(0, len(blob), _BLOB_CHUNK):
+            body += blob.read(_BLOB_CHUNK)
     return body
 
 
