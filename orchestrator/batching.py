@@ -585,6 +585,11 @@ class BatchAssembler:
     def __contains__(self, identity: object) -> bool:
         return identity in self._index
 
+    def identity_hashes(self) -> frozenset[int]:
+        """The hashes of the identities in the open batch (what ``seal`` would seal), made in C
+        from the index: much cheaper than from the sealed refs."""
+        return frozenset(map(hash, self._index))
+
     def holds_any(self, identities: Iterable[object]) -> bool:
         """Whether the open batch holds any of these identities."""
         return not self._index.keys().isdisjoint(identities)

@@ -1025,8 +1025,9 @@ class _Producer:
         """
 
         def seal(assembler: BatchAssembler) -> _Sealed | None:
+            hashes = assembler.identity_hashes()
             batch = assembler.seal()
-            return None if batch is None else (batch, _identity_hashes(batch.refs))
+            return None if batch is None else (batch, hashes)
 
         main, held = await anyio.to_thread.run_sync(lambda: (seal(self.main), seal(self.held)))
         if main is None and held is None:

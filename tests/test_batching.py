@@ -440,3 +440,16 @@ def test_a_recycled_body_gives_the_same_bodies(
         return made
 
     assert bodies(recycle=True) == bodies(recycle=False)
+
+
+def test_identity_hashes_are_those_of_the_sealed_refs() -> None:
+    """The hashes taken from the open batch are the hashes of the records sealed (replaced
+    records not included)."""
+    assembler = BatchAssembler(CONTACT)
+    for key, email in [("a", "x@y.io"), ("b", "x@y.io"), ("a", "z@y.io"), ("a", "x@y.io")]:
+        assembler.add(make(key, 3, email=email))
+    hashes = assembler.identity_hashes()
+    batch = assembler.seal()
+    assert batch is not None
+    assert batch.record_count == 3
+    assert hashes == frozenset(hash(identity) for identity in batch.refs.identities())

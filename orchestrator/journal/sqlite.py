@@ -667,6 +667,10 @@ class SqliteJournal(SealOne):
         fd, self._lock_fd = self._lock_fd, None
         try:
             if conn is not None:
+                # Checkpoint first: a statement lets other threads run while SQLite works, but
+                # close() checkpoints the WAL into the database holding the GIL (tens of ms).
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 conn.close()
         finally:
             if fd is not None:
