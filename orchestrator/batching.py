@@ -1,10 +1,9 @@
 """Exact-size batch assembly: request bodies packed close to the cap, last write wins inside one.
 
-Each record's bytes are copied once into its body: the open batch keeps the encoded records' bytes
-and fields in flat lists, indexed by identity (a re-added identity replaces the older record and
-moves to the end), and sealing joins them in one pass. The size of the open body is tracked
-exactly, so no body ever exceeds the cap and a batch is sealed only when the next record would not
-fit.
+Each record's bytes are copied once, into the growing body (a run of records from a file chunk in
+one copy); their fields go into flat columns, indexed by identity (a re-added identity replaces the
+older record and moves to the end). The size of the open body is tracked exactly, so no body ever
+exceeds the cap and a batch is sealed only when the next record would not fit.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """JSON Lines readers (plain, gzip, standard input) that keep each line's file and number.
 
 Blocking reads, gzip decompression and hashing run in a worker thread, one chunk of about
-``chunk_bytes`` (cut at a line boundary) per hop, so the event loop never blocks. (Reading the next
-chunk ahead in a background thread was measured and did not pay: the GIL hand-offs cost what the
-overlap saved.) Each chunk carries a running fingerprint of the input up to it (XXH3-128: it
+``chunk_bytes`` (cut at a line boundary) per hop, so the event loop never blocks; a reader reads
+when asked (``inputs.FileInput`` asks ahead of the packing when parse processes do the parsing).
+Each chunk carries a running fingerprint of the input up to it (XXH3-128: it
 catches an accidental change, which is all it is for, at ten times SHA-256's speed), which lets a
 journal notice that an input changed between a crash and the re-run that resumes it.
 
