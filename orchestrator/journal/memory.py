@@ -70,12 +70,7 @@ class MemoryJournal(SealOne):
         await self.close()
 
     async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
-        """Open the run ``spec``; see ``Journal.open``.
-
-        Args:
-            spec: the run to open.
-            fresh: wipe whatever the journal holds and start a new run.
-        """
+        """Open the run ``spec``; see ``Journal.open``."""
         created = fresh or self._run is None
         if not created and self._run is not None and self._run.spec != spec:
             raise JournalMismatch(mismatch_message(self._run.spec, spec))
@@ -114,14 +109,7 @@ class MemoryJournal(SealOne):
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> list[int]:
-        """Store sealed batches at once; see ``Journal.seal_batches``.
-
-        Args:
-            batches: the batches, in order.
-            progress: the input progress these batches complete (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
+        """Store sealed batches at once; see ``Journal.seal_batches``."""
         run = self._require()
         progresses = progress_list(run.spec, progress)
         ids = []
@@ -159,30 +147,16 @@ class MemoryJournal(SealOne):
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> None:
-        """Record progress, dead letters and counter deltas; see ``Journal.save_progress``.
-
-        Args:
-            progress: the input progress to record (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
+        """Record progress, dead letters and counter deltas; see ``Journal.save_progress``."""
         run = self._require()
         self._apply(run, progress_list(run.spec, progress), dead_letters, counters)
 
     async def add_counters(self, counters: Mapping[str, int]) -> None:
-        """Add deltas to the run's counters.
-
-        Args:
-            counters: deltas to add.
-        """
+        """Add deltas to the run's counters (see ``Journal.add_counters``)."""
         _add(self._require().counters, counters)
 
     async def mark_submitting(self, batch_id: int) -> None:
-        """Write the intent to PUT a batch; see ``Journal.mark_submitting``.
-
-        Args:
-            batch_id: the batch about to be sent.
-        """
+        """Write the intent to PUT a batch; see ``Journal.mark_submitting``."""
         run, batch = self._batch(
             batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting"
         )
@@ -191,13 +165,7 @@ class MemoryJournal(SealOne):
         )
 
     async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
-        """Record a batch's import id; see ``Journal.mark_submitted``.
-
-        Args:
-            batch_id: the batch sent.
-            import_id: the API's import id.
-            submitted_at: epoch seconds of the submit.
-        """
+        """Record a batch's import id; see ``Journal.mark_submitted``."""
         run, batch = self._batch(batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
         run.batches[batch_id] = replace(
             batch,
@@ -207,21 +175,12 @@ class MemoryJournal(SealOne):
         )
 
     async def mark_polled(self, batch_id: int, polls: int) -> None:
-        """Record a batch's poll count; see ``Journal.mark_polled``.
-
-        Args:
-            batch_id: the batch polled.
-            polls: the poll count so far.
-        """
+        """Record a batch's poll count; see ``Journal.mark_polled``."""
         run, batch = self._batch(batch_id, tuple(BatchPhase), "record its polls")
         run.batches[batch_id] = replace(batch, polls=polls)
 
     async def mark_resubmit(self, batch_id: int) -> None:
-        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``.
-
-        Args:
-            batch_id: the batch to send again.
-        """
+        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``."""
         run, batch = self._batch(batch_id, _UNFINISHED, "resubmit it")
         run.batches[batch_id] = replace(
             batch, phase=BatchPhase.SEALED, import_id=None, resubmits=batch.resubmits + 1
@@ -237,16 +196,7 @@ class MemoryJournal(SealOne):
         finished_at: float,
         counters: Mapping[str, int],
     ) -> None:
-        """Finish a batch; see ``Journal.mark_finished``.
-
-        Args:
-            batch_id: the batch that reached a terminal status.
-            status: the raw final API status word, or a local reason such as ``"dead"``.
-            imported: records the API reported imported.
-            dead_letters: the records not imported.
-            finished_at: epoch seconds of the terminal status.
-            counters: deltas to add to the run's counters.
-        """
+        """Finish a batch; see ``Journal.mark_finished``."""
         run, batch = self._batch(batch_id, _UNFINISHED, "finish it")
         run.batches[batch_id] = replace(
             batch,
@@ -259,20 +209,12 @@ class MemoryJournal(SealOne):
         self._apply(run, (), dead_letters, counters)
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
-        """Return the stored body of an unfinished batch.
-
-        Args:
-            batch_id: the batch.
-        """
+        """Return the stored body of an unfinished batch (see ``Journal.load_body``)."""
         run, _ = self._batch(batch_id, _UNFINISHED, "load its body")
         return run.payloads[batch_id][0]
 
     async def load_refs(self, batch_id: int) -> RecordRefs:
-        """Return the record refs of an unfinished batch, in body order.
-
-        Args:
-            batch_id: the batch.
-        """
+        """Return the record refs of an unfinished batch; see ``Journal.load_refs``."""
         run, _ = self._batch(batch_id, _UNFINISHED, "load its refs")
         return run.payloads[batch_id][1]
 

@@ -169,12 +169,7 @@ class SqliteJournal(SealOne):
         await self.close()
 
     async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
-        """Open the run ``spec``; see ``Journal.open``.
-
-        Args:
-            spec: the run to open.
-            fresh: wipe whatever the journal holds and start a new run.
-        """
+        """Open the run ``spec``; see ``Journal.open``."""
         connected_here = await self._ensure_connected()
         try:
             state, in_doubt = await self._run(
@@ -204,14 +199,7 @@ class SqliteJournal(SealOne):
         dead_letters: Sequence[DeadLetter],
         counters: Mapping[str, int],
     ) -> list[int]:
-        """Store sealed batches in one transaction; see ``Journal.seal_batches``.
-
-        Args:
-            batches: the batches, in order.
-            progress: the input progress these batches complete (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
+        """Store sealed batches in one transaction; see ``Journal.seal_batches``."""
         progresses = progress_list(self._require_spec(), progress)
         # Copies taken on the loop: the caller may reuse its lists while the thread writes.
         frozen = [(b.body, _packed(b.refs), tuple(b.depends_on)) for b in batches]
@@ -256,10 +244,7 @@ class SqliteJournal(SealOne):
     ) -> None:
         """Record progress, dead letters and counter deltas in one transaction.
 
-        Args:
-            progress: the input progress to record (one per input), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
+        See ``Journal.save_progress``.
         """
         progresses = progress_list(self._require_spec(), progress)
         letters = tuple(dead_letters)
@@ -267,20 +252,12 @@ class SqliteJournal(SealOne):
         await self._write(lambda conn: _apply(conn, progresses, letters, deltas), "save progress")
 
     async def add_counters(self, counters: Mapping[str, int]) -> None:
-        """Add deltas to the run's counters, in one transaction.
-
-        Args:
-            counters: deltas to add.
-        """
+        """Add deltas to the run's counters, in one transaction (see ``Journal.add_counters``)."""
         deltas = dict(counters)
         await self._write(lambda conn: _add_counters(conn, deltas), "add to the counters")
 
     async def mark_submitting(self, batch_id: int) -> None:
-        """Write the intent to PUT a batch; see ``Journal.mark_submitting``.
-
-        Args:
-            batch_id: the batch about to be sent.
-        """
+        """Write the intent to PUT a batch; see ``Journal.mark_submitting``."""
 
         def write(conn: sqlite3.Connection) -> None:
             _check(conn, batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting")
@@ -292,13 +269,7 @@ class SqliteJournal(SealOne):
         await self._write(write, f"mark batch {batch_id} submitting")
 
     async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
-        """Record a batch's import id; see ``Journal.mark_submitted``.
-
-        Args:
-            batch_id: the batch sent.
-            import_id: the API's import id.
-            submitted_at: epoch seconds of the submit.
-        """
+        """Record a batch's import id; see ``Journal.mark_submitted``."""
 
         def write(conn: sqlite3.Connection) -> None:
             _check(conn, batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
@@ -312,9 +283,7 @@ class SqliteJournal(SealOne):
     async def mark_polled(self, batch_id: int, polls: int) -> None:
         """Record a batch's poll count without an fsync; it is made durable by the next commit.
 
-        Args:
-            batch_id: the batch polled.
-            polls: the poll count so far.
+        See ``Journal.mark_polled``.
         """
 
         def write(conn: sqlite3.Connection) -> None:
@@ -333,11 +302,7 @@ class SqliteJournal(SealOne):
         await self._run(cheap, f"record the polls of batch {batch_id}")
 
     async def mark_resubmit(self, batch_id: int) -> None:
-        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``.
-
-        Args:
-            batch_id: the batch to send again.
-        """
+        """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``."""
 
         def write(conn: sqlite3.Connection) -> None:
             _check(conn, batch_id, _UNFINISHED, "resubmit it")
@@ -361,13 +326,7 @@ class SqliteJournal(SealOne):
     ) -> None:
         """Finish a batch in one transaction, dropping its body and refs.
 
-        Args:
-            batch_id: the batch that reached a terminal status.
-            status: the raw final API status word, or a local reason such as ``"dead"``.
-            imported: records the API reported imported.
-            dead_letters: the records not imported.
-            finished_at: epoch seconds of the terminal status.
-            counters: deltas to add to the run's counters.
+        See ``Journal.mark_finished``.
         """
         letters = tuple(dead_letters)
         deltas = dict(counters)
@@ -385,22 +344,14 @@ class SqliteJournal(SealOne):
         await self._write(write, f"finish batch {batch_id}")
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
-        """Return the stored body of an unfinished batch.
-
-        Args:
-            batch_id: the batch.
-        """
+        """Return the stored body of an unfinished batch (see ``Journal.load_body``)."""
         return await self._read(
             lambda conn: _read_body(conn, batch_id),
             f"load the body of batch {batch_id}",
         )
 
     async def load_refs(self, batch_id: int) -> RecordRefs:
-        """Return the record refs of an unfinished batch, in body order.
-
-        Args:
-            batch_id: the batch.
-        """
+        """Return the record refs of an unfinished batch; see ``Journal.load_refs``."""
         return await self._read(
             lambda conn: _decode_refs(_payload(conn, batch_id, "refs", "load its refs")),
             f"load the refs of batch {batch_id}",
