@@ -616,7 +616,7 @@ class _Run:
                 try:
                     receipt = await self.client.submit_import(body)
                 finally:
-                    if not isinstance(self.journal, MemoryJournal):  # there it is the only copy
+                    if not self.journal.keeps_bodies:  # else it is the journal's own copy
                         _release(body)
                 task.accepted = anyio.current_time()
                 failpoints.hit("accepted")
@@ -1063,8 +1063,8 @@ class _Producer:
         self.dead_letters = []
         self.counters = {}
         failpoints.hit("sealed")
-        if not isinstance(self.run.journal, MemoryJournal):  # there the body is the stored copy
-            # The journal holds the bodies now: the next ones are built in their memory.
+        if not self.run.journal.keeps_bodies:
+            # The journal holds copies of the bodies now: the next ones are built in their memory.
             if main is not None:
                 self.main.recycle(main[0].body)
             if held is not None:

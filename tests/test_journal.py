@@ -763,3 +763,22 @@ def test_state_is_consistent_after_kill_9_at_random_moments(tmp_path: Path) -> N
         assert count >= seen
         seen = count
     assert seen > 6
+
+
+async def test_keeps_bodies_says_whether_the_body_given_is_the_body_stored(
+    factory: Factory,
+) -> None:
+    """``keeps_bodies`` is true exactly when ``load_body`` hands back the object that was sealed
+    (the engine then must not free it after sending, nor build the next body in it)."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        body = bytearray(b'{"records":[1]}')
+        [batch_id] = await journal.seal_batches(
+            batches=[NewBatch(body, RecordRefs(["k"], [None], ["f"], [1]))],
+            progress=[],
+            dead_letters=[],
+            counters={},
+        )
+        loaded = await journal.load_body(batch_id)
+        assert loaded == body
+        assert journal.keeps_bodies is (loaded is body)

@@ -222,6 +222,11 @@ class Journal(Protocol):
     on exit. A failed call raises ``JournalError`` and leaves the previous state intact.
     """
 
+    #: Whether the journal keeps the very body objects it is given rather than a copy. Then the
+    #: caller must leave a sealed body as it is, and ``load_body`` returns that object itself:
+    #: not one to free after sending, nor to build the next body in.
+    keeps_bodies: bool
+
     async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
         """Open the run ``spec``, creating it when the journal is empty.
 

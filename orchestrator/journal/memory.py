@@ -51,6 +51,8 @@ class MemoryJournal(SealOne):
     in doubt, like a durable journal after a crash). Usable as an async context manager.
     """
 
+    keeps_bodies = True  # a body is stored as given: no copy in memory
+
     def __init__(self) -> None:
         self._run: _Run | None = None
         self._open = False

@@ -140,6 +140,8 @@ class SqliteJournal(SealOne):
         busy_timeout: seconds SQLite waits for a lock held by another reader of the file.
     """
 
+    keeps_bodies = False  # bodies are written into the file and read back as new objects
+
     def __init__(self, path: str | Path, *, busy_timeout: float = 2.0) -> None:
         self._path = Path(path).expanduser()
         self._busy_timeout = busy_timeout
