@@ -25,6 +25,7 @@ from orchestrator import (
     Settings,
     SqliteJournal,
 )
+from orchestrator import inputs, parsing
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -465,3 +466,52 @@ async def test_status_errors_are_polled_again_within_the_window(sim: Simulator) 
     assert len(stats.polls) >= 4  # three failed polls, then the one that saw the end
     assert min(gaps) >= FAST.poll_min
     assert max(gaps) <= FAST.poll_max + SLACK
+
+
+async def test_a_file_parsed_in_processes_imports_each_record_once_last_write_winning(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's path: a file parsed by worker processes, in many small chunks, packed by runs
+    into bodies (built over the previous ones), with keys updated while their imports run."""
+    monkeypatch.setattr(parsing, "PROCESS_AFTER", 0)
+    monkeypatch.setattr(inputs, "_CHUNK_BYTES", 1 << 14)
+    sim.config.jitter = 0.9  # imports finish in any order
+    rng = random.Random(11)
+    records: list[Any] = [
+        {
+            "key": f"k{rng.randrange(120)}",
+            "json": {"version": i, "pad": "x" * rng.randrange(300)},
+            "contactIdentity": {"identifier": "email", "value": "a@x.io"},
+        }
+        for i in range(1_500)
+    ]
+    records[100] = {"key": "bad", "json": [1]}
+    records[700] = {
+        "key": "ghost-order",
+        "json": {},
+        "contactIdentity": {"identifier": "email", "value": "ghost@nowhere.invalid"},
+    }
+    data = write_jsonl(tmp_path / "in.jsonl", records)
+    expected = {
+        record["key"]: record["json"]
+        for record in records
+        if record["key"] not in {"bad", "ghost-order"}
+    }
+    settings = Settings.scaled(0.01, max_body_bytes=20_000, parse_processes=2)
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings) as orch,
+    ):
+        result = await orch.import_files(
+            Collection("Versions", "contact"), [str(data)], journal=journal
+        )
+
+    assert result.records_read == 1_500
+    assert {(letter.source, letter.reason) for letter in result.dead_letters} == {
+        (f"{data}:101", "json-type"),
+        (f"{data}:701", "ContactEmailDoesNotExist"),
+    }
+    assert parsing._pool is not None  # parsed in worker processes, not in the thread fallback
+    got = {identity[2]: record["json"] for identity, record in stored(sim, "Versions").items()}
+    assert got == expected
+    assert sim.stats.max_active_seen <= 5
