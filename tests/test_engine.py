@@ -24,8 +24,9 @@ from orchestrator import (
     RetryPolicy,
     Settings,
     SqliteJournal,
+    inputs,
+    parsing,
 )
-from orchestrator import inputs, parsing
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
