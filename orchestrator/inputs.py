@@ -144,7 +144,7 @@ class FileInput:
         encoded.shift_lines(first - 1)  # parsed as if it started at line 1
         line_chunk = line_chunk.numbered(first, encoded.count)
         return Chunk(
-            list(encoded.rejected(self.origin)),
+            encoded.rejected(self.origin),
             line_chunk.first_line,
             line_chunk.last_line,
             line_chunk.digest_through,
