@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,7 +51,7 @@ class Chunk:
     iterables give every result in ``results``, in order.
     """
 
-    results: list[EncodedRecord | RejectedRecord]
+    results: Sequence[EncodedRecord | RejectedRecord]
     first_line: int
     last_line: int
     digest_through: Callable[[int], str]
