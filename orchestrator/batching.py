@@ -19,7 +19,7 @@ from typing import overload
 from orchestrator import errors
 from orchestrator.records import Collection, EncodedRecord, RecordRun, Source, identity_of
 
-__all__ = ["Batch", "BatchAssembler", "RecordRef", "RecordRefs", "split_batch"]
+__all__ = ["Batch", "BatchAssembler", "RecordRef", "RecordRefs", "record_spans", "split_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +56,14 @@ class RecordRefs(Sequence[RecordRef]):
         contacts: each record's ``(identifier, value)``, or ``None`` for account scope.
         origins: each record's source origin (``None`` when unknown).
         lines: each record's source line (ignored where the origin is ``None``).
+        ends: where each record's bytes end in its batch's body (the separator or the envelope's
+            end follows); ``None`` when not known. With them a body is split, and a record's
+            bytes found, by offsets alone.
     """
 
     __slots__ = (
         "_count",
+        "_ends",
         "_has_contact",
         "_identifier_ends",
         "_identifiers",
@@ -78,9 +82,12 @@ class RecordRefs(Sequence[RecordRef]):
         contacts: Sequence[tuple[str, str] | None],
         origins: Sequence[str | None],
         lines: Sequence[int],
+        ends: Sequence[int] | None = None,
     ) -> None:
         if not len(keys) == len(contacts) == len(origins) == len(lines):
             raise ValueError("keys, contacts, origins and lines must have the same length")
+        if ends is not None and len(ends) != len(keys):
+            raise ValueError("ends must have one offset per record")
         numbers: dict[str | None, int] = {}
         self._set(
             keys,
@@ -90,6 +97,7 @@ class RecordRefs(Sequence[RecordRef]):
             array("I", [numbers.setdefault(o, len(numbers)) for o in origins]),
             tuple(numbers),
             array("q", lines),
+            None if ends is None else array("q", ends),
         )
 
     def _set(
@@ -101,8 +109,10 @@ class RecordRefs(Sequence[RecordRef]):
         origin_numbers: array[int],
         origins: tuple[str | None, ...],
         lines: array[int],
+        ends: array[int] | None,
     ) -> None:
         self._count = len(keys)
+        self._ends = ends
         self._keys, self._key_ends = _pack(keys)
         self._identifiers, self._identifier_ends = _pack(identifiers)
         self._values, self._value_ends = _pack(values)
@@ -121,11 +131,12 @@ class RecordRefs(Sequence[RecordRef]):
         origin_numbers: array[int],
         origins: tuple[str | None, ...],
         lines: array[int],
+        ends: array[int] | None,
     ) -> RecordRefs:
         """Pack columns as an assembler keeps them (identifier and value ``""`` where
         ``has_contact`` is 0); no work per record beyond joining the strings."""
         refs: RecordRefs = object.__new__(cls)
-        refs._set(keys, identifiers, values, has_contact, origin_numbers, origins, lines)
+        refs._set(keys, identifiers, values, has_contact, origin_numbers, origins, lines, ends)
         return refs
 
     @classmethod
@@ -172,7 +183,13 @@ class RecordRefs(Sequence[RecordRef]):
     def __getitem__(self, index: int | slice) -> RecordRef | RecordRefs:
         if isinstance(index, slice):
             keys, contacts, origins, lines = self.columns()
-            return RecordRefs(keys[index], contacts[index], origins[index], lines[index])
+            return RecordRefs(
+                keys[index],
+                contacts[index],
+                origins[index],
+                lines[index],
+                None if self._ends is None else self._ends[index],
+            )
         if index < 0:
             index += self._count
         if not 0 <= index < self._count:
@@ -192,6 +209,28 @@ class RecordRefs(Sequence[RecordRef]):
 
     def __repr__(self) -> str:
         return f"<RecordRefs of {len(self)} records>"
+
+    @property
+    def ends(self) -> array[int] | None:
+        """Where each record's bytes end in the body, when known (see the class)."""
+        return self._ends
+
+    def with_ends(self, ends: Sequence[int]) -> RecordRefs:
+        """The same records with the given body offsets (after the body was rebuilt)."""
+        if len(ends) != self._count:
+            raise ValueError("ends must have one offset per record")
+        refs: RecordRefs = object.__new__(RecordRefs)
+        refs._set(
+            _unpack_all(self._keys, self._key_ends),
+            _unpack_all(self._identifiers, self._identifier_ends),
+            _unpack_all(self._values, self._value_ends),
+            self._has_contact,
+            self._origin_numbers,
+            self._origins,
+            self._line_numbers,
+            array("q", ends),
+        )
+        return refs
 
     def keys(self) -> list[str]:
         """Every record's key, in order."""
@@ -539,12 +578,15 @@ class BatchAssembler:
         del body[self._used :]  # what a recycled body held past the records
         keys, identifiers, values = self._keys, self._identifiers, self._values
         has_contact, numbers, lines = self._has_contact, self._origin_numbers, self._lines
+        ends = self._ends
         if self._dropped:  # rare: rebuild without the replaced records
             kept = [i for i in range(len(keys)) if i not in self._dropped]
             view = memoryview(body)
             parts = [view[slice(*self._span(i))] for i in kept]
             body = bytearray(self._prefix) + b",".join(parts) + b","
             view.release()
+            ends = array("q", accumulate(len(part) + 1 for part in parts))
+            ends = array("q", [len(self._prefix) + end - 1 for end in ends])
             keys = [keys[i] for i in kept]
             identifiers = [identifiers[i] for i in kept]
             values = [values[i] for i in kept]
@@ -552,7 +594,14 @@ class BatchAssembler:
             numbers = array("I", [numbers[i] for i in kept])
             lines = array("q", [lines[i] for i in kept])
         refs = RecordRefs._of_columns(
-            keys, identifiers, values, bytes(has_contact), numbers, tuple(self._origins), lines
+            keys,
+            identifiers,
+            values,
+            bytes(has_contact),
+            numbers,
+            tuple(self._origins),
+            lines,
+            ends,
         )
         self._reset()
         # the body ends with the last record's comma: put the suffix in its place
@@ -602,42 +651,12 @@ class BatchAssembler:
         return self._base + self._size + count - 1
 
 
-# a JSON string, or one structural character; everything else (numbers, literals, whitespace)
-# is skipped by the search
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+def record_spans(batch: Batch, collection: Collection) -> list[tuple[int, int]]:
+    """Where each record of a batch lies in its body, as ``(start, end)`` offsets.
 
-
-def _split_records(region: bytes | bytearray) -> list[bytes | bytearray]:
-    """Split the inside of a ``records`` array into each record's bytes."""
-    records: list[bytes | bytearray] = []
-    depth = 0
-    start = 0
-    for match in _TOKEN.finditer(region):
-        char = region[match.start()]
-        if char == 0x22:  # a string
-            continue
-        if char == 0x7B or char == 0x5B:  # { [
-            depth += 1
-        elif char == 0x7D or char == 0x5D:  # } ]
-            depth -= 1
-        elif depth == 0:  # a comma between records
-            records.append(region[start : match.start()].strip())
-            start = match.end()
-    tail = region[start:].strip()
-    if tail:
-        records.append(tail)
-    return records
-
-
-def split_batch(batch: Batch, collection: Collection) -> list[Batch]:
-    """Split a batch into two halves with the same records, for a body the API found too large.
-
-    The records' bytes are kept as they are; refs stay aligned with the records. A batch of one
-    record cannot be split and comes back as the only element of the list.
-
-    Args:
-        batch: a batch sealed by a ``BatchAssembler`` for ``collection``.
-        collection: the collection the batch was built for.
+    From the refs' offsets when they have them (every batch sealed by an assembler); else (a
+    batch journaled before offsets were kept) by tokenising the body once, which takes about a
+    second for 50 MB: run it in a worker thread.
 
     Raises:
         ValueError: the body was not built for ``collection`` or does not match its refs.
@@ -646,15 +665,66 @@ def split_batch(batch: Batch, collection: Collection) -> list[Batch]:
     body = batch.body
     if not (body.startswith(prefix) and body.endswith(suffix)):
         raise ValueError("the batch body was not built for this collection")
-    records = _split_records(body[len(prefix) : len(body) - len(suffix)])
-    if len(records) != len(batch.refs):
-        raise ValueError(
-            f"the batch body holds {len(records)} records but has {len(batch.refs)} refs"
-        )
-    if len(records) < 2:
+    ends = batch.refs.ends if isinstance(batch.refs, RecordRefs) else None
+    if ends is None:
+        ends = _tokenised_ends(body, len(prefix), len(body) - len(suffix))
+    if len(ends) != len(batch.refs) or (ends and ends[-1] != len(body) - len(suffix)):
+        raise ValueError(f"the batch body holds {len(ends)} records but has {len(batch.refs)} refs")
+    starts = [len(prefix), *(end + 1 for end in ends[:-1])]
+    return list(zip(starts, ends, strict=True))
+
+
+# a JSON string, or one structural character; everything else (numbers, literals, whitespace)
+# is skipped by the search
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+
+
+def _tokenised_ends(body: bytes | bytearray, start: int, stop: int) -> array[int]:
+    """The end offset of each record in ``body[start:stop]`` (the inside of ``records``)."""
+    ends = array("q")
+    depth = 0
+    for match in _TOKEN.finditer(body, start, stop):
+        char = body[match.start()]
+        if char == 0x22:  # a string
+            continue
+        if char == 0x7B or char == 0x5B:  # { [
+            depth += 1
+        elif char == 0x7D or char == 0x5D:  # } ]
+            depth -= 1
+        elif depth == 0:  # a comma between records
+            ends.append(match.start())
+    if stop > start:
+        ends.append(stop)
+    return ends
+
+
+def split_batch(batch: Batch, collection: Collection) -> list[Batch]:
+    """Split a batch into two halves with the same records, for a body the API found too large.
+
+    The records' bytes are kept as they are, cut at their known offsets; refs stay aligned with
+    the records and carry their new offsets. A batch of one record cannot be split and comes
+    back as the only element of the list. Copies up to a body: run it in a worker thread.
+
+    Args:
+        batch: a batch sealed by a ``BatchAssembler`` for ``collection``.
+        collection: the collection the batch was built for.
+
+    Raises:
+        ValueError: the body was not built for ``collection`` or does not match its refs.
+    """
+    spans = record_spans(batch, collection)
+    if len(spans) < 2:
         return [batch]
-    half = len(records) // 2
-    return [
-        Batch(prefix + b",".join(records[:half]) + suffix, batch.refs[:half]),
-        Batch(prefix + b",".join(records[half:]) + suffix, batch.refs[half:]),
-    ]
+    prefix, suffix = collection.envelope()
+    view = memoryview(batch.body)
+    half = len(spans) // 2
+    halves = []
+    for refs, part in ((batch.refs[:half], spans[:half]), (batch.refs[half:], spans[half:])):
+        first, last = part[0][0], part[-1][1]
+        shift = first - len(prefix)
+        body = bytearray(prefix)
+        body += view[first:last]
+        body += suffix
+        halves.append(Batch(body, refs.with_ends([end - shift for _, end in part])))
+    view.release()
+    return halves

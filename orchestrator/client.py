@@ -666,28 +666,47 @@ class InsightClient:
                             )
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
-        except TransientError as exc:
-            raise TransientError(
-                f"{method} {path} failed {state.attempts} time(s) within "
-                f"{policy.timeout:g} s, last: {exc}; the API or the network is unwell: "
-                "try again later",
-                status=exc.status,
-                error_code=exc.error_code,
-                description=exc.description,
-                details=exc.details,
-            ) from exc
-        except RateLimitedError as exc:
-            raise RateLimitedError(
-                f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
-                f"the API asks to wait {exc.retry_after:g} s, beyond the call's budget of "
-                f"{policy.timeout:g} s: lower the call rate or wait, then retry",
-                retry_after=exc.retry_after,
-                status=exc.status,
-                error_code=exc.error_code,
-                description=exc.description,
-                details=exc.details,
-            ) from exc
+        except ApiError as exc:
+            exc.calls = state.attempts + state.hidden_sends
+            if isinstance(exc, TransientError):
+                raise self._budget_spent(method, path, policy.timeout, state, exc) from exc
+            if isinstance(exc, RateLimitedError):
+                raise self._rate_limit_beyond(method, path, policy.timeout, state, exc) from exc
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _budget_spent(
+        method: str, path: str, timeout: float, state: _CallState, exc: TransientError
+    ) -> TransientError:
+        error = TransientError(
+            f"{method} {path} failed {state.attempts} time(s) within "
+            f"{timeout:g} s, last: {exc}; the API or the network is unwell: "
+            "try again later",
+            status=exc.status,
+            error_code=exc.error_code,
+            description=exc.description,
+            details=exc.details,
+        )
+        error.calls = exc.calls
+        return error
+
+    @staticmethod
+    def _rate_limit_beyond(
+        method: str, path: str, timeout: float, state: _CallState, exc: RateLimitedError
+    ) -> RateLimitedError:
+        error = RateLimitedError(
+            f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
+            f"the API asks to wait {exc.retry_after:g} s, beyond the call's budget of "
+            f"{timeout:g} s: lower the call rate or wait, then retry",
+            retry_after=exc.retry_after,
+            status=exc.status,
+            error_code=exc.error_code,
+            description=exc.description,
+            details=exc.details,
+        )
+        error.calls = exc.calls
+        return error
 
     async def _once(
         self,

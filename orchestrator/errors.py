@@ -140,6 +140,8 @@ class ApiError(OrchestratorError):
         self.error_code = error_code
         self.description = description
         self.details = details
+        #: requests the failed call sent (its retries included), as the API saw them
+        self.calls = 1
 
 
 class AuthenticationError(ApiError):

@@ -21,6 +21,7 @@ NAMES = frozenset(
         "accepted",  # the API answered 202; the import id is not journaled yet
         "submitted",  # the import id is journaled
         "polled",  # a status poll was answered
+        "split",  # a batch the API found too large was replaced by its halves
         "terminal",  # a poll saw the end; the outcome is not journaled yet
         "finished",  # the outcome is journaled
     }

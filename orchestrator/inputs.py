@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ import anyio
 import anyio.lowlevel
 import orjson
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator.errors import RecordError
 from orchestrator.parsing import ChunkParser, Started
@@ -71,6 +73,10 @@ class RecordInput(Protocol):
     def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
         """Chunks in order; ``None`` when the input pauses (seal what is pending)."""
         ...
+
+    def open(
+        self, collection: Collection
+    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]: ...
 
     async def aclose(self) -> None: ...
 
@@ -156,6 +162,11 @@ class FileInput:
     async def aclose(self) -> None:
         await self._reader.aclose()
 
+    def open(
+        self, collection: Collection
+    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]:
+        return _opened(self, collection)
+
 
 class IterableInput:
     """Records from an iterable or async iterable of mappings (or JSON lines as bytes).
@@ -166,13 +177,16 @@ class IterableInput:
 
     origin = "<records>"
 
-    def __init__(
-        self, records: Iterable[Any] | AsyncIterable[Any], task_group: TaskGroup, seal_after: float
-    ) -> None:
+    def __init__(self, records: Iterable[Any] | AsyncIterable[Any]) -> None:
         self._records = records
-        self._task_group = task_group
-        self._seal_after = seal_after
+        self._task_group: TaskGroup | None = None
+        self._linger = math.inf
         self._skip = 0
+
+    def open(
+        self, collection: Collection
+    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]:
+        return _opened(self, collection)
 
     async def skip(self, lines: int) -> str:
         self._skip = lines
@@ -207,12 +221,13 @@ class IterableInput:
                 async for item in records:
                     await send.send(item)
 
+        assert self._task_group is not None
         self._task_group.start_soon(pump)
         position = 0
         async with receive:
             while True:
                 item: Any = _PAUSE
-                with anyio.move_on_after(self._seal_after):
+                with anyio.move_on_after(self._linger):
                     try:
                         item = await receive.receive()
                     except anyio.EndOfStream:
@@ -241,6 +256,30 @@ class IterableInput:
 
 
 _PAUSE = object()
+
+
+@contextlib.asynccontextmanager
+async def _opened(
+    source: Any, collection: Collection
+) -> AsyncIterator[MemoryObjectReceiveStream[Chunk]]:
+    send, receive = anyio.create_memory_object_stream[Chunk](0)
+
+    async def pump() -> None:
+        async with send:
+            async for chunk in source.chunks(collection):
+                if chunk is not None:
+                    await send.send(chunk)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            source._task_group = tg
+            tg.start_soon(pump)
+            async with receive:
+                yield receive
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await source.aclose()
 
 
 def _no_digest(count: int) -> str:

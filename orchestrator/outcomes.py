@@ -15,21 +15,25 @@ __all__ = ["ImportOutcome", "ImportResult", "RunStats"]
 class ImportOutcome:
     """One batch that reached its end: imported, or given up with its records dead-lettered.
 
+    Records rejected locally (by a record rule, before any batch) come as outcomes too, as they
+    are recorded: ``batch_id`` and ``import_id`` ``None``, ``status`` ``"rejected"``.
+
     Args:
-        batch_id: the batch's number in the journal.
+        batch_id: the batch's number in the journal (``None`` for local rejects).
         import_id: the API's id of the last import of this batch (``None`` if never accepted).
         status: the final API status word (``Finished``, ``Failed``...) or a local reason.
         records: records in the batch.
         imported: records the API stored.
         failures: the batch's records that were not imported, with their reasons.
         body_bytes: size of the request body as sent.
-        attempts: PUTs made for this batch (retries and resubmits included).
-        polls: status calls made for this batch.
+        attempts: PUT requests sent for this batch, as the API saw them (retries after errors,
+            refusals such as "too many active imports", and resubmits included).
+        polls: status requests sent for this batch.
         submitted_at: epoch seconds of the accepted submit.
         finished_at: epoch seconds when the end was seen.
     """
 
-    batch_id: int
+    batch_id: int | None
     import_id: str | None
     status: str
     records: int
@@ -45,6 +49,47 @@ class ImportOutcome:
     def succeeded(self) -> bool:
         """True when every record of the batch was imported."""
         return self.imported == self.records
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the accepted submit to the end, when both are known."""
+        if self.submitted_at is None or self.finished_at is None:
+            return None
+        return round(self.finished_at - self.submitted_at, 3)
+
+    @classmethod
+    def of(cls, batch: StoredBatch, failures: tuple[DeadLetter, ...]) -> ImportOutcome:
+        """The outcome of a finished batch, as the journal stored it."""
+        return cls(
+            batch_id=batch.batch_id,
+            import_id=batch.import_id,
+            status=batch.status or "",
+            records=batch.record_count,
+            imported=batch.imported or 0,
+            failures=failures,
+            body_bytes=batch.body_bytes,
+            attempts=batch.attempts,
+            polls=batch.polls,
+            submitted_at=batch.submitted_at,
+            finished_at=batch.finished_at,
+        )
+
+    @classmethod
+    def rejected(cls, letters: tuple[DeadLetter, ...]) -> ImportOutcome:
+        """Records rejected by a local rule, never sent."""
+        return cls(
+            batch_id=None,
+            import_id=None,
+            status="rejected",
+            records=len(letters),
+            imported=0,
+            failures=letters,
+            body_bytes=0,
+            attempts=0,
+            polls=0,
+            submitted_at=None,
+            finished_at=time.time(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +154,9 @@ class ImportResult:
     def report(self) -> dict[str, Any]:
         """The JSON report of the contract (``--report``), with extra counters."""
         counts = {name: self.counters.get(name, 0) for name in _REPORT_COUNTERS}
+        # Every request the run sent, as the API saw it: the batches keep their own counts.
+        counts["submit_calls"] = sum(batch.attempts for batch in self.imports)
+        counts["status_calls"] = sum(batch.polls for batch in self.imports)
         return {
             "collection": self.collection,
             **counts,
@@ -122,6 +170,7 @@ class ImportResult:
                     "body_bytes": batch.body_bytes,
                     "status": batch.status,
                     "attempts": batch.attempts,
+                    "submits": batch.submits,
                     "polls": batch.polls,
                     "resubmits": batch.resubmits,
                     "in_doubt": batch.in_doubt,
@@ -144,7 +193,6 @@ _REPORT_COUNTERS = (
     "account_full_waits",
     "submits_in_doubt",
     "resubmits",
-    "status_calls",
 )
 
 

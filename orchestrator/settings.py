@@ -32,8 +32,9 @@ class Settings:
             to ``poll_max``.
         max_account_full_waits: how many such refusals in a row one batch tolerates before the run
             aborts; ``None`` waits forever.
-        seal_after: seconds: seal a partly filled batch when the input pauses this long (a trickle
-            from an async source still gets imported).
+        linger: seconds: the longest a record waits for company: a partly filled batch is sealed
+            once its oldest record has waited this long and one of the account's slots is free
+            (a busy account still gets full bodies; a trickle is sent within seconds).
         status_error_budget: consecutive failed status polls of one import (5xx, resets,
             timeouts; each is polled again within the poll window) before the run gives up.
         max_upload_bytes: bytes of request bodies loaded and being sent at once (one body always
@@ -53,7 +54,7 @@ class Settings:
     max_resubmits: int = 2
     account_full_wait: float = 5.0
     max_account_full_waits: int | None = None
-    seal_after: float = 2.0
+    linger: float = 5.0
     status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
     parse_processes: int | None = 0
@@ -69,7 +70,7 @@ class Settings:
                 f"max_body_bytes must be between 256 and {API_MAX_BODY_BYTES} "
                 f"(the API's limit), got {self.max_body_bytes}"
             )
-        for name in ("poll_min", "poll_max", "account_full_wait", "seal_after"):
+        for name in ("poll_min", "poll_max", "account_full_wait", "linger"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
@@ -105,7 +106,7 @@ class Settings:
             "poll_min": base.poll_min * factor,
             "poll_max": base.poll_max * factor,
             "account_full_wait": base.account_full_wait * factor,
-            "seal_after": base.seal_after * factor,
+            "linger": base.linger * factor,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

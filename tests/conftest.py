@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,22 +79,11 @@ class SimulatorProcess:
         return [i for i in stats["imports"] if i["collection"] == collection]
 
 
-@pytest.fixture(scope="module")
-def simulator_process() -> Iterator[SimulatorProcess]:
-    """`insight-import simulator` on a free loopback port, for tests that run the real command."""
+@contextlib.contextmanager
+def serve_simulator(*options: str) -> Iterator[SimulatorProcess]:
+    """`insight-import simulator OPTIONS` on a free loopback port, stopped on exit."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "simulator",
-            "--port",
-            "0",
-            "--records-per-second",
-            "4000",
-            "--jitter",
-            "0.5",
-        ],
+        [sys.executable, "-m", "orchestrator", "simulator", "--port", "0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -108,6 +98,13 @@ def simulator_process() -> Iterator[SimulatorProcess]:
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def simulator_process() -> Iterator[SimulatorProcess]:
+    """`insight-import simulator` on a free loopback port, for tests that run the real command."""
+    with serve_simulator("--records-per-second", "4000", "--jitter", "0.5") as sim:
+        yield sim
 
 
 def run_cli(

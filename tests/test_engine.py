@@ -163,7 +163,7 @@ def test_scheduling_invariants(keys: list[int], cap: int, concurrent: int) -> No
         async with Simulator(config) as sim:
             records = [{"key": f"k{k}", "json": {"v": i}} for i, k in enumerate(keys)]
             settings = Settings.scaled(
-                0.002, max_body_bytes=cap, max_concurrent=concurrent, seal_after=0.01
+                0.002, max_body_bytes=cap, max_concurrent=concurrent, linger=0.01
             )
             async with Orchestrator(client_for(sim), settings) as orch:
                 result = await orch.import_records(Collection("Inv"), records)
@@ -263,7 +263,7 @@ async def test_async_iterable_trickle_is_sealed_on_pause(sim: Simulator) -> None
         outcomes.append(outcome)
         first_seen.set()
 
-    settings = Settings.scaled(0.01, seal_after=0.05)
+    settings = Settings.scaled(0.01, linger=0.05)
     async with Orchestrator(client_for(sim), settings) as orch:
         with anyio.fail_after(10):
             result = await orch.import_records(
@@ -427,7 +427,7 @@ async def test_leaving_the_stream_early_cancels_the_import(sim: Simulator) -> No
 
 async def test_upload_budget_holds_bodies_back_but_always_lets_one_through() -> None:
     """Bodies wait while the bytes being uploaded would pass the budget; one always goes."""
-    from orchestrator.engine import _ByteBudget
+    from orchestrator.lifecycle import ByteBudget as _ByteBudget
 
     budget = _ByteBudget(100)
     inside: list[int] = []

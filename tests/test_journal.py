@@ -145,11 +145,17 @@ async def test_round_trip_of_every_method(factory: Factory) -> None:
         assert await journal.load_refs(first) == refs
 
         await journal.mark_submitting(first)
+        refused = await journal.mark_refused(first, calls=2)
+        assert (refused.phase, refused.attempts, refused.submits) == (BatchPhase.SEALED, 2, 1)
+        await journal.mark_submitting(first)
         await journal.mark_submitted(first, "imp-1", 100.5)
-        await journal.mark_polled(first, 3)
+        await journal.mark_polled(first, calls=2)
+        polled = await journal.mark_polled(first)
+        assert polled.polls == 3
         await journal.mark_resubmit(first)
         await journal.mark_submitting(first)
-        await journal.mark_submitted(first, "imp-2", 200.0)
+        submitted = await journal.mark_submitted(first, "imp-2", 200.0, calls=3)
+        assert (submitted.phase, submitted.import_id) == (BatchPhase.SUBMITTED, "imp-2")
         failure = letter(4, reason="ContactEmailDoesNotExist", import_id="imp-2")
         await journal.mark_finished(
             first,
@@ -166,7 +172,13 @@ async def test_round_trip_of_every_method(factory: Factory) -> None:
         assert done.phase is BatchPhase.FINISHED
         assert done.import_id == "imp-2"
         assert (done.record_count, done.body_bytes) == (5, len(b"body-one"))
-        assert (done.attempts, done.resubmits, done.in_doubt, done.polls) == (2, 1, 0, 3)
+        assert (done.attempts, done.submits, done.resubmits, done.in_doubt, done.polls) == (
+            6,
+            3,
+            1,
+            0,
+            3,
+        )
         assert (done.submitted_at, done.finished_at) == (200.0, 250.0)
         assert (done.status, done.imported) == ("Finished", 4)
         assert waiting.phase is BatchPhase.SEALED
@@ -225,7 +237,7 @@ async def test_submit_in_doubt_goes_back_to_sealed(factory: Factory) -> None:
         state = await journal.open(SPEC)
     (stored,) = state.unfinished
     assert stored.phase is BatchPhase.SEALED
-    assert (stored.in_doubt, stored.attempts) == (1, 1)
+    assert (stored.in_doubt, stored.submits, stored.attempts) == (1, 1, 0)
     assert state.counters["submits_in_doubt"] == 1
     async with factory() as journal:
         state = await journal.open(SPEC)
@@ -283,7 +295,7 @@ async def test_bad_transitions_are_refused(factory: Factory) -> None:
         with pytest.raises(ValueError, match="batch 99 is not in the journal"):
             await journal.mark_submitting(99)
         with pytest.raises(ValueError, match="not in the journal"):
-            await journal.mark_polled(99, 1)
+            await journal.mark_polled(99)
         await journal.mark_finished(
             batch, status="dead", imported=0, dead_letters=(), finished_at=1.0, counters={}
         )
@@ -481,7 +493,7 @@ async def test_poll_counts_skip_the_fsync_then_restore_it(path: Path) -> None:
         modes: list[int] = []
         assert journal._conn is not None
         journal._conn.set_trace_callback(modes.append)  # type: ignore[arg-type]
-        await journal.mark_polled(batch, 7)
+        await journal.mark_polled(batch, calls=7)
         journal._conn.set_trace_callback(None)
         assert any("synchronous = NORMAL" in str(m) for m in modes)
         assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -693,7 +705,7 @@ CHILD = textwrap.dedent(
                 if i % 3 == 0:
                     await journal.mark_submitting(batch)
                     await journal.mark_submitted(batch, f"imp-{batch}", 1.0)
-                    await journal.mark_polled(batch, 1)
+                    await journal.mark_polled(batch)
                     await journal.mark_finished(
                         batch, status="Finished", imported=n, dead_letters=(),
                         finished_at=2.0, counters={"records_imported": n},

@@ -96,10 +96,11 @@ class StoredBatch:
         record_count: records in the body.
         body_bytes: the body's size in bytes as sent.
         depends_on: batch ids that must finish before this one is submitted.
-        attempts: PUT intents written so far (all submits of this batch).
+        attempts: PUT requests sent for this batch, as the API saw them: retries after a 5xx or
+            a lost answer and refusals ("too many active imports", rate limits) included.
         resubmits: times a ``Failed`` import was sent again.
         in_doubt: submits found in doubt when a journal was opened (intent without an id).
-        polls: status polls so far, as last given to ``mark_polled``.
+        polls: status requests sent for this batch's imports.
         submitted_at: epoch seconds of the last submit.
         finished_at: epoch seconds of the terminal status.
         status: the raw final API status word, or a local reason such as ``"dead"``.
@@ -120,6 +121,28 @@ class StoredBatch:
     finished_at: float | None
     status: str | None
     imported: int | None = None
+    submits: int = 0  # submits started (intents written), in-doubt ones included
+
+    @classmethod
+    def sealed(
+        cls, batch_id: int, *, record_count: int, body_bytes: int, depends_on: Sequence[int] = ()
+    ) -> StoredBatch:
+        """A batch as it is stored when sealed: nothing sent yet."""
+        return cls(
+            batch_id=batch_id,
+            phase=BatchPhase.SEALED,
+            import_id=None,
+            record_count=record_count,
+            body_bytes=body_bytes,
+            depends_on=tuple(depends_on),
+            attempts=0,
+            resubmits=0,
+            in_doubt=0,
+            polls=0,
+            submitted_at=None,
+            finished_at=None,
+            status=None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,38 +310,69 @@ class Journal(Protocol):
         """
         ...
 
-    async def mark_submitting(self, batch_id: int) -> None:
-        """Write the intent to PUT a batch (``attempts`` + 1, phase SUBMITTING).
+    async def mark_submitting(self, batch_id: int) -> StoredBatch:
+        """Write the intent to PUT a batch (``submits`` + 1, phase SUBMITTING).
 
         Args:
             batch_id: the batch about to be sent.
+
+        Returns:
+            The batch as stored now (so for every method below that changes a batch).
         """
         ...
 
-    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+    async def mark_refused(self, batch_id: int, *, calls: int) -> StoredBatch:
+        """Record a submit the API refused without starting an import (phase SEALED again).
+
+        Args:
+            batch_id: the batch whose PUT was refused (account full, rate limited).
+            calls: PUT requests the refused submit made (``attempts`` grows by it).
+        """
+        ...
+
+    async def mark_submitted(
+        self, batch_id: int, import_id: str, submitted_at: float, *, calls: int = 1
+    ) -> StoredBatch:
         """Record the import id the API gave a batch (phase SUBMITTED).
 
         Args:
             batch_id: the batch sent.
             import_id: the API's import id.
             submitted_at: epoch seconds of the submit.
+            calls: PUT requests the submit made (``attempts`` grows by it).
         """
         ...
 
-    async def mark_polled(self, batch_id: int, polls: int) -> None:
-        """Record how many status polls a batch's import took so far (cheap: not fsync'd).
+    async def mark_polled(self, batch_id: int, *, calls: int = 1) -> StoredBatch:
+        """Count status requests sent for a batch's import (cheap: not fsync'd).
 
         Args:
             batch_id: the batch polled.
-            polls: the poll count so far (absolute, not a delta).
+            calls: status requests to add to ``polls``.
         """
         ...
 
-    async def mark_resubmit(self, batch_id: int) -> None:
+    async def mark_resubmit(self, batch_id: int) -> StoredBatch:
         """Put a batch whose import ended ``Failed`` back to SEALED to send it again.
 
         Args:
             batch_id: the batch to send again (``resubmits`` + 1, ``import_id`` cleared).
+        """
+        ...
+
+    async def split_batch(self, batch_id: int, halves: Sequence[NewBatch]) -> list[int]:
+        """Replace a batch the API found too large by smaller ones, in one transaction.
+
+        The new batches are sealed; the old one is finished with status ``"split"``; every
+        unfinished batch that depended on it depends on the new ones instead, so a crash at any
+        point neither re-splits nor lets a later version of a key overtake the split records.
+
+        Args:
+            batch_id: the batch to split (not finished).
+            halves: the batches that replace it, in order; their ``depends_on`` is ignored.
+
+        Returns:
+            The new batches' ids, in order.
         """
         ...
 
@@ -331,7 +385,7 @@ class Journal(Protocol):
         dead_letters: Sequence[DeadLetter],
         finished_at: float,
         counters: Mapping[str, int],
-    ) -> None:
+    ) -> StoredBatch:
         """Finish a batch with its API failures and counter deltas; its body and refs are dropped.
 
         Args:
@@ -422,6 +476,11 @@ def check_phase(
     if phase not in allowed:
         wanted = " or ".join(p.value for p in allowed)
         raise ValueError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
+
+
+def redirected(depends_on: Sequence[int], old: int, new: Sequence[int]) -> tuple[int, ...]:
+    """``depends_on`` with batch ``old`` replaced by the batches ``new`` it was split into."""
+    return tuple(sorted({*(d for d in depends_on if d != old), *new}))
 
 
 def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:

@@ -22,6 +22,7 @@ from orchestrator.journal.base import (
     check_phase,
     mismatch_message,
     progress_list,
+    redirected,
 )
 
 if TYPE_CHECKING:
@@ -118,20 +119,11 @@ class MemoryJournal(SealOne):
         for batch in batches:
             batch_id = run.next_batch_id
             run.next_batch_id += 1
-            run.batches[batch_id] = StoredBatch(
-                batch_id=batch_id,
-                phase=BatchPhase.SEALED,
-                import_id=None,
+            run.batches[batch_id] = StoredBatch.sealed(
+                batch_id,
                 record_count=len(batch.refs),
                 body_bytes=len(batch.body),
-                depends_on=tuple(batch.depends_on),
-                attempts=0,
-                resubmits=0,
-                in_doubt=0,
-                polls=0,
-                submitted_at=None,
-                finished_at=None,
-                status=None,
+                depends_on=batch.depends_on,
             )
             refs = batch.refs
             run.payloads[batch_id] = (
@@ -157,36 +149,55 @@ class MemoryJournal(SealOne):
         """Add deltas to the run's counters (see ``Journal.add_counters``)."""
         _add(self._require().counters, counters)
 
-    async def mark_submitting(self, batch_id: int) -> None:
+    async def mark_submitting(self, batch_id: int) -> StoredBatch:
         """Write the intent to PUT a batch; see ``Journal.mark_submitting``."""
-        run, batch = self._batch(
+        _, batch = self._batch(
             batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting"
         )
-        run.batches[batch_id] = replace(
-            batch, phase=BatchPhase.SUBMITTING, attempts=batch.attempts + 1
-        )
+        return self._store(replace(batch, phase=BatchPhase.SUBMITTING, submits=batch.submits + 1))
 
-    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+    async def mark_refused(self, batch_id: int, *, calls: int) -> StoredBatch:
+        """Record a refused submit; see ``Journal.mark_refused``."""
+        _, batch = self._batch(batch_id, (BatchPhase.SUBMITTING,), "mark it refused")
+        return self._store(replace(batch, phase=BatchPhase.SEALED, attempts=batch.attempts + calls))
+
+    async def mark_submitted(
+        self, batch_id: int, import_id: str, submitted_at: float, *, calls: int = 1
+    ) -> StoredBatch:
         """Record a batch's import id; see ``Journal.mark_submitted``."""
-        run, batch = self._batch(batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
-        run.batches[batch_id] = replace(
-            batch,
-            phase=BatchPhase.SUBMITTED,
-            import_id=import_id,
-            submitted_at=submitted_at,
+        _, batch = self._batch(batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
+        return self._store(
+            replace(
+                batch,
+                phase=BatchPhase.SUBMITTED,
+                import_id=import_id,
+                submitted_at=submitted_at,
+                attempts=batch.attempts + calls,
+            )
         )
 
-    async def mark_polled(self, batch_id: int, polls: int) -> None:
-        """Record a batch's poll count; see ``Journal.mark_polled``."""
-        run, batch = self._batch(batch_id, tuple(BatchPhase), "record its polls")
-        run.batches[batch_id] = replace(batch, polls=polls)
+    async def mark_polled(self, batch_id: int, *, calls: int = 1) -> StoredBatch:
+        """Count a batch's status requests; see ``Journal.mark_polled``."""
+        _, batch = self._batch(batch_id, tuple(BatchPhase), "record its polls")
+        return self._store(replace(batch, polls=batch.polls + calls))
 
-    async def mark_resubmit(self, batch_id: int) -> None:
+    async def mark_resubmit(self, batch_id: int) -> StoredBatch:
         """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``."""
-        run, batch = self._batch(batch_id, _UNFINISHED, "resubmit it")
-        run.batches[batch_id] = replace(
-            batch, phase=BatchPhase.SEALED, import_id=None, resubmits=batch.resubmits + 1
+        _, batch = self._batch(batch_id, _UNFINISHED, "resubmit it")
+        return self._store(
+            replace(batch, phase=BatchPhase.SEALED, import_id=None, resubmits=batch.resubmits + 1)
         )
+
+    async def split_batch(self, batch_id: int, halves: Sequence[NewBatch]) -> list[int]:
+        """Replace a batch by smaller ones; see ``Journal.split_batch``."""
+        run, batch = self._batch(batch_id, _UNFINISHED, "split it")
+        ids = await self.seal_batches(batches=halves, progress=None, dead_letters=(), counters={})
+        self._store(replace(batch, phase=BatchPhase.FINISHED, status="split"))
+        run.payloads.pop(batch_id, None)
+        for other in list(run.batches.values()):
+            if other.phase is not BatchPhase.FINISHED and batch_id in other.depends_on:
+                self._store(replace(other, depends_on=redirected(other.depends_on, batch_id, ids)))
+        return ids
 
     async def mark_finished(
         self,
@@ -197,18 +208,21 @@ class MemoryJournal(SealOne):
         dead_letters: Sequence[DeadLetter],
         finished_at: float,
         counters: Mapping[str, int],
-    ) -> None:
+    ) -> StoredBatch:
         """Finish a batch; see ``Journal.mark_finished``."""
         run, batch = self._batch(batch_id, _UNFINISHED, "finish it")
-        run.batches[batch_id] = replace(
-            batch,
-            phase=BatchPhase.FINISHED,
-            status=status,
-            imported=imported,
-            finished_at=finished_at,
+        stored = self._store(
+            replace(
+                batch,
+                phase=BatchPhase.FINISHED,
+                status=status,
+                imported=imported,
+                finished_at=finished_at,
+            )
         )
         run.payloads.pop(batch_id, None)
         self._apply(run, (), dead_letters, counters)
+        return stored
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
         """Return the stored body of an unfinished batch (see ``Journal.load_body``)."""
@@ -253,6 +267,10 @@ class MemoryJournal(SealOne):
         check_phase(batch_id, batch.phase if batch else None, allowed, action)
         assert batch is not None  # check_phase raised otherwise
         return run, batch
+
+    def _store(self, batch: StoredBatch) -> StoredBatch:
+        self._require().batches[batch.batch_id] = batch
+        return batch
 
     @staticmethod
     def _apply(

@@ -39,6 +39,7 @@ from orchestrator.journal.base import (
     check_phase,
     mismatch_message,
     progress_list,
+    redirected,
 )
 
 __all__ = ["SqliteJournal"]
@@ -47,7 +48,11 @@ _log = structlog.get_logger()
 
 _T = TypeVar("_T")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# What each older schema needs to become the current one.
+_MIGRATIONS = {
+    1: ("ALTER TABLE batches ADD COLUMN submits INTEGER NOT NULL DEFAULT 0",),
+}
 _BLOB_CHUNK = 1 << 20
 _APPLICATION_ID = 0x494E5349  # "INSI": marks the file as one of our journals
 
@@ -78,7 +83,8 @@ CREATE TABLE batches (
     submitted_at REAL,
     finished_at REAL,
     status TEXT,
-    imported INTEGER
+    imported INTEGER,
+    submits INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX batches_unfinished ON batches (phase) WHERE phase != 'finished';
 CREATE TABLE payloads (
@@ -104,7 +110,7 @@ CREATE TABLE counters (
 
 _BATCH_COLUMNS = (
     "batch_id, phase, import_id, record_count, body_bytes, depends_on, attempts, resubmits, "
-    "in_doubt, polls, submitted_at, finished_at, status, imported"
+    "in_doubt, polls, submitted_at, finished_at, status, imported, submits"
 )
 _UNFINISHED = (BatchPhase.SEALED, BatchPhase.SUBMITTING, BatchPhase.SUBMITTED)
 
@@ -209,29 +215,7 @@ class SqliteJournal(SealOne):
         deltas = dict(counters)
 
         def write(conn: sqlite3.Connection) -> list[int]:
-            ids = []
-            for body, refs, deps in frozen:
-                cursor = conn.execute(
-                    "INSERT INTO batches (phase, record_count, body_bytes, depends_on) "
-                    "VALUES (?, ?, ?, ?)",
-                    (BatchPhase.SEALED.value, len(refs), len(body), orjson.dumps(deps)),
-                )
-                batch_id = cursor.lastrowid
-                assert batch_id is not None  # an INSERT into a rowid table always sets it
-                # The body goes in through incremental blob I/O: bound as a parameter, SQLite
-                # would copy all of it (up to 50 MB) before writing. Its zeroblob must be the
-                # record's last column (the table is laid out so): anywhere else SQLite makes
-                # the zeros in memory and writes them out, 50 MB of both, before the blob I/O.
-                conn.execute(
-                    "INSERT INTO payloads (batch_id, refs, body) VALUES (?, ?, zeroblob(?))",
-                    (batch_id, _encode_refs(refs), len(body)),
-                )
-                if body:
-                    view = memoryview(body)
-                    with conn.blobopen("payloads", "body", batch_id) as blob:
-                        for start in range(0, len(view), _BLOB_CHUNK):
-                            blob.write(view[start : start + _BLOB_CHUNK])
-                ids.append(batch_id)
+            ids = [_insert_batch(conn, body, refs, deps) for body, refs, deps in frozen]
             _apply(conn, progresses, letters, deltas)
             return ids
 
@@ -258,63 +242,110 @@ class SqliteJournal(SealOne):
         deltas = dict(counters)
         await self._write(lambda conn: _add_counters(conn, deltas), "add to the counters")
 
-    async def mark_submitting(self, batch_id: int) -> None:
+    async def mark_submitting(self, batch_id: int) -> StoredBatch:
         """Write the intent to PUT a batch; see ``Journal.mark_submitting``."""
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> StoredBatch:
             _check(conn, batch_id, (BatchPhase.SEALED, BatchPhase.SUBMITTING), "mark it submitting")
             conn.execute(
-                "UPDATE batches SET phase = ?, attempts = attempts + 1 WHERE batch_id = ?",
+                "UPDATE batches SET phase = ?, submits = submits + 1 WHERE batch_id = ?",
                 (BatchPhase.SUBMITTING.value, batch_id),
             )
+            return _stored(conn, batch_id)
 
-        await self._write(write, f"mark batch {batch_id} submitting")
+        return await self._write(write, f"mark batch {batch_id} submitting")
 
-    async def mark_submitted(self, batch_id: int, import_id: str, submitted_at: float) -> None:
+    async def mark_refused(self, batch_id: int, *, calls: int) -> StoredBatch:
+        """Record a refused submit; see ``Journal.mark_refused``."""
+
+        def write(conn: sqlite3.Connection) -> StoredBatch:
+            _check(conn, batch_id, (BatchPhase.SUBMITTING,), "mark it refused")
+            conn.execute(
+                "UPDATE batches SET phase = ?, attempts = attempts + ? WHERE batch_id = ?",
+                (BatchPhase.SEALED.value, calls, batch_id),
+            )
+            return _stored(conn, batch_id)
+
+        return await self._write(write, f"mark batch {batch_id} refused")
+
+    async def mark_submitted(
+        self, batch_id: int, import_id: str, submitted_at: float, *, calls: int = 1
+    ) -> StoredBatch:
         """Record a batch's import id; see ``Journal.mark_submitted``."""
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> StoredBatch:
             _check(conn, batch_id, (BatchPhase.SUBMITTING,), "mark it submitted")
             conn.execute(
-                "UPDATE batches SET phase = ?, import_id = ?, submitted_at = ? WHERE batch_id = ?",
-                (BatchPhase.SUBMITTED.value, import_id, submitted_at, batch_id),
+                "UPDATE batches SET phase = ?, import_id = ?, submitted_at = ?, "
+                "attempts = attempts + ? WHERE batch_id = ?",
+                (BatchPhase.SUBMITTED.value, import_id, submitted_at, calls, batch_id),
             )
+            return _stored(conn, batch_id)
 
-        await self._write(write, f"mark batch {batch_id} submitted")
+        return await self._write(write, f"mark batch {batch_id} submitted")
 
-    async def mark_polled(self, batch_id: int, polls: int) -> None:
-        """Record a batch's poll count without an fsync; it is made durable by the next commit.
+    async def mark_polled(self, batch_id: int, *, calls: int = 1) -> StoredBatch:
+        """Count a batch's status requests without an fsync; the next commit makes it durable.
 
         See ``Journal.mark_polled``.
         """
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> StoredBatch:
             _check(conn, batch_id, tuple(BatchPhase), "record its polls")
-            conn.execute("UPDATE batches SET polls = ? WHERE batch_id = ?", (polls, batch_id))
+            conn.execute(
+                "UPDATE batches SET polls = polls + ? WHERE batch_id = ?", (calls, batch_id)
+            )
+            return _stored(conn, batch_id)
 
-        def cheap(conn: sqlite3.Connection) -> None:
+        def cheap(conn: sqlite3.Connection) -> StoredBatch:
             # Under WAL, NORMAL skips the fsync of this commit; losing a poll count is harmless.
             conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                self._transaction(conn, lambda: write(conn))
+                return self._transaction(conn, lambda: write(conn))
             finally:
                 conn.execute("PRAGMA synchronous = FULL")
 
         self._require_spec()
-        await self._run(cheap, f"record the polls of batch {batch_id}")
+        return await self._run(cheap, f"record the polls of batch {batch_id}")
 
-    async def mark_resubmit(self, batch_id: int) -> None:
+    async def mark_resubmit(self, batch_id: int) -> StoredBatch:
         """Put a failed batch back to SEALED; see ``Journal.mark_resubmit``."""
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> StoredBatch:
             _check(conn, batch_id, _UNFINISHED, "resubmit it")
             conn.execute(
                 "UPDATE batches SET phase = ?, import_id = NULL, resubmits = resubmits + 1 "
                 "WHERE batch_id = ?",
                 (BatchPhase.SEALED.value, batch_id),
             )
+            return _stored(conn, batch_id)
 
-        await self._write(write, f"mark batch {batch_id} for resubmission")
+        return await self._write(write, f"mark batch {batch_id} for resubmission")
+
+    async def split_batch(self, batch_id: int, halves: Sequence[NewBatch]) -> list[int]:
+        """Replace a batch by smaller ones in one transaction; see ``Journal.split_batch``."""
+        frozen = [(b.body, _packed(b.refs)) for b in halves]
+
+        def write(conn: sqlite3.Connection) -> list[int]:
+            _check(conn, batch_id, _UNFINISHED, "split it")
+            ids = [_insert_batch(conn, body, refs, ()) for body, refs in frozen]
+            conn.execute(
+                "UPDATE batches SET phase = ?, status = 'split' WHERE batch_id = ?",
+                (BatchPhase.FINISHED.value, batch_id),
+            )
+            conn.execute("DELETE FROM payloads WHERE batch_id = ?", (batch_id,))
+            for dependent in _batches(conn, "phase != 'finished'"):
+                if batch_id in dependent.depends_on:
+                    conn.execute(
+                        "UPDATE batches SET depends_on = ? WHERE batch_id = ?",
+                        (
+                            orjson.dumps(redirected(dependent.depends_on, batch_id, ids)),
+                            dependent.batch_id,
+                        ),
+                    )
+            return ids
+
+        return await self._write(write, f"split batch {batch_id}")
 
     async def mark_finished(
         self,
@@ -325,7 +356,7 @@ class SqliteJournal(SealOne):
         dead_letters: Sequence[DeadLetter],
         finished_at: float,
         counters: Mapping[str, int],
-    ) -> None:
+    ) -> StoredBatch:
         """Finish a batch in one transaction, dropping its body and refs.
 
         See ``Journal.mark_finished``.
@@ -333,7 +364,7 @@ class SqliteJournal(SealOne):
         letters = tuple(dead_letters)
         deltas = dict(counters)
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> StoredBatch:
             _check(conn, batch_id, _UNFINISHED, "finish it")
             conn.execute(
                 "UPDATE batches SET phase = ?, status = ?, imported = ?, finished_at = ? "
@@ -342,8 +373,9 @@ class SqliteJournal(SealOne):
             )
             conn.execute("DELETE FROM payloads WHERE batch_id = ?", (batch_id,))
             _apply(conn, (), letters, deltas)
+            return _stored(conn, batch_id)
 
-        await self._write(write, f"finish batch {batch_id}")
+        return await self._write(write, f"finish batch {batch_id}")
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
         """Return the stored body of an unfinished batch (see ``Journal.load_body``)."""
@@ -563,6 +595,15 @@ class SqliteJournal(SealOne):
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
             self._transaction(conn, create)
+        elif version < _SCHEMA_VERSION:
+
+            def migrate() -> None:
+                for step in range(version, _SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+            self._transaction(conn, migrate)
 
     def _open_sync(
         self, conn: sqlite3.Connection, spec: RunSpec, fresh: bool
@@ -645,6 +686,31 @@ def _lock(lock_path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _insert_batch(
+    conn: sqlite3.Connection, body: bytes | bytearray, refs: RecordRefs, deps: tuple[int, ...]
+) -> int:
+    cursor = conn.execute(
+        "INSERT INTO batches (phase, record_count, body_bytes, depends_on) VALUES (?, ?, ?, ?)",
+        (BatchPhase.SEALED.value, len(refs), len(body), orjson.dumps(deps)),
+    )
+    batch_id = cursor.lastrowid
+    assert batch_id is not None  # an INSERT into a rowid table always sets it
+    # The body goes in through incremental blob I/O: bound as a parameter, SQLite would copy
+    # all of it (up to 50 MB) before writing. Its zeroblob must be the record's last column
+    # (the table is laid out so): anywhere else SQLite makes the zeros in memory and writes
+    # them out, 50 MB of both, before the blob I/O.
+    conn.execute(
+        "INSERT INTO payloads (batch_id, refs, body) VALUES (?, ?, zeroblob(?))",
+        (batch_id, _encode_refs(refs), len(body)),
+    )
+    if body:
+        view = memoryview(body)
+        with conn.blobopen("payloads", "body", batch_id) as blob:
+            for start in range(0, len(view), _BLOB_CHUNK):
+                blob.write(view[start : start + _BLOB_CHUNK])
+    return batch_id
 
 
 def _check(
@@ -751,6 +817,7 @@ def _stored_batch(row: tuple[Any, ...]) -> StoredBatch:
         finished_at,
         status,
         imported,
+        submits,
     ) = row
     return StoredBatch(
         batch_id=batch_id,
@@ -767,7 +834,13 @@ def _stored_batch(row: tuple[Any, ...]) -> StoredBatch:
         finished_at=finished_at,
         status=status,
         imported=imported,
+        submits=submits,
     )
+
+
+def _stored(conn: sqlite3.Connection, batch_id: int) -> StoredBatch:
+    (batch,) = _batches(conn, f"batch_id = {int(batch_id)}")
+    return batch
 
 
 def _encode_spec(spec: RunSpec) -> bytes:
@@ -810,6 +883,7 @@ def _encode_refs(refs: RecordRefs) -> bytes:
             "origins": [numbers.setdefault(origin, len(numbers)) for origin in origins],
             "origin_names": list(numbers),
             "lines": lines,
+            "ends": None if refs.ends is None else list(refs.ends),
         }
     )
 
@@ -822,4 +896,4 @@ def _decode_refs(raw: bytes) -> RecordRefs:
         for identifier, value in zip(columns["identifiers"], columns["values"], strict=True)
     ]
     origins = [names[number] for number in columns["origins"]]
-    return RecordRefs(columns["keys"], contacts, origins, columns["lines"])
+    return RecordRefs(columns["keys"], contacts, origins, columns["lines"], columns.get("ends"))
