@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
-from orchestrator.batching import Batch, BatchAssembler, RecordRef, split_batch
+from orchestrator.batching import (
+    Batch,
+    BatchAssembler,
+    RecordRef,
+    RecordRefs,
+    record_spans,
+    split_batch,
+)
 from orchestrator.records import (
     Collection,
     EncodedRecord,
@@ -453,3 +460,40 @@ def test_identity_hashes_are_those_of_the_sealed_refs() -> None:
     assert batch is not None
     assert batch.record_count == 3
     assert hashes == frozenset(hash(identity) for identity in batch.refs.identities())
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan=record_plans, cap_extra=st.integers(0, 3000), contact=st.booleans())
+def test_record_offsets_match_the_body(
+    plan: list[tuple[int, int, str]], cap_extra: int, contact: bool
+) -> None:
+    """Each sealed batch knows where its records lie in the body (replaced ones included), the
+    same places the body's own tokens give; splitting by them keeps every record's bytes."""
+    collection = CONTACT if contact else ACCOUNT
+    prefix, suffix = collection.envelope()
+    cap = len(prefix) + len(suffix) + 60 + cap_extra
+    assembler = BatchAssembler(collection, max_body_bytes=cap)
+    batches: list[Batch] = []
+    for line, (key_no, size, email) in enumerate(plan, start=1):
+        record = make(f"k{key_no}", size, email=email if contact else None, line=line)
+        try:
+            sealed = assembler.add(record)
+        except errors.RecordError:
+            continue
+        if sealed is not None:
+            batches.append(sealed)
+    last = assembler.seal()
+    if last is not None:
+        batches.append(last)
+    for batch in batches:
+        spans = record_spans(batch, collection)
+        legacy = Batch(batch.body, RecordRefs(*batch.refs.columns()))  # refs without offsets
+        assert spans == record_spans(legacy, collection)
+        records = orjson.loads(batch.body)["records"]
+        assert [orjson.loads(batch.body[start:end]) for start, end in spans] == records
+        halves = split_batch(batch, collection)
+        assert [r for half in halves for r in orjson.loads(half.body)["records"]] == records
+        for half in halves:
+            assert record_spans(half, collection) == record_spans(
+                Batch(half.body, RecordRefs(*half.refs.columns())), collection
+            )

@@ -15,7 +15,13 @@ import pytest
 
 from orchestrator.errors import ConfigError
 from orchestrator.options import OPTIONS, load_config_file, resolve_options
-from tests.conftest import SIM_PASSWORD, SimulatorProcess, fast_run_args, run_cli
+from tests.conftest import (
+    SIM_PASSWORD,
+    SimulatorProcess,
+    fast_run_args,
+    run_cli,
+    serve_simulator,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +67,37 @@ def test_run_imports_a_file_and_writes_the_report(
     assert (tmp_path / "dead-letter.jsonl").read_bytes() == b""
     assert len(simulator_process.records("CliClean")) == 500
     assert b"Imported 500 of 500 records" in done.stdout
+
+
+def test_the_reports_call_counts_are_the_calls_the_api_saw(tmp_path: Path) -> None:
+    """Through 5xx answers, a lost response, a Failed import, rate limits and slots held by
+    another integration, the report counts every PUT and status call the simulator received."""
+    data = write_jsonl(tmp_path / "orders.jsonl", orders(1_200))
+    with serve_simulator("--records-per-second", "2000") as sim:
+        sim.post(
+            "/_simulator/faults",
+            {
+                "server_errors": 4,
+                "resets_after_accept": 1,
+                "failed_imports": 1,
+                "rate_limit_calls": 2,
+                "rate_limit_reset_s": 0.05,
+                "foreign_active_imports": 4,
+            },
+        )
+        args = fast_run_args(sim, tmp_path, "CliCalls")
+        done = run_cli("run", str(data), *args, "--scope", "contact", "--max-body-bytes", "9000")
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        calls = sim.get("/_simulator/stats")["calls"]
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["submit_calls"] == calls["PUT import"] == sum(
+        entry["attempts"] for entry in report["imports"]
+    )
+    assert report["status_calls"] == calls["GET import"] == sum(
+        entry["polls"] for entry in report["imports"]
+    )
+    assert report["account_full_waits"] >= 1
+    assert report["status_calls"] > 0
 
 
 def test_bad_and_rejected_records_exit_1_with_dead_letters(

@@ -794,3 +794,40 @@ async def test_keeps_bodies_says_whether_the_body_given_is_the_body_stored(
         loaded = await journal.load_body(batch_id)
         assert loaded == body
         assert journal.keeps_bodies is (loaded is body)
+
+
+async def test_split_replaces_a_batch_and_redirects_its_dependents(factory: Factory) -> None:
+    """split_batch seals the halves, finishes the parent as split and makes every unfinished
+    batch that waited for the parent wait for the halves, across a reopen too."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        parent = await seal(journal, 4)
+        other = await seal(journal, 1, lines=4)
+        dependent = await journal.seal_batch(
+            body=b"held",
+            refs=make_refs(1, first_line=6),
+            depends_on=(parent, other),
+            progress=None,
+            dead_letters=(),
+            counters={},
+        )
+        await journal.mark_submitting(parent)
+        halves = [
+            NewBatch(b"first", RecordRefs.of(make_refs(2)).with_ends([3, 5])),
+            NewBatch(b"second", RecordRefs.of(make_refs(2, first_line=3)).with_ends([3, 6])),
+        ]
+        ids = await journal.split_batch(parent, halves)
+        assert ids == [dependent + 1, dependent + 2]
+    async with factory() as journal:
+        state = await journal.open(SPEC)
+        by_id = {batch.batch_id: batch for batch in await journal.batches()}
+        assert (by_id[parent].phase, by_id[parent].status) == (BatchPhase.FINISHED, "split")
+        assert by_id[dependent].depends_on == (other, *ids)
+        assert [b.batch_id for b in state.unfinished] == [other, dependent, *ids]
+        assert await journal.load_body(ids[1]) == b"second"
+        loaded = await journal.load_refs(ids[1])
+        assert loaded == make_refs(2, first_line=3)
+        assert loaded.ends is not None
+        assert list(loaded.ends) == [3, 6]
+        with pytest.raises(ValueError, match="is finished"):
+            await journal.load_body(parent)

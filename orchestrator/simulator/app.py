@@ -58,6 +58,16 @@ FINISHED = "Finished"
 FAILED = "Failed"
 
 _IMPORT_PATH = re.compile(r"/insightData/v3/import/([^/]+)")
+
+
+def _call_kind(method: str, path: str) -> str:
+    if path == "/insightData/v3/import" and method == "PUT":
+        return "PUT import"
+    if method == "GET" and _IMPORT_PATH.fullmatch(path):
+        return "GET import"
+    if method == "GET" and path == "/v2/account-info":
+        return "GET account-info"
+    return "other"
 _REGION_IN_HOST = re.compile(r"(?:^|[^a-z0-9])(r\d+)-api", re.IGNORECASE)
 _SERVER_ERRORS = (
     (500, "internalServerError", "The server had an internal error; retry later."),
@@ -190,6 +200,8 @@ class SimulatorStats:
         rejected_too_large: PUTs answered 413.
         status_counts: answers by HTTP status code (lost responses not included).
         requests: requests received.
+        calls: requests received by kind: ``"PUT import"``, ``"GET import"``, ``"GET account-info"``
+            or ``"other"``.
         lost_responses: responses dropped by the ``resets_after_accept`` fault.
     """
 
@@ -200,6 +212,7 @@ class SimulatorStats:
     rejected_too_large: int = 0
     status_counts: dict[int, int] = field(default_factory=dict)
     requests: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
     lost_responses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +225,7 @@ class SimulatorStats:
             "rejected_too_large": self.rejected_too_large,
             "status_counts": {str(code): n for code, n in sorted(self.status_counts.items())},
             "requests": self.requests,
+            "calls": dict(self.calls),
             "lost_responses": self.lost_responses,
         }
 
@@ -481,6 +495,8 @@ async def _middleware(
         return await handler(request)
     state = request.app[STATE_KEY]
     state.stats.requests += 1
+    kind = _call_kind(request.method, request.path)
+    state.stats.calls[kind] = state.stats.calls.get(kind, 0) + 1
     if request.method == "GET" and (match := _IMPORT_PATH.fullmatch(request.path)):
         entry = state.imports.get(_canonical_id(match.group(1)) or "")
         if entry is not None:
