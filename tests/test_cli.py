@@ -90,11 +90,15 @@ def test_the_reports_call_counts_are_the_calls_the_api_saw(tmp_path: Path) -> No
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         calls = sim.get("/_simulator/stats")["calls"]
     report = orjson.loads((tmp_path / "report.json").read_bytes())
-    assert report["submit_calls"] == calls["PUT import"] == sum(
-        entry["attempts"] for entry in report["imports"]
+    assert (
+        report["submit_calls"]
+        == calls["PUT import"]
+        == sum(entry["attempts"] for entry in report["imports"])
     )
-    assert report["status_calls"] == calls["GET import"] == sum(
-        entry["polls"] for entry in report["imports"]
+    assert (
+        report["status_calls"]
+        == calls["GET import"]
+        == sum(entry["polls"] for entry in report["imports"])
     )
     assert report["account_full_waits"] >= 1
     assert report["status_calls"] > 0

@@ -273,6 +273,51 @@ async def test_async_iterable_trickle_is_sealed_on_pause(sim: Simulator) -> None
     assert result.records_imported == 6
 
 
+async def test_a_steady_trickle_is_sent_within_linger(sim: Simulator) -> None:
+    """A source that never pauses (a record every 10 ms) still gets batches sealed once their
+    oldest record waited `linger` while a slot is free; a local reject is told as it happens."""
+    linger = 0.1
+    sent_at: dict[str, float] = {}
+    ended_at: dict[str, float] = {}
+    source_done = anyio.Event()
+    rejected_before_end: list[ImportOutcome] = []
+    records = orders(100)
+    records[5] = {"key": "bad", "json": [1], "contactIdentity": records[5]["contactIdentity"]}
+
+    async def trickle() -> AsyncIterator[dict[str, Any]]:
+        for record in records:
+            sent_at[record["key"]] = anyio.current_time()
+            yield record
+            await anyio.sleep(0.01)
+        source_done.set()
+
+    def on_outcome(outcome: ImportOutcome) -> None:
+        if outcome.batch_id is None:
+            assert outcome.status == "rejected"
+            if not source_done.is_set():
+                rejected_before_end.append(outcome)
+            return
+        now = anyio.current_time()
+        for identity in stored(sim, "Linger"):
+            ended_at.setdefault(identity[2], now)
+
+    settings = Settings.scaled(0.01, linger=linger)
+    async with Orchestrator(client_for(sim), settings) as orch:
+        with anyio.fail_after(20):
+            result = await orch.import_records(
+                Collection("Linger", "contact"), trickle(), on_outcome=on_outcome
+            )
+    assert result.records_imported == 99
+    assert [letter.reason for outcome in rejected_before_end for letter in outcome.failures] == [
+        "json-type"
+    ]
+    assert len(result.imports) > 3  # sealed by linger, not only at the end
+    # each record was imported within linger + processing + poll_max of being yielded
+    bound = linger + settings.poll_max + 0.5
+    assert max(ended_at[key] - sent_at[key] for key in ended_at) <= bound
+    assert len(ended_at) == 99
+
+
 async def test_cancellation_leaves_no_task_behind(sim: Simulator) -> None:
     """Cancelling the caller stops the run cleanly and the orchestrator closes."""
     sim.config.records_per_second = 200  # slow imports: the run is mid-way when cancelled

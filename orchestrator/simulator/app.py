@@ -68,6 +68,8 @@ def _call_kind(method: str, path: str) -> str:
     if method == "GET" and path == "/v2/account-info":
         return "GET account-info"
     return "other"
+
+
 _REGION_IN_HOST = re.compile(r"(?:^|[^a-z0-9])(r\d+)-api", re.IGNORECASE)
 _SERVER_ERRORS = (
     (500, "internalServerError", "The server had an internal error; retry later."),
