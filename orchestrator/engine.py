@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import random
 import time
@@ -55,6 +54,7 @@ from orchestrator.journal import (
     NewBatch,
     RunSpec,
     StoredBatch,
+    account_id,
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import default_processes
@@ -356,8 +356,7 @@ class _InFlight:
 
 def _account_id(client: InsightClient) -> str:
     """An opaque id of the client's account (API root and user, hashed; never the password)."""
-    identity = f"{client.settings.api_root}\0{client.settings.username}".encode()
-    return hashlib.sha256(identity).hexdigest()[:16]
+    return account_id(client.settings.api_root, client.settings.username)
 
 
 class _Run:
