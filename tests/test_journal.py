@@ -299,7 +299,8 @@ async def test_a_fresh_run_can_start_after_lines_already_imported(factory: Facto
         state = await journal.open(
             SPEC, fresh=True, start_after=[InputProgress(0, 7, "d7", done=True)]
         )
-        assert state.fresh and not state.complete
+        assert state.fresh
+        assert not state.complete
         assert state.inputs == (InputProgress(0, 7, "d7"), InputProgress(1, 0, ""))
         assert state.counters == {}
         assert await journal.dead_letters() == []
