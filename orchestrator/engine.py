@@ -19,7 +19,6 @@ durable, so a crashed run resumes where it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import math
 import time
@@ -33,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from orchestrator.client import InsightClient
 from orchestrator.errors import OrchestratorError
 from orchestrator.inputs import FileInput, IterableInput, RecordInput
-from orchestrator.journal import Journal, MemoryJournal, RunSpec, RunState
+from orchestrator.journal import Journal, MemoryJournal, RunSpec, RunState, account_id
 from orchestrator.lifecycle import (
     BatchTask,
     ByteBudget,
@@ -375,5 +374,4 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _account_id(client: InsightClient) -> str:
     """An opaque id of the client's account (API root and user, hashed; never the password)."""
-    identity = f"{client.settings.api_root}\0{client.settings.username}".encode()
-    return hashlib.sha256(identity).hexdigest()[:16]
+    return account_id(client.settings.api_root, client.settings.username)

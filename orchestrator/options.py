@@ -70,7 +70,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("parse-processes", int, None, "processes parsing large inputs (default: one per CPU)"),
     Option("journal", str, None, "SQLite journal (default: one per command in the state dir)"),
     Option(
-        "dead-letter", str, None, "dead-letter JSONL (default: <journal dir>/dead-letter.jsonl)"
+        "dead-letter", str, None, "dead-letter JSONL (default: beside the journal, named after it)"
     ),
     Option("report", str, None, "write a JSON summary of the run here"),
     Option("fresh", _bool, False, "forget what the journal holds and start over"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.journal import DeadLetter, StoredBatch
 
-__all__ = ["ImportOutcome", "ImportResult", "RunStats"]
+__all__ = ["ImportOutcome", "ImportResult", "RunStats", "iso_time"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,13 @@ class ImportResult:
         """True when every record read was imported (nothing rejected or failed)."""
         return not self.dead_letters
 
+    def reasons(self) -> dict[str, int]:
+        """How many dead letters each reason has, the most frequent first."""
+        counts: dict[str, int] = {}
+        for letter in self.dead_letters:
+            counts[letter.reason] = counts.get(letter.reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
     def report(self) -> dict[str, Any]:
         """The JSON report of the contract (``--report``), with extra counters."""
         counts = {name: self.counters.get(name, 0) for name in _REPORT_COUNTERS}
@@ -161,6 +168,7 @@ class ImportResult:
             "collection": self.collection,
             **counts,
             "dead_letters": len(self.dead_letters),
+            "dead_letters_by_reason": self.reasons(),
             "duration_s": round(self.duration_s, 3),
             "nothing_to_do": self.nothing_to_do,
             "imports": [
@@ -174,8 +182,8 @@ class ImportResult:
                     "polls": batch.polls,
                     "resubmits": batch.resubmits,
                     "in_doubt": batch.in_doubt,
-                    "submitted_at": _iso(batch.submitted_at),
-                    "finished_at": _iso(batch.finished_at),
+                    "submitted_at": iso_time(batch.submitted_at),
+                    "finished_at": iso_time(batch.finished_at),
                 }
                 for batch in self.imports
             ],
@@ -196,7 +204,8 @@ _REPORT_COUNTERS = (
 )
 
 
-def _iso(epoch: float | None) -> str | None:
+def iso_time(epoch: float | None) -> str | None:
+    """An epoch time as ISO 8601 in UTC with milliseconds (``2024-05-01T12:00:00.250Z``)."""
     if epoch is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"

@@ -329,3 +329,258 @@ def test_an_unusable_journal_is_a_clear_error_before_any_import(
     assert done.returncode == 2, done.stderr.decode()
     assert str(blocker).encode() in done.stderr
     assert simulator_process.records("CliJournal") == []
+
+
+# --------------------------------------------------------------------------- re-runs
+
+
+def default_paths_args(sim: SimulatorProcess, tmp: Path, collection: str) -> list[str]:
+    """fast_run_args without --journal and --dead-letter: the defaults, in tmp's state dir."""
+    args = fast_run_args(sim, tmp, collection)
+    for option in ("--journal", "--dead-letter"):
+        at = args.index(option)
+        del args[at : at + 2]
+    return args
+
+
+def state_env(tmp: Path) -> dict[str, str]:
+    """The environment that puts the user's state dir (default journals) under tmp."""
+    return {"XDG_STATE_HOME": str(tmp / "state")}
+
+
+def state_files(tmp: Path) -> list[str]:
+    return sorted(p.name for p in (tmp / "state" / "insight-orchestrator").iterdir())
+
+
+def test_a_finished_run_imports_new_content_at_the_same_path(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """Appended lines are sent alone, new content is a new run, the same content nothing to do."""
+    data = write_jsonl(tmp_path / "daily.jsonl", orders(20, prefix="d1-"))
+    args = [*default_paths_args(simulator_process, tmp_path, "CliDaily"), "--scope", "contact"]
+    env = state_env(tmp_path)
+    assert run_cli("run", str(data), *args, env=env).returncode == 0
+    with data.open("ab") as handle:
+        handle.write(b"".join(orjson.dumps(r) + b"\n" for r in orders(5, prefix="d1b-")))
+    grown = run_cli("run", str(data), *args, env=env)
+    assert grown.returncode == 0, grown.stderr.decode()
+    assert b"first 20 lines were imported by the journal's finished run" in grown.stdout
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert (report["records_read"], report["records_imported"]) == (5, 5)
+    assert report["inputs"][0]["skipped_lines"] == 20
+    assert len(simulator_process.records("CliDaily")) == 25
+    write_jsonl(data, orders(7, prefix="d2-"))
+    replaced = run_cli("run", str(data), *args, env=env)
+    assert replaced.returncode == 0, replaced.stderr.decode()
+    assert b"changed since the journal's finished run" in replaced.stdout
+    assert orjson.loads((tmp_path / "report.json").read_bytes())["records_imported"] == 7
+    assert len(simulator_process.records("CliDaily")) == 32
+    same = run_cli("run", str(data), *args, env=env)
+    assert same.returncode == 0
+    assert b"Nothing to do" in same.stdout
+    assert len(simulator_process.imports("CliDaily")) == 3
+
+
+def test_standard_input_is_never_skipped(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A second run from stdin imports its data: stdin is never resumed, and says so."""
+    args = [*fast_run_args(simulator_process, tmp_path, "CliStdinTwice"), "--scope", "contact"]
+    first = b"".join(orjson.dumps(r) + b"\n" for r in orders(10, prefix="a"))
+    assert run_cli("run", "-", *args, stdin=first).returncode == 0
+    second = b"".join(orjson.dumps(r) + b"\n" for r in orders(10, prefix="b"))
+    done = run_cli("run", "-", *args, stdin=second)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"standard input cannot be read again" in done.stdout
+    assert len(simulator_process.records("CliStdinTwice")) == 20
+
+
+@pytest.mark.parametrize("edit", ["append", "rewrite"])
+def test_an_unfinished_run_resumes_a_grown_input_and_refuses_a_changed_one(
+    simulator_process: SimulatorProcess, tmp_path: Path, edit: str
+) -> None:
+    """After a crash, appended lines are imported with the rest; an edited input exits 2."""
+    collection = f"CliCrashEdit{edit.title()}"
+    data = write_jsonl(tmp_path / "in.jsonl", orders(600))
+    args = [*fast_run_args(simulator_process, tmp_path, collection), "--scope", "contact"]
+    args += ["--max-body-bytes", "8000"]
+    crashed = run_cli("run", str(data), *args, env={"INSIGHT_IMPORT_FAILPOINT": "finished:1"})
+    assert crashed.returncode == -signal.SIGKILL
+    if edit == "append":
+        with data.open("ab") as handle:
+            handle.write(b"".join(orjson.dumps(r) + b"\n" for r in orders(30, prefix="late")))
+    else:
+        write_jsonl(data, orders(600, prefix="other"))
+    done = run_cli("run", str(data), *args)
+    if edit == "append":
+        assert done.returncode == 0, done.stderr.decode()
+        assert len(simulator_process.records(collection)) == 630
+    else:
+        assert done.returncode == 2
+        assert b"changed since the journal recorded" in done.stderr
+        assert b"Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- dead letters, replay
+
+
+def test_each_journal_has_its_own_dead_letter_file(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """The default dead-letter file is named after its journal: another command keeps off it."""
+    env = state_env(tmp_path)
+    bad = write_jsonl(tmp_path / "bad.jsonl", orders(5), extra=b"not json\n")
+    good = write_jsonl(tmp_path / "good.jsonl", orders(5))
+    one = ["--scope", "contact"]
+    first = run_cli(
+        "run", str(bad), *default_paths_args(simulator_process, tmp_path, "CliDlA"), *one, env=env
+    )
+    assert first.returncode == 1, first.stderr.decode()
+    second = run_cli(
+        "run", str(good), *default_paths_args(simulator_process, tmp_path, "CliDlB"), *one, env=env
+    )
+    assert second.returncode == 0, second.stderr.decode()
+    journals = [name for name in state_files(tmp_path) if name.endswith(".sqlite")]
+    assert len(journals) == 2
+    letters = {}
+    for journal in journals:
+        stem = journal.removesuffix(".sqlite")
+        path = tmp_path / "state" / "insight-orchestrator" / f"{stem}.dead-letter.jsonl"
+        letters[stem.split("-")[0]] = read_jsonl(path)
+    assert [letter["reason"] for letter in letters["CliDlA"]] == ["json-syntax"]
+    assert letters["CliDlB"] == []
+
+
+def test_replay_sends_the_records_of_a_dead_letter_file_again(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """--replay sends each `record` again; a line without one is reported and kept, exit 1."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(5), extra=b'{"key": "fix-me", "json": [1]}\n')
+    args = [*fast_run_args(simulator_process, tmp_path, "CliReplay"), "--scope", "contact"]
+    assert run_cli("run", str(data), *args).returncode == 1
+    (letter,) = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert letter["record"] == {"key": "fix-me", "json": [1]}
+    letter["record"] = {**orders(1)[0], "key": "fix-me", "json": {"fixed": 12345678901234567890}}
+    no_record = {"source": "x:1", "key": "k", "reason": "Gone", "message": "m", "record": None}
+    replayed = tmp_path / "to-replay.jsonl"
+    write_jsonl(replayed, [letter, no_record])
+    replay_args = [
+        *default_paths_args(simulator_process, tmp_path, "CliReplay"),
+        "--scope",
+        "contact",
+    ]
+    done = run_cli("run", "--replay", str(replayed), *replay_args, env=state_env(tmp_path))
+    assert done.returncode == 1, done.stderr.decode()
+    assert b"without a record, not sent again (lines 2)" in done.stdout
+    stored = {r["key"]: r["json"] for r in simulator_process.records("CliReplay")}
+    assert stored["fix-me"] == {"fixed": 12345678901234567890}
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["replay"] == {"file": str(replayed), "lines_without_record": [2]}
+    assert (report["records_read"], report["records_imported"]) == (1, 1)
+    kept = Path(report["dead_letter_file"])
+    assert kept.name.endswith(".dead-letter.jsonl")
+    assert read_jsonl(kept) == [no_record]
+    again = run_cli("run", "--replay", str(replayed), *replay_args, env=state_env(tmp_path))
+    assert again.returncode == 1
+    assert b"Nothing to do" in again.stdout
+
+
+def test_replay_refuses_a_line_that_is_not_a_dead_letter(tmp_path: Path) -> None:
+    """A dead-letter file with a broken line exits 2 naming file:line, before any import."""
+    replayed = tmp_path / "dl.jsonl"
+    replayed.write_bytes(b'{"record": {"key": "a", "json": {}}}\n{broken\n')
+    done = run_cli(
+        "run",
+        "--replay",
+        str(replayed),
+        "--collection",
+        "CliReplayBad",
+        "--journal",
+        str(tmp_path / "j.sqlite"),
+        "--base-url",
+        "http://127.0.0.1:9",
+    )
+    assert done.returncode == 2
+    assert f"{replayed}:2: not a dead letter".encode() in done.stderr
+    assert not (tmp_path / "j.sqlite").exists()
+
+
+# --------------------------------------------------------------------------- errors, report
+
+
+@pytest.mark.parametrize("change", [["--collection", "CliOther"], ["--scope", "account"]])
+def test_a_journal_of_another_run_exits_2_without_a_traceback(
+    simulator_process: SimulatorProcess, tmp_path: Path, change: list[str]
+) -> None:
+    """Re-using a journal with another collection or scope: one message, exit 2."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(3))
+    args = [*fast_run_args(simulator_process, tmp_path, "CliMine"), "--scope", "contact"]
+    assert run_cli("run", str(data), *args).returncode == 0
+    done = run_cli("run", str(data), *args, *change)
+    assert done.returncode == 2
+    assert b"this journal belongs to another run" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("option", ["--dead-letter", "--report", "--journal"])
+def test_an_output_path_that_cannot_be_written_exits_2_before_importing(
+    simulator_process: SimulatorProcess, tmp_path: Path, option: str
+) -> None:
+    """A dead-letter file, report or journal under a regular file: exit 2, nothing imported."""
+    collection = "CliUnwritable" + option.strip("-").replace("-", "").title()
+    data = write_jsonl(tmp_path / "in.jsonl", orders(5), extra=b"not json\n")
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"")
+    args = fast_run_args(simulator_process, tmp_path, collection)
+    at = args.index(option)
+    args[at + 1] = str(blocker / "out")
+    done = run_cli("run", str(data), *args, "--scope", "contact")
+    assert done.returncode == 2, done.stderr.decode()
+    assert f"{blocker} is not a directory".encode() in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert simulator_process.imports(collection) == []
+    assert not (tmp_path / "journal.sqlite").exists() or option == "--journal"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_on_an_output_file_exits_3_with_no_partial_file(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """ENOSPC on the dead-letter file (run and re-run) or report: a message, exit 3, no .tmp."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(5), extra=b"not json\n")
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")
+    args = [*fast_run_args(simulator_process, tmp_path, "CliDiskFull"), "--scope", "contact"]
+    for _ in range(2):  # the run, then its re-run with nothing left to import
+        done = run_cli("run", str(data), *args, "--dead-letter", str(full))
+        assert done.returncode == 3, done.stderr.decode()
+        assert f"cannot write the dead-letter file {full}: No space left".encode() in done.stderr
+        assert b"Traceback" not in done.stderr
+    assert len(simulator_process.records("CliDiskFull")) == 5
+    done = run_cli("run", str(data), *args, "--report", "/dev/full")
+    assert done.returncode == 3
+    assert b"cannot write the report /dev/full: No space left" in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert full.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert read_jsonl(tmp_path / "dead-letter.jsonl")[0]["reason"] == "json-syntax"
+
+
+def test_the_report_holds_inputs_start_exit_status_and_reasons(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """The report names the inputs with fingerprints, started_at, exit status and reasons."""
+    data = write_jsonl(
+        tmp_path / "in.jsonl", orders(20, unknown=(3,)), extra=b"not json\n{also not\n"
+    )
+    args = [*fast_run_args(simulator_process, tmp_path, "CliReport"), "--scope", "contact"]
+    done = run_cli("run", str(data), *args)
+    assert done.returncode == 1, done.stderr.decode()
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["exit_status"] == 1
+    assert report["started_at"].endswith("Z")
+    (entry,) = report["inputs"]
+    assert (entry["path"], entry["lines"], entry["skipped_lines"]) == (str(data.resolve()), 22, 0)
+    assert len(entry["fingerprint"]) == 32
+    assert report["dead_letter_file"] == str(tmp_path / "dead-letter.jsonl")
+    assert report["dead_letters_by_reason"] == {"json-syntax": 2, "ContactEmailDoesNotExist": 1}

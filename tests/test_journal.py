@@ -285,6 +285,39 @@ async def test_fresh_wipes_the_previous_run(factory: Factory) -> None:
         assert await seal(journal) == 1
 
 
+async def test_recorded_reads_the_run_without_changing_it(factory: Factory) -> None:
+    """recorded() is None on an empty journal, then the spec, completeness and input progress."""
+    async with factory() as journal:
+        assert await journal.recorded() is None
+        await journal.open(SPEC)
+        await journal.save_progress(
+            progress=InputProgress(0, 7, "d7", done=True), dead_letters=[], counters={}
+        )
+        await journal.mark_complete()
+    async with factory() as journal:
+        found = await journal.recorded()
+    assert found is not None
+    assert (found.spec, found.complete) == (SPEC, True)
+    assert found.inputs == (InputProgress(0, 7, "d7", done=True), InputProgress(1, 0, ""))
+
+
+async def test_a_fresh_run_can_start_after_lines_already_imported(factory: Factory) -> None:
+    """open(fresh, start_after=...) starts a new run whose input begins after those lines."""
+    async with factory() as journal:
+        await journal.open(SPEC)
+        await journal.save_progress(progress=None, dead_letters=[letter(1)], counters={"x": 1})
+        await journal.mark_complete()
+    async with factory() as journal:
+        state = await journal.open(
+            SPEC, fresh=True, start_after=[InputProgress(0, 7, "d7", done=True)]
+        )
+        assert state.fresh
+        assert not state.complete
+        assert state.inputs == (InputProgress(0, 7, "d7"), InputProgress(1, 0, ""))
+        assert state.counters == {}
+        assert await journal.dead_letters() == []
+
+
 async def test_bad_transitions_are_refused(factory: Factory) -> None:
     """Transitions the protocol does not allow raise ValueError and change nothing."""
     async with factory() as journal:

@@ -14,9 +14,11 @@ from orchestrator.journal.base import (
     InputProgress,
     Journal,
     NewBatch,
+    RecordedRun,
     RunSpec,
     RunState,
     StoredBatch,
+    account_id,
 )
 from orchestrator.journal.memory import MemoryJournal
 from orchestrator.journal.sqlite import SqliteJournal
@@ -28,10 +30,12 @@ __all__ = [
     "Journal",
     "MemoryJournal",
     "NewBatch",
+    "RecordedRun",
     "RunSpec",
     "RunState",
     "SqliteJournal",
     "StoredBatch",
+    "account_id",
     "open_journal",
 ]
 

@@ -10,6 +10,7 @@ to themselves; the engine sees only this module.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -25,6 +26,7 @@ __all__ = [
     "DeadLetter",
     "InputProgress",
     "Journal",
+    "RecordedRun",
     "RunSpec",
     "RunState",
     "StoredBatch",
@@ -56,6 +58,16 @@ class RunSpec:
         """Return a short human description of the run, for error messages."""
         inputs = ", ".join(self.inputs) if self.inputs else "none"
         return f"collection {self.collection!r}, inputs {inputs}"
+
+
+def account_id(api_root: str, username: str) -> str:
+    """Return the opaque account id of ``RunSpec.account``: API root and user, hashed.
+
+    Args:
+        api_root: the API root the run talks to.
+        username: the API user (the password never enters the id).
+    """
+    return hashlib.sha256(f"{api_root}\0{username}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +231,21 @@ class NewBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedRun:
+    """What a journal holds, as ``Journal.recorded`` reads it without changing anything.
+
+    Args:
+        spec: the run's identity.
+        complete: the run finished.
+        inputs: one progress per ``spec.inputs`` entry.
+    """
+
+    spec: RunSpec
+    complete: bool
+    inputs: tuple[InputProgress, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RunState:
     """What ``Journal.open`` found: where to resume.
 
@@ -250,7 +277,9 @@ class Journal(Protocol):
     #: not one to free after sending, nor to build the next body in.
     keeps_bodies: bool
 
-    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+    async def open(
+        self, spec: RunSpec, *, fresh: bool = False, start_after: Sequence[InputProgress] = ()
+    ) -> RunState:
         """Open the run ``spec``, creating it when the journal is empty.
 
         A journal that holds another run raises ``JournalMismatch``; ``fresh=True`` wipes any
@@ -260,7 +289,13 @@ class Journal(Protocol):
         Args:
             spec: the run to open.
             fresh: wipe whatever the journal holds and start a new run.
+            start_after: with ``fresh``, where the new run's inputs start: the lines an earlier
+                run already imported (their fingerprint is checked when they are skipped).
         """
+        ...
+
+    async def recorded(self) -> RecordedRun | None:
+        """Return the run the journal holds, or ``None`` when it holds none; changes nothing."""
         ...
 
     async def seal_batches(

@@ -15,6 +15,7 @@ from orchestrator.journal.base import (
     DeadLetter,
     InputProgress,
     NewBatch,
+    RecordedRun,
     RunSpec,
     RunState,
     SealOne,
@@ -72,8 +73,11 @@ class MemoryJournal(SealOne):
     ) -> None:
         await self.close()
 
-    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+    async def open(
+        self, spec: RunSpec, *, fresh: bool = False, start_after: Sequence[InputProgress] = ()
+    ) -> RunState:
         """Open the run ``spec``; see ``Journal.open``."""
+        starts = progress_list(spec, start_after) if fresh else ()
         created = fresh or self._run is None
         if not created and self._run is not None and self._run.spec != spec:
             raise JournalMismatch(mismatch_message(self._run.spec, spec))
@@ -86,6 +90,8 @@ class MemoryJournal(SealOne):
                 dead_letters=[],
                 counters={},
             )
+            for start in starts:
+                self._run.inputs[start.index] = replace(start, done=False)
         run = self._require(opening=True)
         for batch_id, batch in run.batches.items():
             if batch.phase is BatchPhase.SUBMITTING:
@@ -103,6 +109,13 @@ class MemoryJournal(SealOne):
             complete=run.complete,
             counters=dict(run.counters),
         )
+
+    async def recorded(self) -> RecordedRun | None:
+        """Return the run held, or ``None``; see ``Journal.recorded``."""
+        run = self._run
+        if run is None:
+            return None
+        return RecordedRun(spec=run.spec, complete=run.complete, inputs=tuple(run.inputs))
 
     async def seal_batches(
         self,

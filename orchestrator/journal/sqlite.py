@@ -32,6 +32,7 @@ from orchestrator.journal.base import (
     DeadLetter,
     InputProgress,
     NewBatch,
+    RecordedRun,
     RunSpec,
     RunState,
     SealOne,
@@ -176,12 +177,17 @@ class SqliteJournal(SealOne):
     ) -> None:
         await self.close()
 
-    async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
+    async def open(
+        self, spec: RunSpec, *, fresh: bool = False, start_after: Sequence[InputProgress] = ()
+    ) -> RunState:
         """Open the run ``spec``; see ``Journal.open``."""
+        starts = progress_list(spec, start_after) if fresh else ()
         connected_here = await self._ensure_connected()
         try:
             state, in_doubt = await self._run(
-                lambda conn: self._transaction(conn, lambda: self._open_sync(conn, spec, fresh)),
+                lambda conn: self._transaction(
+                    conn, lambda: self._open_sync(conn, spec, fresh, starts)
+                ),
                 "open the run",
             )
         except BaseException:
@@ -198,6 +204,20 @@ class SqliteJournal(SealOne):
             submits_in_doubt=in_doubt,
         )
         return state
+
+    async def recorded(self) -> RecordedRun | None:
+        """Return the run held, or ``None``; see ``Journal.recorded``."""
+        await self._ensure_connected()
+
+        def read(conn: sqlite3.Connection) -> RecordedRun | None:
+            row = conn.execute("SELECT spec, complete FROM run").fetchone()
+            if row is None:
+                return None
+            return RecordedRun(
+                spec=_decode_spec(row[0]), complete=bool(row[1]), inputs=_inputs(conn)
+            )
+
+        return await self._run(read, "read the run")
 
     async def seal_batches(
         self,
@@ -606,7 +626,11 @@ class SqliteJournal(SealOne):
             self._transaction(conn, migrate)
 
     def _open_sync(
-        self, conn: sqlite3.Connection, spec: RunSpec, fresh: bool
+        self,
+        conn: sqlite3.Connection,
+        spec: RunSpec,
+        fresh: bool,
+        starts: Sequence[InputProgress] = (),
     ) -> tuple[RunState, int]:
         row = conn.execute("SELECT spec, complete FROM run").fetchone()
         created = fresh or row is None
@@ -626,21 +650,19 @@ class SqliteJournal(SealOne):
                 "INSERT INTO inputs (idx, lines, digest, done) VALUES (?, 0, '', 0)",
                 [(i,) for i in range(len(spec.inputs))],
             )
+            conn.executemany(
+                "UPDATE inputs SET lines = ?, digest = ? WHERE idx = ?",
+                [(start.lines, start.digest, start.index) for start in starts],
+            )
         doubtful = conn.execute(
             "UPDATE batches SET phase = ?, in_doubt = in_doubt + 1 WHERE phase = ?",
             (BatchPhase.SEALED.value, BatchPhase.SUBMITTING.value),
         ).rowcount
         if doubtful:
             _add_counters(conn, {SUBMITS_IN_DOUBT: doubtful})
-        inputs = tuple(
-            InputProgress(index=idx, lines=lines, digest=digest, done=bool(done))
-            for idx, lines, digest, done in conn.execute(
-                "SELECT idx, lines, digest, done FROM inputs ORDER BY idx"
-            )
-        )
         state = RunState(
             fresh=created,
-            inputs=inputs,
+            inputs=_inputs(conn),
             unfinished=tuple(_batches(conn, "phase != 'finished'")),
             complete=bool(conn.execute("SELECT complete FROM run").fetchone()[0]),
             counters=_counters(conn),
@@ -782,6 +804,15 @@ def _apply(
         ),
     )
     _add_counters(conn, counters)
+
+
+def _inputs(conn: sqlite3.Connection) -> tuple[InputProgress, ...]:
+    return tuple(
+        InputProgress(index=idx, lines=lines, digest=digest, done=bool(done))
+        for idx, lines, digest, done in conn.execute(
+            "SELECT idx, lines, digest, done FROM inputs ORDER BY idx"
+        )
+    )
 
 
 def _add_counters(conn: sqlite3.Connection, counters: Mapping[str, int]) -> None:
