@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -321,7 +320,7 @@ async def test_recover_after_kill_9_finds_submits_in_doubt(tmp_path: Path) -> No
         anyio.run(main)
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    done = await anyio.run_process([sys.executable, "-c", script], check=False)
     assert done.returncode == -9, done.stderr.decode()
     async with SqliteOutbox(path, exclusive=True) as store:  # the dead process left no lock
         one, two = await store.recover()
