@@ -44,6 +44,7 @@ from orchestrator.journal import InputProgress, RecordedRun, RunSpec, SqliteJour
 from orchestrator.journal.base import mismatch_message
 from orchestrator.logs import configure_logging
 from orchestrator.options import OPTIONS, resolve_options
+from orchestrator.outbox.cli import OUTBOX_COMMANDS, add_outbox_commands, run_outbox_command
 from orchestrator.outcomes import ImportResult, RunStats, iso_time
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--base-url", default=None)
     status.add_argument("--region", choices=("r1", "r2", "r3"), default=None)
 
+    add_outbox_commands(commands)
     commands.add_parser("worker", help="the long-lived outbox worker (not built yet)")
     return parser
 
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _main_simulator(args)
     elif command == "status":
         code = _main_status(args)
+    elif command in OUTBOX_COMMANDS:
+        code = run_outbox_command(args)
     else:
         print(
             "insight-import worker: the long-lived outbox worker is not part of this release; "

@@ -1,0 +1,465 @@
+"""The outbox store's interface: its value types and the ``OutboxStore`` protocol the worker calls.
+
+An application writes records into ``insight_outbox`` (in its own transaction); the worker drains
+them through the store, one import at a time:
+
+1. ``pending()`` lists the queues (account, collection, scope, type) that hold pending rows, with
+   the age of each one's oldest row (what linger decides on).
+2. ``claim(queue, budget_bytes=...)`` reads a queue's pending rows in id order and returns the
+   valid ones that fit the budget, as encoded records. In the same step it deletes the rows
+   superseded by a later valid row with the same identity (last write wins; counted), moves the
+   rows that break a record rule to ``insight_dead_letter``, and holds back the rows whose identity
+   is in an import still in flight (they wait for it to end). A claim reserves nothing: the rows
+   stay pending until ``seal``, so a claim that is not sealed (a batch still lingering) is simply
+   dropped and claimed again later.
+3. ``seal(queue, rows, body)`` stores the body and marks the rows as held by the new import, in
+   one transaction (``ClaimConflict`` when a row was taken or deleted meanwhile).
+4. ``mark_submitting`` before the PUT, ``mark_submitted`` with the import id after it.
+5. ``finish`` deletes the import's rows in one statement, with a dead letter (record text
+   included) for each record the API rejected, or for every record of an import that failed.
+
+After a crash, ``recover()`` returns every import still held: SUBMITTED ones are polled by their
+import id; SUBMITTING ones were in doubt (the PUT may have started an import) and come back SEALED
+with ``in_doubt`` counted, to be sent again with the same body (records are upserted by key).
+
+Every state change is one transaction; a backend keeps its SQL to itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+import orjson
+
+from orchestrator.errors import JournalError
+from orchestrator.records import Collection, EncodedRecord, Scope
+
+__all__ = [
+    "RECORD_ORIGIN",
+    "Claim",
+    "ClaimConflict",
+    "ClaimedRow",
+    "Finished",
+    "ImportPhase",
+    "OutboxError",
+    "OutboxQueue",
+    "OutboxStore",
+    "Pending",
+    "Rejection",
+    "StoredDeadLetter",
+    "StoredImport",
+    "identity_text",
+]
+
+RECORD_ORIGIN = "insight_outbox"
+"""The ``Source.origin`` of a record claimed from the outbox; its ``line`` is the row's id."""
+
+COLLECTION_INVALID = "collection-invalid"
+"""The dead-letter reason of rows whose collection name, scope or type breaks the API's rules."""
+
+
+class OutboxError(JournalError):
+    """The outbox database cannot be read or written; the message says what to do."""
+
+
+class ClaimConflict(OutboxError):
+    """A claimed row was taken by another import or deleted before its batch was sealed."""
+
+
+def identity_text(key: str, contact: tuple[str, str] | None) -> str:
+    """What "the same record" means to the API, as stored text: the key, or the key per contact.
+
+    Args:
+        key: the record's key.
+        contact: ``(identifier, value)`` of the owning contact (contact scope), or ``None``.
+    """
+    if contact is None:
+        return orjson.dumps(key).decode()
+    return orjson.dumps([contact[0], contact[1], key]).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxQueue:
+    """The rows of one account bound for one collection: what one import body can hold.
+
+    The values are as the rows hold them (an application may have written a scope or type the
+    API refuses; ``collection()`` says so).
+
+    Args:
+        account: the account name.
+        collection: the collection name.
+        scope: ``account`` or ``contact``.
+        collection_type: the collection type.
+    """
+
+    account: str
+    collection: str
+    scope: str = "account"
+    collection_type: str = "custom"
+
+    @classmethod
+    def of(cls, account: str, collection: Collection) -> OutboxQueue:
+        """The queue of ``account`` for ``collection``."""
+        return cls(account, collection.name, Scope(collection.scope).value, collection.type)
+
+    def target(self) -> Collection:
+        """The ``Collection`` these rows go to.
+
+        Raises:
+            errors.ConfigError: the name, scope or type breaks the API's rules.
+        """
+        return Collection(self.collection, Scope(self.scope), self.collection_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One queue with pending rows (rows held back behind an import in flight included).
+
+    Args:
+        queue: the queue.
+        rows: how many rows are pending.
+        oldest_id: the id of the oldest pending row.
+        oldest_age_s: seconds that row had waited when listed (by the database's clock, which
+            also stamped it, so clocks of other machines do not matter); never negative.
+    """
+
+    queue: OutboxQueue
+    rows: int
+    oldest_id: int
+    oldest_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """A valid pending row, encoded: what goes into a body.
+
+    Args:
+        row_id: the row's ``id`` in ``insight_outbox``.
+        record: the encoded record; its source is ``insight_outbox:<row id>``.
+    """
+
+    row_id: int
+    record: EncodedRecord
+
+    @property
+    def identity(self) -> str:
+        """The record's identity as stored text (see ``identity_text``)."""
+        return identity_text(self.record.key, self.record.contact)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``claim`` found in one queue.
+
+    Args:
+        queue: the queue claimed from.
+        rows: valid rows in id order, each identity once, whose records joined with commas take
+            at most the budget (one row larger than the budget comes alone, so it is never stuck:
+            the batcher dead-letters a record too large for any body).
+        records_bytes: the bytes of ``rows``' records joined with commas.
+        full: rows that would have fitted were left pending for lack of budget.
+        superseded: rows deleted because a later valid row has the same identity.
+        dead_lettered: rows moved to ``insight_dead_letter`` (a record rule, or the queue's
+            collection is invalid).
+        held_back: rows left pending because their identity is in an import still in flight.
+    """
+
+    queue: OutboxQueue
+    rows: tuple[ClaimedRow, ...]
+    records_bytes: int
+    full: bool
+    superseded: int
+    dead_lettered: int
+    held_back: int
+
+
+class ImportPhase(enum.StrEnum):
+    """Where an import of outbox rows stands; a finished import is deleted."""
+
+    SEALED = "sealed"  # body stored, not yet sent (or in doubt and to be sent again)
+    SUBMITTING = "submitting"  # intent written before the PUT: a crash now leaves it in doubt
+    SUBMITTED = "submitted"  # import id known: poll it
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImport:
+    """One import the store holds, without its body (``load_body`` reads it).
+
+    Args:
+        ref: the store's id of the import (not the API's import id).
+        queue: the queue its rows came from.
+        phase: where it stands.
+        import_id: the API's import id once submitted.
+        row_ids: the outbox rows in the body, in body order (ascending ids).
+        identities: each row's identity text, parallel to ``row_ids``.
+        ends: where each record ends in the body (its separator's offset), parallel to
+            ``row_ids``; empty when the sealer did not give them.
+        body_bytes: the body's size in bytes.
+        depends_on: refs of imports that must end before this one is submitted.
+        attempts: PUT intents written so far.
+        in_doubt: times a crash left its submit in doubt.
+        sealed_at: epoch seconds of the seal.
+        submitted_at: epoch seconds of the last ``mark_submitted``.
+    """
+
+    ref: int
+    queue: OutboxQueue
+    phase: ImportPhase
+    import_id: str | None
+    row_ids: tuple[int, ...]
+    identities: tuple[str, ...]
+    ends: tuple[int, ...]
+    body_bytes: int
+    depends_on: tuple[int, ...]
+    attempts: int
+    in_doubt: int
+    sealed_at: float
+    submitted_at: float | None
+
+    def row_of(self) -> dict[str, int]:
+        """Row ids by identity text: maps the API's per-record failures back to rows."""
+        return dict(zip(self.identities, self.row_ids, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a row was not imported, as its dead letter says.
+
+    Args:
+        reason: a rule id (``key-missing``), ``record-too-large``, or the API's ``failureReason``.
+        message: a human explanation (never the record's values).
+        details: further explanations, e.g. the API's ``details``.
+    """
+
+    reason: str
+    message: str
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What ``finish`` did.
+
+    Args:
+        imported: rows deleted as imported.
+        dead_lettered: rows moved to ``insight_dead_letter``.
+    """
+
+    imported: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """One row of ``insight_dead_letter``.
+
+    Args:
+        id: the dead letter's id (ascending in the order rows were dead-lettered).
+        queue: the queue the row was in.
+        record: the record text exactly as it was enqueued.
+        reason: why it was not imported (see ``Rejection``).
+        message: a human explanation.
+        details: further explanations.
+        key: the record's key, when it could be read.
+        source_id: the outbox row's id.
+        import_id: the API's import id, for records the API rejected.
+        created_at: epoch seconds when it was dead-lettered.
+    """
+
+    id: int
+    queue: OutboxQueue
+    record: str
+    reason: str
+    message: str
+    details: tuple[str, ...]
+    key: str | None
+    source_id: int | None
+    import_id: str | None
+    created_at: float
+
+    def to_json(self) -> bytes:
+        """This dead letter as one JSON line (no newline), for ``insight-import dead-letters``.
+
+        ``record`` is embedded as JSON when it parses (its text kept exactly, so large numbers
+        survive), else as a string.
+        """
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "account": self.queue.account,
+                "collection": self.queue.collection,
+                "scope": self.queue.scope,
+                "collection_type": self.queue.collection_type,
+                "reason": self.reason,
+                "message": self.message,
+                "details": list(self.details),
+                "key": self.key,
+                "source_id": self.source_id,
+                "import_id": self.import_id,
+                "created_at": self.created_at,
+                "record": _embedded(self.record),
+            }
+        )
+
+
+def _embedded(record: str) -> object:
+    raw = record.strip()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return record
+    # A line break inside the record would split the JSON line: re-encode those.
+    if "\n" in raw or "\r" in raw:
+        return parsed
+    return orjson.Fragment(raw)
+
+
+class OutboxStore(Protocol):
+    """The outbox tables and the worker's durable state, as the worker uses them.
+
+    Open it with ``async with``: entering connects and runs the migrations. Every method runs
+    off the event loop; every state change is one transaction; errors are ``OutboxError``.
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def schema_version(self) -> int:
+        """The schema version of the database (after the migrations ran)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``OutboxError`` unless the database answers (for readiness)."""
+        ...
+
+    async def enqueue(
+        self,
+        account: str,
+        collection: Collection,
+        records: Sequence[object],
+        *,
+        check: bool = True,
+    ) -> int:
+        """Append records to the outbox in one transaction; return how many were written.
+
+        Args:
+            account: the account name.
+            collection: the collection they go to.
+            records: mappings, or JSON Lines lines as ``str`` or ``bytes``.
+            check: validate each record first (``RecordError`` and nothing written when one
+                breaks a rule); ``False`` writes texts already validated as they are.
+        """
+        ...
+
+    async def pending(self) -> list[Pending]:
+        """Every queue with pending rows, the oldest first."""
+        ...
+
+    async def claim(
+        self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
+    ) -> Claim:
+        """Read a queue's pending rows in id order and return the valid ones that fit.
+
+        Deletes superseded rows and dead-letters invalid ones in one transaction; reserves
+        nothing (see the module docstring).
+
+        Args:
+            queue: the queue.
+            budget_bytes: the most bytes the returned records may take joined with commas.
+            max_scan_rows: read at most this many rows (bounds one claim's work).
+        """
+        ...
+
+    async def seal(
+        self,
+        queue: OutboxQueue,
+        rows: Sequence[ClaimedRow],
+        body: bytes | bytearray,
+        *,
+        ends: Sequence[int] = (),
+        depends_on: Sequence[int] = (),
+    ) -> StoredImport:
+        """Store a body and hold its rows for the new import, in one transaction.
+
+        Args:
+            queue: the queue the rows were claimed from.
+            rows: the claimed rows in the body, in body order.
+            body: the request body exactly as it will be sent.
+            ends: each record's end offset in the body, parallel to ``rows`` (optional).
+            depends_on: refs of imports that must end before this one is submitted.
+
+        Raises:
+            ClaimConflict: a row is no longer pending; nothing was written.
+        """
+        ...
+
+    async def mark_submitting(self, ref: int) -> None:
+        """Record the intent to PUT import ``ref`` (from SEALED, or SUBMITTED for a resubmit)."""
+        ...
+
+    async def mark_submitted(self, ref: int, import_id: str) -> None:
+        """Record the API's import id of ``ref`` (from SUBMITTING)."""
+        ...
+
+    async def finish(
+        self,
+        ref: int,
+        *,
+        failures: Mapping[int, Rejection] | None = None,
+        reject_all: Rejection | None = None,
+    ) -> Finished:
+        """End import ``ref``: dead-letter its failed rows, delete the rest, forget the import.
+
+        Args:
+            ref: the import.
+            failures: rejections by row id (records the API rejected one by one).
+            reject_all: when set, every row not in ``failures`` is dead-lettered with it (an
+                import that failed as a whole, past its resubmits).
+        """
+        ...
+
+    async def dead_letter_rows(self, rejections: Mapping[int, Rejection]) -> int:
+        """Move pending rows to ``insight_dead_letter`` (e.g. a record too large for any body);
+        return how many were moved (rows no longer pending are skipped)."""
+        ...
+
+    async def recover(self) -> list[StoredImport]:
+        """Every import held, after a restart: SUBMITTING ones come back SEALED, in doubt."""
+        ...
+
+    async def load_body(self, ref: int) -> bytes:
+        """The body of import ``ref`` exactly as sealed."""
+        ...
+
+    async def dead_letters(
+        self,
+        *,
+        account: str | None = None,
+        collection: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[StoredDeadLetter]:
+        """Dead letters with an id above ``after``, in id order, at most ``limit``.
+
+        Args:
+            account: only this account's.
+            collection: only this collection's.
+            after: page on from this id.
+            limit: the most to return.
+        """
+        ...
+
+    async def requeue(self, ids: Sequence[int]) -> int:
+        """Put dead letters back into the outbox as new rows, in id order, in one transaction;
+        return how many (ids no longer dead letters are skipped)."""
+        ...

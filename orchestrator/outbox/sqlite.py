@@ -1,0 +1,879 @@
+"""The outbox store on SQLite: the embedded default, one worker process at a time.
+
+The database may be the application's own file: the tables are all named ``insight_*`` and the
+migrations touch nothing else. It is put in WAL mode (readers and the application's writers do
+not block each other) with ``synchronous=FULL``; each state change is one ``BEGIN IMMEDIATE``
+transaction, which takes the write lock up front and waits up to the busy timeout for it. All
+SQLite calls of a store run on a worker thread, one at a time, never on the event loop. A claim
+reads and validates rows outside the write lock, so the application's inserts are held up only
+for the short write that follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from orchestrator.errors import ConfigError, RecordError
+from orchestrator.outbox.base import (
+    COLLECTION_INVALID,
+    RECORD_ORIGIN,
+    Claim,
+    ClaimConflict,
+    ClaimedRow,
+    Finished,
+    ImportPhase,
+    OutboxError,
+    OutboxQueue,
+    Pending,
+    Rejection,
+    StoredDeadLetter,
+    StoredImport,
+    identity_text,
+)
+from orchestrator.records import Collection, Source, encode_line
+
+__all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
+
+_T = TypeVar("_T")
+
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # epoch seconds on every SQLite version
+
+# Each migration moves the schema from the version before it to its own; never edit a released
+# one, append a new one.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE insight_outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            scope TEXT NOT NULL DEFAULT 'account',
+            collection_type TEXT NOT NULL DEFAULT 'custom',
+            record TEXT NOT NULL,
+            enqueued_at REAL NOT NULL DEFAULT {_NOW},
+            held_by INTEGER,
+            identity TEXT
+        )""",
+        """CREATE INDEX insight_outbox_pending
+            ON insight_outbox (account, collection, scope, collection_type, id)
+            WHERE held_by IS NULL""",
+        """CREATE INDEX insight_outbox_held ON insight_outbox (held_by)
+            WHERE held_by IS NOT NULL""",
+        f"""CREATE TABLE insight_dead_letter (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            collection_type TEXT NOT NULL,
+            record TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            message TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '[]',
+            key TEXT,
+            source_id INTEGER,
+            import_id TEXT,
+            created_at REAL NOT NULL DEFAULT {_NOW}
+        )""",
+        """CREATE INDEX insight_dead_letter_queue ON insight_dead_letter (account, collection)""",
+        """CREATE TABLE insight_import (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            collection_type TEXT NOT NULL,
+            phase TEXT NOT NULL CHECK (phase IN ('sealed', 'submitting', 'submitted')),
+            import_id TEXT,
+            body_bytes INTEGER NOT NULL,
+            depends_on TEXT NOT NULL DEFAULT '[]',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            in_doubt INTEGER NOT NULL DEFAULT 0,
+            sealed_at REAL NOT NULL,
+            submitted_at REAL,
+            row_ids BLOB NOT NULL,
+            ends BLOB NOT NULL,
+            body BLOB NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version the migrations of this release lead to."""
+
+INSERT_ROW = (
+    "INSERT INTO insight_outbox (account, collection, scope, collection_type, record) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+"""The statement that enqueues a row: ``(account, collection, scope, collection_type, record)``."""
+
+_PAGE_ROWS = 1000
+_QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
+_IMPORT_COLUMNS = (
+    "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
+    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends"
+)
+_DEAD_LETTER_COLUMNS = (
+    "id, account, collection, scope, collection_type, record, reason, message, details, key, "
+    "source_id, import_id, created_at"
+)
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO insight_dead_letter (account, collection, scope, collection_type, record, "
+    "reason, message, details, key, source_id, import_id) "
+    "SELECT account, collection, scope, collection_type, record, ?, ?, ?, ?, id, ? "
+    "FROM insight_outbox WHERE id = ?"
+)
+
+_ADVICE = {
+    "SQLITE_FULL": "the disk is full: free some space",
+    "SQLITE_READONLY": "the database is read-only: fix its permissions",
+    "SQLITE_CANTOPEN": "check that the file and its directory exist and are writable",
+    "SQLITE_PERM": "permission denied: fix the file's permissions",
+    "SQLITE_BUSY": "another connection holds the write lock too long: shorten its transactions",
+    "SQLITE_LOCKED": "another connection holds the write lock too long: shorten its transactions",
+    "SQLITE_CORRUPT": "the database file is damaged: restore it from a backup",
+    "SQLITE_NOTADB": "the file is not an SQLite database: check --database",
+    "SQLITE_IOERR": "the disk failed a read or write: check it",
+}
+
+
+def check_account(account: object) -> None:
+    """Raise ``ConfigError`` unless ``account`` is a non-empty account name."""
+    if not isinstance(account, str) or not account.strip():
+        raise ConfigError(
+            f"account must be a non-empty name from the accounts file ('default' without one), "
+            f"not {account!r}"
+        )
+
+
+def explain_missing_tables(error: sqlite3.OperationalError) -> Exception:
+    """What to raise for ``error`` of an application's insert: a missing table gets the fix."""
+    if "no such table" in str(error):
+        return OutboxError(
+            "the outbox tables are missing in this database: create them with "
+            "`insight-import outbox init --database sqlite:///PATH` (or "
+            "orchestrator.outbox.migrate(connection))"
+        )
+    return error
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Create or upgrade the outbox tables on ``connection``; return the schema version.
+
+    Idempotent. Inside the caller's open transaction it runs as part of it (the caller commits);
+    otherwise in a transaction of its own, committed here.
+
+    Args:
+        connection: a connection to the outbox database.
+
+    Raises:
+        OutboxError: the database was made by a newer release.
+        sqlite3.Error: the database cannot be written.
+    """
+    nested = connection.in_transaction
+    connection.execute("SAVEPOINT insight_migrate" if nested else "BEGIN IMMEDIATE")
+    try:
+        connection.execute("CREATE TABLE IF NOT EXISTS insight_schema (version INTEGER NOT NULL)")
+        row = connection.execute("SELECT max(version) FROM insight_schema").fetchone()
+        version = row[0] or 0
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"the outbox tables have schema version {version}, newer than this release "
+                f"knows ({SCHEMA_VERSION}): upgrade insight-orchestrator"
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                connection.execute(statement)
+        if version < SCHEMA_VERSION:
+            connection.execute("DELETE FROM insight_schema")
+            connection.execute("INSERT INTO insight_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+    except BaseException:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                if nested:
+                    connection.execute("ROLLBACK TO insight_migrate")
+                    connection.execute("RELEASE insight_migrate")
+                else:
+                    connection.execute("ROLLBACK")
+        raise
+    connection.execute("RELEASE insight_migrate" if nested else "COMMIT")
+    return SCHEMA_VERSION
+
+
+class SqliteOutbox:
+    """The outbox store on a SQLite file (see ``OutboxStore`` for every method's contract).
+
+    Entering ``async with`` opens the file (created with mode 0600 when missing, its directory
+    too) and runs the migrations. With ``exclusive=True`` (the worker) it also holds an exclusive
+    lock on ``<path>.worker.lock`` while open, so a second worker on the same file is refused;
+    the kernel drops the lock when the process dies, so a kill -9 leaves none behind. Other
+    users (the ``enqueue`` and ``dead-letters`` commands, the application) need no lock.
+
+    Args:
+        path: the database file.
+        exclusive: take the worker lock.
+        busy_timeout: seconds to wait for the write lock held by another connection.
+    """
+
+    def __init__(
+        self, path: str | Path, *, exclusive: bool = False, busy_timeout: float = 10.0
+    ) -> None:
+        self._path = Path(path).expanduser()
+        self._exclusive = exclusive
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def __repr__(self) -> str:
+        return f"SqliteOutbox({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    async def __aenter__(self) -> Self:
+        self._limiter = anyio.CapacityLimiter(1)
+        try:
+            await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection and drop the worker lock (idempotent)."""
+        await anyio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+
+    # ------------------------------------------------------------------ the OutboxStore methods
+
+    async def schema_version(self) -> int:
+        """See ``OutboxStore.schema_version``."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT max(version) FROM insight_schema").fetchone()[0])
+
+        return await self._run(read, "read the schema version")
+
+    async def ping(self) -> None:
+        """See ``OutboxStore.ping``."""
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone(), "reach the database")
+
+    async def enqueue(
+        self,
+        account: str,
+        collection: Collection,
+        records: Sequence[object],
+        *,
+        check: bool = True,
+    ) -> int:
+        """See ``OutboxStore.enqueue``."""
+        from orchestrator.outbox.enqueue import record_texts
+
+        check_account(account)
+        if check:
+            texts = await anyio.to_thread.run_sync(record_texts, records, collection)
+        else:
+            texts = [r if isinstance(r, str) else bytes(cast(bytes, r)).decode() for r in records]
+        queue = OutboxQueue.of(account, collection)
+        rows = [
+            (queue.account, queue.collection, queue.scope, queue.collection_type, t) for t in texts
+        ]
+
+        def write(conn: sqlite3.Connection) -> int:
+            conn.executemany(INSERT_ROW, rows)
+            return len(rows)
+
+        return await self._write(write, "enqueue records")
+
+    async def pending(self) -> list[Pending]:
+        """See ``OutboxStore.pending``."""
+
+        def read(conn: sqlite3.Connection) -> list[Pending]:
+            rows = conn.execute(
+                f"""SELECT p.account, p.collection, p.scope, p.collection_type, p.n, p.oldest,
+                       max(0.0, {_NOW} - o.enqueued_at)
+                FROM (SELECT account, collection, scope, collection_type, count(*) AS n,
+                             min(id) AS oldest
+                      FROM insight_outbox WHERE held_by IS NULL
+                      GROUP BY account, collection, scope, collection_type) AS p
+                JOIN insight_outbox AS o ON o.id = p.oldest
+                ORDER BY p.oldest"""
+            )
+            return [
+                Pending(OutboxQueue(a, c, s, t), rows=n, oldest_id=oldest, oldest_age_s=age)
+                for a, c, s, t, n, oldest, age in rows
+            ]
+
+        return await self._run(read, "list pending rows")
+
+    async def claim(
+        self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
+    ) -> Claim:
+        """See ``OutboxStore.claim``."""
+        if budget_bytes < 1 or max_scan_rows < 1:
+            raise ValueError("budget_bytes and max_scan_rows must be at least 1")
+        found = await self._run(
+            lambda conn: _scan(conn, queue, budget_bytes, max_scan_rows), "claim rows"
+        )
+        rows, records_bytes, full, superseded, invalid, held_back = found
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int]:
+            deleted = _delete_pending(conn, superseded)
+            moved = _dead_letter_pending(conn, invalid)
+            return deleted, moved
+
+        deleted, moved = (0, 0)
+        if superseded or invalid:
+            deleted, moved = await self._write(write, "delete superseded rows")
+        return Claim(
+            queue=queue,
+            rows=tuple(rows),
+            records_bytes=records_bytes,
+            full=full,
+            superseded=deleted,
+            dead_lettered=moved,
+            held_back=held_back,
+        )
+
+    async def seal(
+        self,
+        queue: OutboxQueue,
+        rows: Sequence[ClaimedRow],
+        body: bytes | bytearray,
+        *,
+        ends: Sequence[int] = (),
+        depends_on: Sequence[int] = (),
+    ) -> StoredImport:
+        """See ``OutboxStore.seal``."""
+        if not rows:
+            raise ValueError("a sealed import holds at least one row")
+        if ends and len(ends) != len(rows):
+            raise ValueError(f"ends has {len(ends)} offsets for {len(rows)} rows")
+        row_ids = tuple(row.row_id for row in rows)
+        identities = tuple(row.identity for row in rows)
+        sealed_at = time.time()
+
+        def write(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
+                " body_bytes, depends_on, sealed_at, row_ids, ends, body)"
+                " VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, ?)",
+                (
+                    *_queue_values(queue),
+                    len(body),
+                    orjson.dumps(list(depends_on)).decode(),
+                    sealed_at,
+                    array("q", row_ids).tobytes(),
+                    array("q", ends).tobytes(),
+                    body,
+                ),
+            )
+            ref = cursor.lastrowid
+            assert ref is not None
+            held = conn.executemany(
+                f"UPDATE insight_outbox SET held_by = ?, identity = ? "
+                f"WHERE id = ? AND held_by IS NULL AND {_QUEUE}",
+                (
+                    (ref, identity, row_id, *_queue_values(queue))
+                    for row_id, identity in zip(row_ids, identities, strict=True)
+                ),
+            ).rowcount
+            if held != len(row_ids):
+                raise ClaimConflict(
+                    f"{len(row_ids) - held} of the {len(row_ids)} rows of the batch are no longer "
+                    "pending (taken or deleted since they were claimed): claim again"
+                )
+            return ref
+
+        ref = await self._write(write, "seal a batch")
+        return StoredImport(
+            ref=ref,
+            queue=queue,
+            phase=ImportPhase.SEALED,
+            import_id=None,
+            row_ids=row_ids,
+            identities=identities,
+            ends=tuple(ends),
+            body_bytes=len(body),
+            depends_on=tuple(depends_on),
+            attempts=0,
+            in_doubt=0,
+            sealed_at=sealed_at,
+            submitted_at=None,
+        )
+
+    async def mark_submitting(self, ref: int) -> None:
+        """See ``OutboxStore.mark_submitting``."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'submitting', attempts = attempts + 1 "
+                "WHERE id = ? AND phase IN ('sealed', 'submitted')",
+                (ref,),
+            ).rowcount
+            _check_changed(conn, changed, ref, "mark it submitting", "sealed or submitted")
+
+        await self._write(write, "record a submit intent")
+
+    async def mark_submitted(self, ref: int, import_id: str) -> None:
+        """See ``OutboxStore.mark_submitted``."""
+        if not import_id:
+            raise ValueError("import_id must not be empty")
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'submitted', import_id = ?, submitted_at = ? "
+                "WHERE id = ? AND phase = 'submitting'",
+                (import_id, time.time(), ref),
+            ).rowcount
+            _check_changed(conn, changed, ref, "mark it submitted", "submitting")
+
+        await self._write(write, "record an import id")
+
+    async def finish(
+        self,
+        ref: int,
+        *,
+        failures: Mapping[int, Rejection] | None = None,
+        reject_all: Rejection | None = None,
+    ) -> Finished:
+        """See ``OutboxStore.finish``."""
+        failures = dict(failures or {})
+
+        def write(conn: sqlite3.Connection) -> Finished:
+            row = conn.execute(
+                "SELECT import_id FROM insight_import WHERE id = ?", (ref,)
+            ).fetchone()
+            if row is None:
+                raise OutboxError(f"import {ref} is not held by the outbox store (finished twice?)")
+            import_id = row[0]
+            held = conn.execute(
+                "SELECT id, identity FROM insight_outbox WHERE held_by = ? ORDER BY id", (ref,)
+            ).fetchall()
+            letters = []
+            for row_id, identity in held:
+                rejection = failures.get(row_id, reject_all)
+                if rejection is not None:
+                    letters.append((row_id, rejection, _key_of_identity(identity)))
+            conn.executemany(
+                _INSERT_DEAD_LETTER,
+                (
+                    (
+                        r.reason,
+                        r.message,
+                        orjson.dumps(list(r.details)).decode(),
+                        key,
+                        import_id,
+                        row_id,
+                    )
+                    for row_id, r, key in letters
+                ),
+            )
+            deleted = conn.execute("DELETE FROM insight_outbox WHERE held_by = ?", (ref,)).rowcount
+            conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+            return Finished(imported=deleted - len(letters), dead_lettered=len(letters))
+
+        return await self._write(write, "finish an import")
+
+    async def dead_letter_rows(self, rejections: Mapping[int, Rejection]) -> int:
+        """See ``OutboxStore.dead_letter_rows``."""
+        given = dict(rejections)
+        if not given:
+            return 0
+
+        def write(conn: sqlite3.Connection) -> int:
+            rows = _pending_texts(conn, list(given))
+            return _dead_letter_pending(
+                conn, [(row_id, given[row_id], _key_of_record(text)) for row_id, text in rows]
+            )
+
+        return await self._write(write, "dead-letter rows")
+
+    async def recover(self) -> list[StoredImport]:
+        """See ``OutboxStore.recover``."""
+
+        def write(conn: sqlite3.Connection) -> list[StoredImport]:
+            conn.execute(
+                "UPDATE insight_import SET phase = 'sealed', in_doubt = in_doubt + 1 "
+                "WHERE phase = 'submitting'"
+            )
+            imports = conn.execute(
+                f"SELECT {_IMPORT_COLUMNS} FROM insight_import ORDER BY id"
+            ).fetchall()
+            return [_stored_import(conn, row) for row in imports]
+
+        return await self._write(write, "recover imports")
+
+    async def load_body(self, ref: int) -> bytes:
+        """See ``OutboxStore.load_body``."""
+
+        def read(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT body FROM insight_import WHERE id = ?", (ref,)).fetchone()
+            if row is None:
+                raise OutboxError(f"import {ref} is not held by the outbox store")
+            return bytes(row[0])
+
+        return await self._run(read, "load a body")
+
+    async def dead_letters(
+        self,
+        *,
+        account: str | None = None,
+        collection: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[StoredDeadLetter]:
+        """See ``OutboxStore.dead_letters``."""
+        where = ["id > ?"]
+        values: list[object] = [after]
+        if account is not None:
+            where.append("account = ?")
+            values.append(account)
+        if collection is not None:
+            where.append("collection = ?")
+            values.append(collection)
+        values.append(limit)
+        query = (
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
+            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
+            return [_dead_letter(row) for row in conn.execute(query, values)]
+
+        return await self._run(read, "list dead letters")
+
+    async def requeue(self, ids: Sequence[int]) -> int:
+        """See ``OutboxStore.requeue``."""
+        ordered = sorted(set(ids))
+        if not ordered:
+            return 0
+
+        def write(conn: sqlite3.Connection) -> int:
+            moved = conn.executemany(
+                "INSERT INTO insight_outbox (account, collection, scope, collection_type, record) "
+                "SELECT account, collection, scope, collection_type, record "
+                "FROM insight_dead_letter WHERE id = ?",
+                ((i,) for i in ordered),
+            ).rowcount
+            conn.executemany(
+                "DELETE FROM insight_dead_letter WHERE id = ?", ((i,) for i in ordered)
+            )
+            return moved
+
+        return await self._write(write, "requeue dead letters")
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the outbox store is not open: use `async with SqliteOutbox(...)`")
+
+        def call() -> _T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as error:
+                raise OutboxError(self._explain(what, error)) from error
+
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        return await self._run(lambda conn: _transaction(conn, fn), what)
+
+    def _explain(self, what: str, error: sqlite3.Error) -> str:
+        name = getattr(error, "sqlite_errorname", "") or ""
+        advice = next(
+            (text for code, text in _ADVICE.items() if name == code or name.startswith(code + "_")),
+            "check the database file and its disk",
+        )
+        return f"outbox database {self._path}: cannot {what}: {error}; {advice}"
+
+    def _open_sync(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self._exclusive:
+                self._lock_fd = _lock(self._path.with_name(self._path.name + ".worker.lock"))
+            # Created with 0600 when missing: rows hold customer data.
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except BlockingIOError:
+            raise OutboxError(
+                f"outbox database {self._path}: another worker is using it; one worker at a "
+                "time may run on a SQLite database (PostgreSQL allows several)"
+            ) from None
+        except OSError as error:
+            raise OutboxError(
+                f"outbox database {self._path}: cannot open it: {error.strerror or error}; "
+                "check that its directory is writable"
+            ) from error
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as error:
+            raise OutboxError(self._explain("open it", error)) from error
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(
+                    f"outbox database {self._path}: cannot switch it to WAL mode (got {mode}); "
+                    "check that it and its directory are writable"
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            migrate(conn)
+        except sqlite3.Error as error:
+            conn.close()
+            raise OutboxError(
+                self._explain("create or upgrade the outbox tables", error)
+            ) from error
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        fd, self._lock_fd = self._lock_fd, None
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the flock
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _queue_values(queue: OutboxQueue) -> tuple[str, str, str, str]:
+    return (queue.account, queue.collection, queue.scope, queue.collection_type)
+
+
+_Found = tuple[list[ClaimedRow], int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
+
+
+def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: int) -> _Found:
+    """The read half of a claim: which rows to return, delete, dead-letter and hold back."""
+    collection: Collection | None
+    try:
+        collection = queue.target()
+        invalid_queue: Rejection | None = None
+    except (ConfigError, ValueError) as error:
+        collection = None
+        invalid_queue = Rejection(COLLECTION_INVALID, str(error))
+    in_flight = {
+        identity
+        for (identity,) in conn.execute(
+            "SELECT o.identity FROM insight_import AS i JOIN insight_outbox AS o"
+            " ON o.held_by = i.id WHERE i.account = ? AND i.collection = ? AND i.scope = ?"
+            " AND i.collection_type = ?",
+            _queue_values(queue),
+        )
+    }
+    latest: dict[str, ClaimedRow] = {}  # identity -> its latest valid row, in id order
+    held: dict[str, int] = {}  # identity in flight -> its latest pending row
+    superseded: list[int] = []
+    invalid: list[tuple[int, Rejection, str | None]] = []
+    joined = -1  # bytes of the latest rows' records joined with commas
+    scanned = 0
+    after = 0
+    while scanned < max_scan and joined <= budget:
+        page = conn.execute(
+            f"SELECT id, record FROM insight_outbox WHERE held_by IS NULL AND {_QUEUE} "
+            "AND id > ? ORDER BY id LIMIT ?",
+            (*_queue_values(queue), after, min(_PAGE_ROWS, max_scan - scanned)),
+        ).fetchall()
+        if not page:
+            break
+        scanned += len(page)
+        after = page[-1][0]
+        for row_id, text in page:
+            if collection is None:
+                assert invalid_queue is not None
+                invalid.append((row_id, invalid_queue, _key_of_record(text)))
+                continue
+            try:
+                record = encode_line(
+                    text.encode(), collection, source=Source(RECORD_ORIGIN, row_id)
+                )
+            except RecordError as error:
+                invalid.append((row_id, Rejection(error.rule, error.message), error.key))
+                continue
+            except UnicodeEncodeError:
+                rejection = Rejection("json-syntax", "the record is not valid UTF-8 JSON")
+                invalid.append((row_id, rejection, None))
+                continue
+            identity = identity_text(record.key, record.contact)
+            if identity in in_flight:
+                earlier = held.get(identity)
+                if earlier is not None:
+                    superseded.append(earlier)
+                held[identity] = row_id
+                continue
+            previous = latest.pop(identity, None)
+            if previous is not None:
+                superseded.append(previous.row_id)
+                joined -= len(previous.record.data) + 1
+            latest[identity] = ClaimedRow(row_id, record)
+            joined += len(record.data) + 1
+    rows: list[ClaimedRow] = []
+    size = -1
+    for row in latest.values():
+        grown = size + len(row.record.data) + 1
+        if grown > budget and rows:
+            break
+        rows.append(row)
+        size = grown
+    return rows, max(size, 0), len(rows) < len(latest), superseded, invalid, len(held)
+
+
+def _delete_pending(conn: sqlite3.Connection, row_ids: Sequence[int]) -> int:
+    return conn.executemany(
+        "DELETE FROM insight_outbox WHERE id = ? AND held_by IS NULL", ((i,) for i in row_ids)
+    ).rowcount
+
+
+def _dead_letter_pending(
+    conn: sqlite3.Connection, letters: Sequence[tuple[int, Rejection, str | None]]
+) -> int:
+    """Move pending rows to the dead letters; rows no longer pending are skipped."""
+    if not letters:
+        return 0
+    conn.executemany(
+        _INSERT_DEAD_LETTER + " AND held_by IS NULL",
+        (
+            (r.reason, r.message, orjson.dumps(list(r.details)).decode(), key, None, row_id)
+            for row_id, r, key in letters
+        ),
+    )
+    return _delete_pending(conn, [row_id for row_id, _, _ in letters])
+
+
+def _pending_texts(conn: sqlite3.Connection, row_ids: Sequence[int]) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
+    for row_id in row_ids:
+        row = conn.execute(
+            "SELECT id, record FROM insight_outbox WHERE id = ? AND held_by IS NULL", (row_id,)
+        ).fetchone()
+        if row is not None:
+            found.append((row[0], row[1]))
+    return found
+
+
+def _check_changed(
+    conn: sqlite3.Connection, changed: int, ref: int, action: str, allowed: str
+) -> None:
+    if changed:
+        return
+    row = conn.execute("SELECT phase FROM insight_import WHERE id = ?", (ref,)).fetchone()
+    if row is None:
+        raise OutboxError(f"cannot {action}: import {ref} is not held by the outbox store")
+    raise OutboxError(f"cannot {action}: import {ref} is {row[0]}, not {allowed}")
+
+
+def _key_of_identity(identity: str | None) -> str | None:
+    if identity is None:
+        return None
+    value = orjson.loads(identity)
+    key = value if isinstance(value, str) else value[2]
+    return key if isinstance(key, str) else None
+
+
+def _key_of_record(text: str) -> str | None:
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    key = obj.get("key") if isinstance(obj, dict) else None
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    return key if isinstance(key, str) else None
+
+
+def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImport:
+    (ref, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on,
+     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob) = row  # fmt: skip
+    row_ids = array("q")
+    row_ids.frombytes(row_ids_blob)
+    ends = array("q")
+    ends.frombytes(ends_blob)
+    identities = dict(
+        conn.execute("SELECT id, identity FROM insight_outbox WHERE held_by = ?", (ref,))
+    )
+    return StoredImport(
+        ref=ref,
+        queue=OutboxQueue(account, collection, scope, collection_type),
+        phase=ImportPhase(phase),
+        import_id=import_id,
+        row_ids=tuple(row_ids),
+        identities=tuple(identities.get(row_id, "") for row_id in row_ids),
+        ends=tuple(ends),
+        body_bytes=body_bytes,
+        depends_on=tuple(orjson.loads(depends_on)),
+        attempts=attempts,
+        in_doubt=in_doubt,
+        sealed_at=sealed_at,
+        submitted_at=submitted_at,
+    )
+
+
+def _dead_letter(row: tuple[Any, ...]) -> StoredDeadLetter:
+    (id_, account, collection, scope, collection_type, record, reason, message, details, key,
+     source_id, import_id, created_at) = row  # fmt: skip
+    return StoredDeadLetter(
+        id=id_,
+        queue=OutboxQueue(account, collection, scope, collection_type),
+        record=record,
+        reason=reason,
+        message=message,
+        details=tuple(orjson.loads(details)),
+        key=key,
+        source_id=source_id,
+        import_id=import_id,
+        created_at=created_at,
+    )

@@ -1,0 +1,499 @@
+"""The outbox store on real SQLite files: migrations, claims, seals, finishes, recovery."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.outbox import (
+    SCHEMA_VERSION,
+    ClaimConflict,
+    ImportPhase,
+    OutboxError,
+    OutboxQueue,
+    Rejection,
+    SqliteOutbox,
+    identity_text,
+    migrate,
+)
+from orchestrator.records import Collection, Scope
+
+pytestmark = pytest.mark.anyio
+
+ORDERS = Collection("Orders")
+CONTACTS = Collection("Contacts", Scope.CONTACT, "orders")
+QUEUE = OutboxQueue.of("acme", ORDERS)
+CONTACT_QUEUE = OutboxQueue.of("acme", CONTACTS)
+
+
+def line(key: str, value: object = 1, email: str | None = None) -> str:
+    """One record as a JSON line (contact scope when an email is given)."""
+    record: dict[str, object] = {"key": key, "json": {"v": value}}
+    if email is not None:
+        record["contactIdentity"] = {"identifier": "email", "value": email}
+    return orjson.dumps(record).decode()
+
+
+def rows_of(path: Path, table: str = "insight_outbox") -> list[tuple[object, ...]]:
+    """Every row of a table, read through a connection of its own."""
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+
+
+async def test_init_creates_the_tables_once_and_is_idempotent(tmp_path: Path) -> None:
+    """Opening twice runs the migrations once; the schema version is recorded."""
+    path = tmp_path / "db" / "outbox.sqlite"
+    for _ in range(2):
+        async with SqliteOutbox(path) as store:
+            assert await store.schema_version() == SCHEMA_VERSION
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        assert conn.execute("SELECT count(*) FROM insight_schema").fetchone() == (1,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert {"insight_outbox", "insight_dead_letter", "insight_import", "insight_schema"} <= tables
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_database_of_a_newer_release_is_refused(tmp_path: Path) -> None:
+    """A schema version above this release's says to upgrade."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE insight_schema SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(OutboxError, match="newer than this release"):
+        async with SqliteOutbox(path):
+            pass
+
+
+def test_migrate_inside_the_callers_transaction_rolls_back_with_it(tmp_path: Path) -> None:
+    """migrate() on an open transaction is part of it: a rollback leaves no table."""
+    path = tmp_path / "app.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE orders (id TEXT)")
+    conn.execute("INSERT INTO orders VALUES ('o-1')")  # opens the caller's transaction
+    assert migrate(conn) == SCHEMA_VERSION
+    conn.rollback()
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")]
+    assert names == ["orders"]
+    assert migrate(conn) == SCHEMA_VERSION  # outside a transaction: committed on its own
+    conn.close()
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT max(version) FROM insight_schema").fetchone() == (1,)
+
+
+async def test_the_contracts_insert_statement_works_with_defaults(tmp_path: Path) -> None:
+    """An application's plain INSERT (as documented) is claimed with scope and type defaults."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path) as store:
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "INSERT INTO insight_outbox (account, collection, record) VALUES (?, ?, ?)",
+                ("acme", "Orders", line("o-1")),
+            )
+        [pending] = await store.pending()
+        assert pending.queue == QUEUE
+        assert pending.rows == 1
+        assert 0.0 <= pending.oldest_age_s < 60
+        claim = await store.claim(QUEUE, budget_bytes=1000)
+    assert [row.record.key for row in claim.rows] == ["o-1"]
+    assert str(claim.rows[0].record.source) == f"insight_outbox:{claim.rows[0].row_id}"
+
+
+async def test_pending_lists_each_queue_oldest_first(tmp_path: Path) -> None:
+    """Queues are listed by their oldest row; held rows are not pending."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("beta", ORDERS, [line("b-1")])
+        await store.enqueue("acme", CONTACTS, [line("c-1", email="a@b.io")])
+        await store.enqueue("beta", ORDERS, [line("b-2")])
+        pending = await store.pending()
+        assert [(p.queue.account, p.queue.collection, p.rows) for p in pending] == [
+            ("beta", "Orders", 2),
+            ("acme", "Contacts", 1),
+        ]
+        assert pending[1].queue == CONTACT_QUEUE
+        beta = OutboxQueue.of("beta", ORDERS)
+        claim = await store.claim(beta, budget_bytes=10_000)
+        await store.seal(beta, claim.rows, b"body")
+        assert [p.queue for p in await store.pending()] == [CONTACT_QUEUE]
+
+
+async def test_claim_takes_rows_in_id_order_up_to_the_budget(tmp_path: Path) -> None:
+    """Records joined with commas fit the budget; `full` says some were left for later."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        texts = [line(f"k{i}") for i in range(10)]
+        await store.enqueue("acme", ORDERS, texts)
+        size = len(texts[0])  # every line has the same length
+        claim = await store.claim(QUEUE, budget_bytes=3 * size + 2)
+        assert [r.record.key for r in claim.rows] == ["k0", "k1", "k2"]
+        assert claim.records_bytes == 3 * size + 2
+        assert claim.full
+        assert (claim.superseded, claim.dead_lettered, claim.held_back) == (0, 0, 0)
+        claim = await store.claim(QUEUE, budget_bytes=3 * size + 1)
+        assert len(claim.rows) == 2
+        everything = await store.claim(QUEUE, budget_bytes=10**6)
+        assert len(everything.rows) == 10
+        assert not everything.full
+
+
+async def test_a_row_larger_than_the_budget_comes_alone(tmp_path: Path) -> None:
+    """A record over the budget is returned by itself, so it never blocks its queue."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, [line("big", "x" * 500), line("small")])
+        claim = await store.claim(QUEUE, budget_bytes=100)
+        assert [r.record.key for r in claim.rows] == ["big"]
+        assert claim.full
+
+
+async def test_claim_deletes_rows_superseded_by_a_later_valid_row(tmp_path: Path) -> None:
+    """Last write wins: earlier rows of an identity are deleted and counted; an invalid later
+    row supersedes nothing and is dead-lettered."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path) as store:
+        await store.enqueue(
+            "acme",
+            ORDERS,
+            [line("a", 1), line("b", 1), line("a", 2), line("a", 3), '{"key": "b", "json": 5}'],
+            check=False,
+        )
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        assert [(r.row_id, r.record.key) for r in claim.rows] == [(2, "b"), (4, "a")]
+        assert orjson.loads(claim.rows[1].record.data)["json"] == {"v": 3}
+        assert (claim.superseded, claim.dead_lettered) == (2, 1)
+        [letter] = await store.dead_letters()
+        assert (letter.reason, letter.key, letter.source_id) == ("json-type", "b", 5)
+        assert letter.record == '{"key": "b", "json": 5}'
+    assert [row[0] for row in rows_of(path)] == [2, 4]
+
+
+async def test_contact_scope_identity_is_the_key_per_contact(tmp_path: Path) -> None:
+    """The same key for two contacts is two records; for the same contact, one."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue(
+            "acme",
+            CONTACTS,
+            [line("k", 1, "a@b.io"), line("k", 2, "c@d.io"), line("k", 3, "a@b.io")],
+        )
+        claim = await store.claim(CONTACT_QUEUE, budget_bytes=10**6)
+        assert [r.row_id for r in claim.rows] == [2, 3]
+        assert claim.superseded == 1
+        assert claim.rows[1].identity == identity_text("k", ("email", "a@b.io"))
+
+
+async def test_rows_of_an_identity_in_flight_wait_for_its_import(tmp_path: Path) -> None:
+    """A row whose identity is in an import in flight is held back until that import ends."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, [line("a", 1), line("b", 1)])
+        first = await store.claim(QUEUE, budget_bytes=10**6)
+        sealed = await store.seal(QUEUE, first.rows, b"body-1")
+        await store.enqueue("acme", ORDERS, [line("a", 2), line("c", 1), line("a", 3)])
+        second = await store.claim(QUEUE, budget_bytes=10**6)
+        assert [r.record.key for r in second.rows] == ["c"]
+        assert (second.held_back, second.superseded) == (1, 1)  # a=2 superseded by a=3
+        await store.seal(QUEUE, second.rows, b"body-2")
+        await store.mark_submitting(sealed.ref)
+        await store.mark_submitted(sealed.ref, "import-1")
+        finished = await store.finish(sealed.ref)
+        assert (finished.imported, finished.dead_lettered) == (2, 0)
+        third = await store.claim(QUEUE, budget_bytes=10**6)
+        assert [(r.record.key, orjson.loads(r.record.data)["json"]["v"]) for r in third.rows] == [
+            ("a", 3)
+        ]
+        assert third.held_back == 0
+
+
+async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(tmp_path: Path) -> None:
+    """Sealed rows leave the pending set; sealing a taken row writes nothing."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path) as store:
+        await store.enqueue("acme", ORDERS, [line("a"), line("b")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        sealed = await store.seal(QUEUE, claim.rows[:1], b"body", ends=[10], depends_on=[7])
+        assert sealed.phase is ImportPhase.SEALED
+        assert (sealed.row_ids, sealed.ends, sealed.depends_on) == ((1,), (10,), (7,))
+        assert [r.row_id for r in (await store.claim(QUEUE, budget_bytes=10**6)).rows] == [2]
+        with pytest.raises(ClaimConflict, match="1 of the 2 rows"):
+            await store.seal(QUEUE, claim.rows, b"body-again")
+        assert [imp.ref for imp in await store.recover()] == [sealed.ref]
+        assert await store.load_body(sealed.ref) == b"body"
+    held = {row[0]: row[7] for row in rows_of(path)}
+    assert held == {1: sealed.ref, 2: None}
+
+
+async def test_phases_move_forward_only(tmp_path: Path) -> None:
+    """submitting needs sealed (or submitted, to resubmit); submitted needs submitting."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, [line("a")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
+        with pytest.raises(OutboxError, match="is sealed, not submitting"):
+            await store.mark_submitted(ref, "import-1")
+        await store.mark_submitting(ref)
+        await store.mark_submitted(ref, "import-1")
+        await store.mark_submitting(ref)  # a resubmit of a Failed import
+        await store.mark_submitted(ref, "import-2")
+        [stored] = await store.recover()
+        assert (stored.phase, stored.import_id, stored.attempts) == ("submitted", "import-2", 2)
+        await store.finish(ref)
+        with pytest.raises(OutboxError, match="not held"):
+            await store.mark_submitting(ref)
+        with pytest.raises(OutboxError, match="not held"):
+            await store.finish(ref)
+
+
+async def test_finish_dead_letters_api_failures_with_the_record_text(tmp_path: Path) -> None:
+    """Rejected rows become dead letters holding the record as enqueued; the rest are deleted."""
+    path = tmp_path / "outbox.sqlite"
+    exact = '{"key": "a",  "json": {"big": 123456789012345678901234567890, "f": 1.10}}'
+    async with SqliteOutbox(path) as store:
+        await store.enqueue("acme", ORDERS, [exact, line("b"), line("c")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
+        await store.mark_submitting(ref)
+        await store.mark_submitted(ref, "import-9")
+        [stored] = await store.recover()
+        row_of = stored.row_of()
+        failure = Rejection("JsonValueTooLong", "a value is too long", ("field big",))
+        finished = await store.finish(ref, failures={row_of[identity_text("a", None)]: failure})
+        assert (finished.imported, finished.dead_lettered) == (2, 1)
+        [letter] = await store.dead_letters()
+        assert letter.record == exact
+        assert (letter.reason, letter.details, letter.key) == (
+            "JsonValueTooLong",
+            ("field big",),
+            "a",
+        )
+        assert (letter.import_id, letter.source_id, letter.queue) == ("import-9", 1, QUEUE)
+        assert b'"record":' + exact.encode() + b"}" in letter.to_json()
+        assert await store.recover() == []
+    assert rows_of(path) == []
+
+
+async def test_finish_with_reject_all_dead_letters_every_row(tmp_path: Path) -> None:
+    """An import that failed as a whole dead-letters all its rows with one reason."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, [line("a"), line("b")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
+        finished = await store.finish(
+            ref,
+            failures={1: Rejection("InvalidJson", "bad")},
+            reject_all=Rejection("import-failed", "the import failed 3 times"),
+        )
+        assert (finished.imported, finished.dead_lettered) == (0, 2)
+        reasons = [letter.reason for letter in await store.dead_letters()]
+        assert reasons == ["InvalidJson", "import-failed"]
+
+
+async def test_recover_after_kill_9_finds_submits_in_doubt(tmp_path: Path) -> None:
+    """A process killed after the intent leaves the import SEALED and in doubt, same body."""
+    path = tmp_path / "outbox.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import os, anyio
+        from orchestrator.outbox import OutboxQueue, SqliteOutbox
+        from orchestrator.records import Collection
+
+        async def main():
+            queue = OutboxQueue.of("acme", Collection("Orders"))
+            async with SqliteOutbox({str(path)!r}, exclusive=True) as store:
+                await store.enqueue("acme", Collection("Orders"), [{line("a")!r}, {line("b")!r}])
+                first = await store.claim(queue, budget_bytes=40)
+                one = await store.seal(queue, first.rows, b"body-one")
+                await store.mark_submitting(one.ref)
+                await store.mark_submitted(one.ref, "import-1")
+                second = await store.claim(queue, budget_bytes=40)
+                two = await store.seal(queue, second.rows, b"body-two")
+                await store.mark_submitting(two.ref)
+                os.kill(os.getpid(), 9)
+
+        anyio.run(main)
+        """
+    )
+    done = await anyio.run_process([sys.executable, "-c", script], check=False)
+    assert done.returncode == -9, done.stderr.decode()
+    async with SqliteOutbox(path, exclusive=True) as store:  # the dead process left no lock
+        one, two = await store.recover()
+        assert (one.phase, one.import_id, one.in_doubt) == ("submitted", "import-1", 0)
+        assert (two.phase, two.import_id, two.in_doubt, two.attempts) == ("sealed", None, 1, 1)
+        assert (one.row_ids, two.row_ids) == ((1,), (2,))
+        assert two.identities == (identity_text("b", None),)
+        assert await store.load_body(two.ref) == b"body-two"
+        again = await store.recover()
+        assert [imp.in_doubt for imp in again] == [0, 1]  # counted once
+
+
+async def test_a_second_worker_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    """exclusive=True holds the worker lock; other users of the file need none."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path, exclusive=True):
+        with pytest.raises(OutboxError, match="another worker"):
+            async with SqliteOutbox(path, exclusive=True):
+                pass
+        async with SqliteOutbox(path) as other:
+            await other.ping()
+
+
+async def test_rows_of_an_invalid_collection_are_dead_lettered(tmp_path: Path) -> None:
+    """A scope or type the API refuses sends every row of its queue to the dead letters."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path) as store:
+        with sqlite3.connect(path) as conn:
+            conn.executemany(
+                "INSERT INTO insight_outbox (account, collection, scope, record) "
+                "VALUES ('acme', 'Orders', 'everyone', ?)",
+                [(line("a"),), ("not json",)],
+            )
+        queue = OutboxQueue("acme", "Orders", "everyone")
+        claim = await store.claim(queue, budget_bytes=10**6)
+        assert (claim.rows, claim.dead_lettered) == ((), 2)
+        letters = await store.dead_letters()
+        assert [(d.reason, d.key, d.record) for d in letters] == [
+            ("collection-invalid", "a", line("a")),
+            ("collection-invalid", None, "not json"),
+        ]
+        assert "everyone" in letters[0].message
+
+
+async def test_dead_letter_rows_moves_pending_rows_only(tmp_path: Path) -> None:
+    """Rows the worker rejects (too large for a body) move; held rows are skipped."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, [line("a"), '{"key": 7, "json": {}}', line("c")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        await store.seal(QUEUE, claim.rows[2:], b"body")
+        too_large = Rejection("record-too-large", "over the body limit")
+        moved = await store.dead_letter_rows({2: too_large, 3: too_large})
+        assert moved == 1
+        [letter] = await store.dead_letters()
+        assert (letter.key, letter.source_id, letter.record) == ("7", 2, '{"key": 7, "json": {}}')
+        assert [r.row_id for r in (await store.claim(QUEUE, budget_bytes=10**6)).rows] == [1]
+
+
+async def test_dead_letters_filter_page_and_requeue_in_order(tmp_path: Path) -> None:
+    """Listing filters by account and collection and pages by id; requeue keeps the order."""
+    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+        await store.enqueue("acme", ORDERS, ['{"n": 1}', '{"n": 2}'], check=False)
+        await store.enqueue("beta", ORDERS, ['{"n": 3}'], check=False)
+        await store.enqueue("acme", CONTACTS, ['{"n": 4}'], check=False)
+        for queue in (QUEUE, OutboxQueue.of("beta", ORDERS), CONTACT_QUEUE):
+            await store.claim(queue, budget_bytes=10**6)
+        assert len(await store.dead_letters()) == 4
+        acme = await store.dead_letters(account="acme")
+        assert [d.record for d in acme] == ['{"n": 1}', '{"n": 2}', '{"n": 4}']
+        orders = await store.dead_letters(account="acme", collection="Orders", limit=1)
+        assert [d.record for d in orders] == ['{"n": 1}']
+        page = await store.dead_letters(account="acme", after=orders[0].id)
+        assert [d.record for d in page] == ['{"n": 2}', '{"n": 4}']
+        assert await store.requeue([acme[2].id, acme[0].id, 999]) == 2
+        assert [d.record for d in await store.dead_letters()] == ['{"n": 2}', '{"n": 3}']
+        with sqlite3.connect(store.path) as conn:
+            back = conn.execute(
+                "SELECT collection, scope, collection_type, record FROM insight_outbox ORDER BY id"
+            ).fetchall()
+        assert back == [
+            ("Orders", "account", "custom", '{"n": 1}'),
+            ("Contacts", "contact", "orders", '{"n": 4}'),
+        ]
+
+
+async def test_a_store_that_is_not_open_says_so(tmp_path: Path) -> None:
+    """Calls before `async with` raise a clear RuntimeError."""
+    store = SqliteOutbox(tmp_path / "outbox.sqlite")
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.pending()
+
+
+async def test_an_unwritable_database_is_an_outbox_error(tmp_path: Path) -> None:
+    """A path that cannot be created names the database and the fix."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutboxError, match="cannot open it"):
+        async with SqliteOutbox(blocker / "outbox.sqlite"):
+            pass
+
+
+# --------------------------------------------------------------------------- invariant
+
+_KEYS = ["a", "b"]
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("enqueue"), st.lists(st.sampled_from([*_KEYS, "!bad"]), max_size=6)),
+        st.tuples(st.just("claim"), st.integers(min_value=1, max_value=200)),
+        st.tuples(st.just("finish"), st.integers(min_value=0, max_value=3)),
+    ),
+    max_size=25,
+)
+
+
+@given(steps=steps, seed=st.integers(0, 2**16))
+@example(  # an older version in flight, a newer one sealed after it, the newer finishing first
+    steps=[("enqueue", ["a"]), ("claim", 99), ("enqueue", ["a"]), ("claim", 99), ("finish", 1)],
+    seed=0,
+)
+@settings(max_examples=100, deadline=None)
+def test_the_last_valid_row_of_each_key_is_what_the_collection_holds(
+    steps: list[tuple[str, object]], seed: int
+) -> None:
+    """Any mix of enqueues, claims and out-of-order finishes: every row ends imported,
+    superseded or dead-lettered, and each key's last valid row is imported last."""
+    shuffle = random.Random(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        anyio.run(_drive, Path(folder) / "outbox.sqlite", steps, shuffle)
+
+
+async def _drive(path: Path, steps: list[tuple[str, object]], shuffle: random.Random) -> None:
+    collection: dict[str, int] = {}  # key -> row id of the version imported last
+    last_valid: dict[str, int] = {}
+    enqueued = imported = superseded = dead = 0
+    in_flight: list[int] = []
+    async with SqliteOutbox(path) as store:
+
+        async def finish(index: int) -> None:
+            nonlocal imported
+            ref = in_flight.pop(index % len(in_flight))
+            [stored] = [imp for imp in await store.recover() if imp.ref == ref]
+            for row_id, identity in zip(stored.row_ids, stored.identities, strict=True):
+                collection[orjson.loads(identity)] = row_id
+            imported += (await store.finish(ref)).imported
+
+        async def claim(budget: int) -> None:
+            nonlocal superseded, dead
+            found = await store.claim(QUEUE, budget_bytes=budget)
+            superseded += found.superseded
+            dead += found.dead_lettered
+            if found.rows:
+                in_flight.append((await store.seal(QUEUE, found.rows, b"body")).ref)
+
+        for action, value in steps:
+            if action == "enqueue":
+                assert isinstance(value, list)
+                texts = ["{}" if key == "!bad" else line(key, enqueued + i) for i, key in
+                         enumerate(value)]  # fmt: skip
+                await store.enqueue("acme", ORDERS, texts, check=False)
+                for offset, key in enumerate(value):
+                    if key != "!bad":
+                        last_valid[key] = enqueued + offset + 1
+                enqueued += len(value)
+            elif action == "claim":
+                assert isinstance(value, int)
+                await claim(value)
+            elif in_flight:
+                assert isinstance(value, int)
+                await finish(value)
+        while in_flight or await store.pending():  # drain
+            if in_flight:
+                await finish(shuffle.randrange(len(in_flight)))
+            else:
+                await claim(10**6)
+    assert collection == last_valid
+    assert imported + superseded + dead == enqueued
