@@ -14,18 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.batching import Batch, BatchAssembler, RecordRef
-    from orchestrator.client import (
-        REGIONS,
-        ClientSettings,
-        ImportState,
-        ImportStatus,
-        ImportSummary,
-        InsightClient,
-        RecordFailure,
-        RetryPolicy,
-        SubmitReceipt,
-    )
+    from orchestrator.batching import Batch, BatchAssembler
+    from orchestrator.client import REGIONS, ClientSettings, InsightClient, RetryPolicy
     from orchestrator.engine import Orchestrator
     from orchestrator.errors import (
         AccountFullError,
@@ -46,8 +36,17 @@ if TYPE_CHECKING:
     )
     from orchestrator.journal import DeadLetter, Journal, MemoryJournal, SqliteJournal
     from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
-    from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_record
+    from orchestrator.provenance import Source
+    from orchestrator.records import Collection, EncodedRecord, Scope, encode_record
+    from orchestrator.refs import RecordRef
     from orchestrator.settings import Settings
+    from orchestrator.wire import (
+        ImportState,
+        ImportStatus,
+        ImportSummary,
+        RecordFailure,
+        SubmitReceipt,
+    )
 
 __all__ = [
     "REGIONS",
@@ -109,9 +108,9 @@ _MODULES: dict[str, str] = {
     "ForbiddenError": "orchestrator.errors",
     "ImportOutcome": "orchestrator.outcomes",
     "ImportResult": "orchestrator.outcomes",
-    "ImportState": "orchestrator.client",
-    "ImportStatus": "orchestrator.client",
-    "ImportSummary": "orchestrator.client",
+    "ImportState": "orchestrator.wire",
+    "ImportStatus": "orchestrator.wire",
+    "ImportSummary": "orchestrator.wire",
     "InputError": "orchestrator.errors",
     "InsightClient": "orchestrator.client",
     "Journal": "orchestrator.journal",
@@ -124,15 +123,15 @@ _MODULES: dict[str, str] = {
     "REGIONS": "orchestrator.client",
     "RateLimitedError": "orchestrator.errors",
     "RecordError": "orchestrator.errors",
-    "RecordFailure": "orchestrator.client",
-    "RecordRef": "orchestrator.batching",
+    "RecordFailure": "orchestrator.wire",
+    "RecordRef": "orchestrator.refs",
     "RetryPolicy": "orchestrator.client",
     "RunStats": "orchestrator.outcomes",
     "Scope": "orchestrator.records",
     "Settings": "orchestrator.settings",
-    "Source": "orchestrator.records",
+    "Source": "orchestrator.provenance",
     "SqliteJournal": "orchestrator.journal",
-    "SubmitReceipt": "orchestrator.client",
+    "SubmitReceipt": "orchestrator.wire",
     "TransientError": "orchestrator.errors",
     "encode_record": "orchestrator.records",
 }

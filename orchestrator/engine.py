@@ -32,8 +32,9 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
-from orchestrator.batching import Batch, BatchAssembler, RecordRefs, split_batch
-from orchestrator.client import ImportState, ImportStatus, InsightClient, SubmitReceipt
+from orchestrator.batching import Batch, BatchAssembler, split_batch
+from orchestrator.chunks import RecordRun
+from orchestrator.client import InsightClient
 from orchestrator.errors import (
     AccountFullError,
     BadRequestError,
@@ -59,13 +60,10 @@ from orchestrator.journal import (
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import default_processes
 from orchestrator.polling import PollPlanner
-from orchestrator.records import (
-    Collection,
-    EncodedRecord,
-    RecordRun,
-    RejectedRecord,
-)
+from orchestrator.records import Collection, EncodedRecord, RejectedRecord
+from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings
+from orchestrator.wire import ImportState, ImportStatus, SubmitReceipt
 
 __all__ = ["Orchestrator"]
 

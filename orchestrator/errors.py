@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.records import Source
+    from orchestrator.provenance import Source
 
 __all__ = [
     "AccountFullError",

@@ -19,15 +19,15 @@ import anyio.lowlevel
 import orjson
 from anyio.abc import TaskGroup
 
+from orchestrator.chunks import RecordRun
 from orchestrator.errors import RecordError
 from orchestrator.parsing import ChunkParser, Started
+from orchestrator.provenance import Source
 from orchestrator.records import (
     Collection,
     EncodedRecord,
-    RecordRun,
     RejectedRecord,
     Scope,
-    Source,
     encode_line,
     encode_record,
 )

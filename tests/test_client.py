@@ -22,13 +22,9 @@ from structlog.testing import capture_logs
 from orchestrator.client import (
     REGIONS,
     ClientSettings,
-    ImportState,
-    ImportStatus,
     InsightClient,
     RetryPolicy,
     _rate_limit_wait,
-    import_state,
-    parse_error_body,
 )
 from orchestrator.errors import (
     AccountFullError,
@@ -44,6 +40,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.simulator import Simulator, SimulatorConfig
+from orchestrator.wire import ImportState, ImportStatus, import_state, parse_error_body
 from tests.conftest import sim_client_settings
 
 PASSWORD = "s3cret-Pa55word"

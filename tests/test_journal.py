@@ -22,7 +22,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.batching import RecordRef, RecordRefs
 from orchestrator.errors import JournalError, JournalMismatch
 from orchestrator.journal import (
     BatchPhase,
@@ -36,7 +35,8 @@ from orchestrator.journal import (
     open_journal,
 )
 from orchestrator.journal.sqlite import _decode_refs, _encode_refs
-from orchestrator.records import Source
+from orchestrator.provenance import Source
+from orchestrator.refs import RecordRef, RecordRefs
 
 pytestmark = pytest.mark.anyio
 
@@ -661,9 +661,9 @@ CHILD = textwrap.dedent(
 
     import anyio
 
-    from orchestrator.batching import RecordRef
     from orchestrator.journal import DeadLetter, InputProgress, RunSpec, SqliteJournal
-    from orchestrator.records import Source
+    from orchestrator.provenance import Source
+    from orchestrator.refs import RecordRef
 
     SPEC = RunSpec("Orders", "account", "custom", ("/in.jsonl",), "acct")
 

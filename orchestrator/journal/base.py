@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Self
 import orjson
 
 if TYPE_CHECKING:
-    from orchestrator.batching import RecordRef, RecordRefs
+    from orchestrator.refs import RecordRef, RecordRefs
 
 __all__ = [
     "BatchPhase",

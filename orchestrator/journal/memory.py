@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from orchestrator.batching import RecordRefs
 from orchestrator.errors import JournalMismatch
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
@@ -23,6 +22,7 @@ from orchestrator.journal.base import (
     mismatch_message,
     progress_list,
 )
+from orchestrator.refs import RecordRefs
 
 if TYPE_CHECKING:
     pass

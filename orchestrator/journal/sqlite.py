@@ -24,7 +24,6 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from orchestrator.batching import RecordRef, RecordRefs
 from orchestrator.errors import JournalError, JournalMismatch
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
@@ -40,6 +39,7 @@ from orchestrator.journal.base import (
     mismatch_message,
     progress_list,
 )
+from orchestrator.refs import RecordRef, RecordRefs
 
 __all__ = ["SqliteJournal"]
 
