@@ -34,7 +34,7 @@ from orchestrator.errors import (
     ForbiddenError,
     InputError,
     JournalError,
-    JournalMismatch,
+    JournalMismatchError,
     OrchestratorError,
 )
 from orchestrator.journal import SqliteJournal
@@ -289,7 +289,7 @@ async def _execute_async(job: _Job) -> int:
                     result = await orchestrator.import_files(
                         job.collection, job.inputs, journal=journal, fresh=job.fresh, stats=stats
                     )
-                except (JournalMismatch, InputError) as error:
+                except (JournalMismatchError, InputError) as error:
                     code = _fail(str(error), EXIT_USAGE)
                 except (AuthenticationError, ForbiddenError) as error:
                     code = _fail(str(error), EXIT_ABORTED)

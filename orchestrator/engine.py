@@ -39,7 +39,7 @@ from orchestrator.errors import (
     AccountFullError,
     BadRequestError,
     BodyTooLargeError,
-    JournalMismatch,
+    JournalMismatchError,
     NotFoundError,
     OrchestratorError,
     RateLimitedError,
@@ -445,7 +445,7 @@ class _Run:
                 # since would otherwise mix old and new records silently.
                 digest = await source.skip(done.lines)
                 if digest and done.digest and digest != done.digest:
-                    raise JournalMismatch(
+                    raise JournalMismatchError(
                         f"{source.origin} changed since the journal recorded its first "
                         f"{done.lines} lines; re-run with --fresh to import it anew, or restore "
                         "the original file to resume"

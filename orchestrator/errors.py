@@ -5,7 +5,7 @@
     ├── InputError                    an input file cannot be read: fix the path or the file
     ├── RecordError                   one record breaks a rule: fix that record (the run goes on)
     ├── JournalError                  the journal cannot be read or written: fix the disk / path
-    │   └── JournalMismatch           the journal belongs to another run or the input changed
+    │   └── JournalMismatchError           the journal belongs to another run or the input changed
     └── ApiError                      the Insight data API answered with an error
         ├── AuthenticationError       401: check DOTDIGITAL_API_USER / DOTDIGITAL_API_PASSWORD
         ├── ForbiddenError            403: wrong region? check --region / --base-url
@@ -39,7 +39,7 @@ __all__ = [
     "ForbiddenError",
     "InputError",
     "JournalError",
-    "JournalMismatch",
+    "JournalMismatchError",
     "NotFoundError",
     "OrchestratorError",
     "RateLimitedError",
@@ -103,7 +103,7 @@ class JournalError(OrchestratorError):
     """The journal could not be read or written; nothing after this point is recorded as done."""
 
 
-class JournalMismatch(JournalError):
+class JournalMismatchError(JournalError):
     """The journal was written by a different run, or the input changed since it was written."""
 
 

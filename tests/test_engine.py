@@ -19,7 +19,7 @@ from orchestrator import (
     Collection,
     ImportOutcome,
     InsightClient,
-    JournalMismatch,
+    JournalMismatchError,
     Orchestrator,
     RetryPolicy,
     Settings,
@@ -344,7 +344,7 @@ async def test_changed_input_is_detected_on_resume(sim: Simulator, tmp_path: Pat
         SqliteJournal(tmp_path / "j.sqlite") as journal,
         Orchestrator(client_for(sim), settings) as orch,
     ):
-        with pytest.raises(JournalMismatch, match="changed"):
+        with pytest.raises(JournalMismatchError, match="changed"):
             await orch.import_files(collection, [str(data)], journal=journal)
 
 

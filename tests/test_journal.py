@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.errors import JournalError, JournalMismatchError
 from orchestrator.journal import (
     BatchPhase,
     DeadLetter,
@@ -234,7 +234,7 @@ async def test_submit_in_doubt_goes_back_to_sealed(factory: Factory) -> None:
 
 
 async def test_another_run_is_refused(factory: Factory) -> None:
-    """A journal holding another run raises JournalMismatch naming it, and stays as it was."""
+    """A journal holding another run raises JournalMismatchError naming it, and stays as it was."""
     async with factory() as journal:
         await journal.open(SPEC)
         await seal(journal)
@@ -246,7 +246,7 @@ async def test_another_run_is_refused(factory: Factory) -> None:
         account=SPEC.account,
     )
     async with factory() as journal:
-        with pytest.raises(JournalMismatch, match=r"collection 'Orders'.*--fresh") as caught:
+        with pytest.raises(JournalMismatchError, match=r"collection 'Orders'.*--fresh") as caught:
             await journal.open(other)
     assert "collection" in str(caught.value)
     async with factory() as journal:
@@ -438,7 +438,7 @@ async def test_failed_open_releases_the_file(path: Path) -> None:
     async with SqliteJournal(path) as journal:
         await journal.open(SPEC)
     other = RunSpec("Carts", "account", "custom", (), "acct")
-    with pytest.raises(JournalMismatch):
+    with pytest.raises(JournalMismatchError):
         await SqliteJournal(path).open(other)
     journal = SqliteJournal(path)
     await journal.open(SPEC)

@@ -230,7 +230,7 @@ class Journal(Protocol):
     async def open(self, spec: RunSpec, *, fresh: bool = False) -> RunState:
         """Open the run ``spec``, creating it when the journal is empty.
 
-        A journal that holds another run raises ``JournalMismatch``; ``fresh=True`` wipes any
+        A journal that holds another run raises ``JournalMismatchError``; ``fresh=True`` wipes any
         previous run first. A batch left in the SUBMITTING phase is in doubt: its ``in_doubt`` and
         the ``submits_in_doubt`` counter grow by one and it goes back to SEALED.
 

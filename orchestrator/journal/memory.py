@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from orchestrator.errors import JournalMismatch
+from orchestrator.errors import JournalMismatchError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -75,7 +75,7 @@ class MemoryJournal(SealOne):
         """Open the run ``spec``; see ``Journal.open``."""
         created = fresh or self._run is None
         if not created and self._run is not None and self._run.spec != spec:
-            raise JournalMismatch(mismatch_message(self._run.spec, spec))
+            raise JournalMismatchError(mismatch_message(self._run.spec, spec))
         if created:
             self._run = _Run(
                 spec=spec,

@@ -24,7 +24,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.errors import JournalError, JournalMismatchError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -572,7 +572,7 @@ class SqliteJournal(SealOne):
         if not created:
             theirs = _decode_spec(row[0])
             if theirs != spec:
-                raise JournalMismatch(mismatch_message(theirs, spec))
+                raise JournalMismatchError(mismatch_message(theirs, spec))
         if created:
             for table in ("run", "inputs", "batches", "payloads", "dead_letters", "counters"):
                 conn.execute(f"DELETE FROM {table}")
