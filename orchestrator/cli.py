@@ -28,7 +28,6 @@ import structlog
 from orchestrator.client import ClientSettings, InsightClient
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
-    ApiError,
     AuthenticationError,
     ConfigError,
     ForbiddenError,
@@ -463,9 +462,7 @@ def _main_status(args: argparse.Namespace) -> int:
 
     try:
         answer = anyio.run(fetch)
-    except (AuthenticationError, ForbiddenError) as error:
-        return _fail(str(error), EXIT_ABORTED)
-    except ApiError as error:
+    except OrchestratorError as error:  # an API answer, or no answer at all
         return _fail(str(error), EXIT_ABORTED)
     sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK

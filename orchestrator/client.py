@@ -42,7 +42,9 @@ from orchestrator.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    ServerError,
     TransientError,
+    TransportError,
 )
 from orchestrator.wire import ImportStatus, SubmitReceipt, _parse_status, parse_error_body
 
@@ -372,7 +374,8 @@ class InsightClient:
             BadRequestError: the API refused the body as a whole.
             BodyTooLargeError: the body is over the API's size limit.
             RateLimitedError: rate limited beyond the retry budget.
-            TransientError: 5xx / connection failures outlived the retry budget.
+            ServerError: 5xx answers outlived the retry budget (a TransientError).
+            TransportError: no answer (resets, timeouts) within the retry budget.
         """
         answer, state = await self._call("PUT", IMPORT_PATH, body=body)
         data = answer.data
@@ -473,16 +476,16 @@ class InsightClient:
                             )
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
-        except TransientError as exc:
-            raise TransientError(
-                f"{method} {path} failed {state.attempts} time(s) within "
-                f"{policy.timeout:g} s, last: {exc}; the API or the network is unwell: "
-                "try again later",
+        except ServerError as exc:
+            raise ServerError(
+                _exhausted(method, path, state, policy, exc),
                 status=exc.status,
                 error_code=exc.error_code,
                 description=exc.description,
                 details=exc.details,
             ) from exc
+        except TransportError as exc:
+            raise TransportError(_exhausted(method, path, state, policy, exc)) from exc
         except RateLimitedError as exc:
             raise RateLimitedError(
                 f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
@@ -543,7 +546,7 @@ class InsightClient:
                 attempt=state.attempts,
                 reason=reason,
             )
-            raise TransientError(f"{method} {path}: {reason}", status=0) from exc
+            raise TransportError(f"{method} {path}: {reason}") from exc
         self._count_sends(tracker, state, body)
         if 200 <= status < 300:
             try:
@@ -626,7 +629,7 @@ class InsightClient:
             )
         if status >= 500:
             state.last_reason = f"server error {status}"
-            return TransientError(what, **fields)
+            return ServerError(what, **fields)
         if status == 401:
             return AuthenticationError(
                 f"{what}; the API user or password was refused: check DOTDIGITAL_API_USER and "
@@ -655,6 +658,15 @@ class InsightClient:
                 **fields,
             )
         return ApiError(f"{what}; unexpected answer", **fields)
+
+
+def _exhausted(
+    method: str, path: str, state: _CallState, policy: RetryPolicy, last: Exception
+) -> str:
+    return (
+        f"{method} {path} failed {state.attempts} time(s) within {policy.timeout:g} s, "
+        f"last: {last}; the API or the network is unwell: try again later"
+    )
 
 
 def _fully_sent(tracker: aiohttp.UploadTracker) -> bool:

@@ -37,7 +37,9 @@ from orchestrator.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    ServerError,
     TransientError,
+    TransportError,
 )
 from orchestrator.simulator import Simulator, SimulatorConfig
 from orchestrator.wire import ImportState, ImportStatus, import_state, parse_error_body
@@ -194,22 +196,23 @@ async def test_server_errors_are_retried(sim: Simulator) -> None:
 
 
 @pytest.mark.anyio
-async def test_server_errors_beyond_attempts_raise_transient(sim: Simulator) -> None:
-    """5xx answers outliving the attempts raise TransientError with the last status and code."""
+async def test_server_errors_beyond_attempts_raise_server_error(sim: Simulator) -> None:
+    """5xx answers outliving the attempts raise ServerError with the last status and code."""
     sim.faults.server_errors = 5
     settings = settings_for(sim, retry=RetryPolicy.immediate(attempts=2))
     async with InsightClient(settings) as client:
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(ServerError) as caught:
             await client.import_status(str(uuid.uuid4()))
         assert client.calls == 2
+    assert isinstance(caught.value, TransientError)
     assert caught.value.status == 502
     assert caught.value.error_code == "badGateway"
     assert "2 time(s)" in str(caught.value)
 
 
 @pytest.mark.anyio
-async def test_connection_refused_raises_transient_with_status_zero(anyio_backend: str) -> None:
-    """A port nobody listens on fails every attempt with status 0 and no lost response."""
+async def test_connection_refused_raises_transport_error(anyio_backend: str) -> None:
+    """A port nobody listens on fails every attempt with a TransportError, not an ApiError."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -220,10 +223,11 @@ async def test_connection_refused_raises_transient_with_status_zero(anyio_backen
         retry=RetryPolicy.immediate(attempts=3),
     )
     async with InsightClient(settings) as client:
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(TransportError) as caught:
             await client.submit_import(b"{}")
         assert (client.calls, client.lost_responses) == (3, 0)
-    assert caught.value.status == 0
+    assert isinstance(caught.value, TransientError)
+    assert not isinstance(caught.value, ApiError)
 
 
 @pytest.mark.anyio

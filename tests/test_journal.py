@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import JournalError, JournalMismatchError
+from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal import (
     BatchPhase,
     DeadLetter,
@@ -274,24 +274,24 @@ async def test_fresh_wipes_the_previous_run(factory: Factory) -> None:
 
 
 async def test_bad_transitions_are_refused(factory: Factory) -> None:
-    """Transitions the protocol does not allow raise ValueError and change nothing."""
+    """Transitions the protocol does not allow raise JournalStateError and change nothing."""
     async with factory() as journal:
         await journal.open(SPEC)
         batch = await seal(journal)
-        with pytest.raises(ValueError, match="is sealed, not submitting"):
+        with pytest.raises(JournalStateError, match="is sealed, not submitting"):
             await journal.mark_submitted(batch, "imp", 1.0)
-        with pytest.raises(ValueError, match="batch 99 is not in the journal"):
+        with pytest.raises(JournalStateError, match="batch 99 is not in the journal"):
             await journal.mark_submitting(99)
-        with pytest.raises(ValueError, match="not in the journal"):
+        with pytest.raises(JournalStateError, match="not in the journal"):
             await journal.mark_polled(99, 1)
         await journal.mark_finished(
             batch, status="dead", imported=0, dead_letters=(), finished_at=1.0, counters={}
         )
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.load_body(batch)
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.load_refs(batch)
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.mark_finished(
                 batch, status="x", imported=0, dead_letters=(), finished_at=2.0, counters={}
             )
@@ -303,7 +303,7 @@ async def test_progress_for_an_unknown_input_is_refused(factory: Factory) -> Non
     """Progress naming an input the run does not have raises before anything is written."""
     async with factory() as journal:
         await journal.open(SPEC)
-        with pytest.raises(ValueError, match="index 2 is out of range"):
+        with pytest.raises(JournalStateError, match="index 2 is out of range"):
             await journal.seal_batch(
                 body=b"b",
                 refs=make_refs(1),
@@ -322,7 +322,7 @@ async def test_progress_for_an_unknown_input_is_refused(factory: Factory) -> Non
 async def test_use_before_open_is_an_error(factory: Factory) -> None:
     """Calling a method before open() says so instead of acting on no run."""
     journal = factory()
-    with pytest.raises(RuntimeError, match="call open"):
+    with pytest.raises(JournalStateError, match="call open"):
         await journal.counters()
     await journal.close()
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 import orjson
 
+from orchestrator.errors import JournalStateError
+
 if TYPE_CHECKING:
     from orchestrator.refs import RecordRef, RecordRefs
 
@@ -397,7 +399,7 @@ class Journal(Protocol):
 def progress_list(
     spec: RunSpec, progress: InputProgress | Sequence[InputProgress] | None
 ) -> tuple[InputProgress, ...]:
-    """Return ``progress`` as a tuple; ``ValueError`` when one names an input the run lacks."""
+    """Return ``progress`` as a tuple; ``JournalStateError`` if one names an unknown input."""
     if progress is None:
         items: tuple[InputProgress, ...] = ()
     elif isinstance(progress, InputProgress):
@@ -406,7 +408,7 @@ def progress_list(
         items = tuple(progress)
     for item in items:
         if not 0 <= item.index < len(spec.inputs):
-            raise ValueError(
+            raise JournalStateError(
                 f"input progress index {item.index} is out of range: the run has "
                 f"{len(spec.inputs)} input(s)"
             )
@@ -416,12 +418,12 @@ def progress_list(
 def check_phase(
     batch_id: int, phase: BatchPhase | None, allowed: tuple[BatchPhase, ...], action: str
 ) -> None:
-    """Raise ``ValueError`` when a batch is unknown or its phase does not allow ``action``."""
+    """Raise ``JournalStateError`` if a batch is unknown or its phase does not allow ``action``."""
     if phase is None:
-        raise ValueError(f"cannot {action}: batch {batch_id} is not in the journal")
+        raise JournalStateError(f"cannot {action}: batch {batch_id} is not in the journal")
     if phase not in allowed:
         wanted = " or ".join(p.value for p in allowed)
-        raise ValueError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
+        raise JournalStateError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
 
 
 def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:

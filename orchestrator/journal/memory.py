@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from orchestrator.errors import JournalMismatchError
+from orchestrator.errors import JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -242,7 +242,7 @@ class MemoryJournal(SealOne):
 
     def _require(self, *, opening: bool = False) -> _Run:
         if self._run is None or not (self._open or opening):
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
         return self._run
 
     def _batch(

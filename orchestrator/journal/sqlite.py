@@ -24,7 +24,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from orchestrator.errors import JournalError, JournalMismatchError
+from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -424,14 +424,14 @@ class SqliteJournal(SealOne):
 
     def _require_spec(self) -> RunSpec:
         if self._spec is None or self._conn is None:
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
         return self._spec
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         """Run ``fn`` on the worker thread; SQLite and OS errors become ``JournalError``."""
         conn = self._conn
         if conn is None:
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
 
         def call() -> _T:
             try:
