@@ -29,11 +29,13 @@ from orchestrator.client import ClientSettings, InsightClient
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
     AuthenticationError,
+    BodyTooLargeError,
     ConfigError,
     ForbiddenError,
     InputError,
     JournalError,
     JournalMismatchError,
+    JournalStateError,
     OrchestratorError,
 )
 from orchestrator.journal import SqliteJournal
@@ -166,6 +168,30 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+# The library's messages name its settings (fresh=True, max_body_bytes); the command says which
+# of its flags set them. The first matching class wins, so subclasses come first.
+_HINTS: tuple[tuple[type[OrchestratorError], str], ...] = (
+    (
+        JournalMismatchError,
+        "--fresh starts over and imports every input anew; --journal PATH uses another journal",
+    ),
+    (JournalError, "--journal PATH uses another journal file"),
+    (
+        ForbiddenError,
+        "--region r1|r2|r3 picks the account's region; --base-url URL an explicit API root",
+    ),
+    (BodyTooLargeError, "--max-body-bytes N lowers the cap on one request body"),
+)
+
+
+def _explain(error: OrchestratorError) -> str:
+    """The error's message, followed by the flag that fixes it when there is one."""
+    for kind, hint in _HINTS:
+        if isinstance(error, kind):
+            return f"{error}\n  hint: {hint}"
+    return str(error)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -259,7 +285,7 @@ async def _execute_async(job: _Job) -> int:
         try:
             journal = await stack.enter_async_context(SqliteJournal(job.journal))
         except JournalError as error:
-            return _fail(str(error), EXIT_USAGE)
+            return _fail(_explain(error), EXIT_USAGE)
         orchestrator = Orchestrator(InsightClient(job.client), job.settings)
         await stack.enter_async_context(orchestrator)
         display = ProgressDisplay(stats, enabled=job.progress)
@@ -289,16 +315,20 @@ async def _execute_async(job: _Job) -> int:
                         job.collection, job.inputs, journal=journal, fresh=job.fresh, stats=stats
                     )
                 except (JournalMismatchError, InputError) as error:
-                    code = _fail(str(error), EXIT_USAGE)
+                    code = _fail(_explain(error), EXIT_USAGE)
                 except (AuthenticationError, ForbiddenError) as error:
-                    code = _fail(str(error), EXIT_ABORTED)
+                    code = _fail(_explain(error), EXIT_ABORTED)
                 except OrchestratorError as error:
                     log.error("run.aborted", error=str(error), error_type=type(error).__name__)
-                    code = _fail(f"{error}; re-run the same command to resume", EXIT_ABORTED)
+                    code = _fail(
+                        _explain(error) + "\n  re-run the same command to resume", EXIT_ABORTED
+                    )
                 finally:
                     with anyio.CancelScope(shield=True):
                         await display.stop()
-                        await _write_dead_letters(journal, job.dead_letter)
+                        # A journal of another run is never opened for this one: nothing to write.
+                        with suppress(JournalStateError):
+                            await _write_dead_letters(journal, job.dead_letter)
             tg.cancel_scope.cancel()
     if code is not None:
         return code
@@ -463,6 +493,6 @@ def _main_status(args: argparse.Namespace) -> int:
     try:
         answer = anyio.run(fetch)
     except OrchestratorError as error:  # an API answer, or no answer at all
-        return _fail(str(error), EXIT_ABORTED)
+        return _fail(_explain(error), EXIT_ABORTED)
     sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK

@@ -639,7 +639,7 @@ class InsightClient:
         if status == 403:
             return ForbiddenError(
                 f"{what}; access denied by {self.settings.api_root}: wrong region? the account "
-                "may live on another regional host: check --region / --base-url (the "
+                "may live on another regional host: check the region / base_url settings (the "
                 "ApiEndpoint of /v2/account-info names the right one)",
                 **fields,
             )

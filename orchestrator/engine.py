@@ -447,8 +447,8 @@ class _Run:
                 if digest and done.digest and digest != done.digest:
                     raise JournalMismatchError(
                         f"{source.origin} changed since the journal recorded its first "
-                        f"{done.lines} lines; re-run with --fresh to import it anew, or restore "
-                        "the original file to resume"
+                        f"{done.lines} lines; run again with fresh=True to import it anew, or "
+                        "restore the original file to resume"
                     )
             if done is not None and done.done:
                 continue
@@ -582,7 +582,7 @@ class _Run:
                 await anyio.sleep(error.retry_after)
                 continue
             except BodyTooLargeError as error:
-                return (_TOO_LARGE, _api_message(error, "lower --max-body-bytes"))
+                return (_TOO_LARGE, _api_message(error, "lower max_body_bytes"))
             except BadRequestError as error:
                 return (error.error_code or "BadRequest", _api_message(error, "fix the records"))
             if receipt.lost_responses:
@@ -712,7 +712,7 @@ class _Run:
             batch_id=task.batch_id,
             body_bytes=task.body_bytes,
             into=ids,
-            hint="the API's body limit is below --max-body-bytes; lower it",
+            hint="the API's body limit is below max_body_bytes; lower it",
         )
         tasks = [
             _BatchTask(

@@ -378,6 +378,8 @@ async def test_wrong_region_raises_forbidden_naming_the_root(sim: Simulator) -> 
             assert await client.account_api_endpoint() == sim.base_url
         assert not session.closed  # a session given to the client stays the caller's
     assert "wrong region?" in str(caught.value)
+    assert "region / base_url settings" in str(caught.value)
+    assert "--" not in str(caught.value)  # flags are the command's business
     assert base_url in str(caught.value)
     assert caught.value.status == 403
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +135,35 @@ def test_record_error_survives_pickling() -> None:
         str(error),
     )
     assert isinstance(copy, InvalidInputError)
+
+
+def _message_strings(tree: ast.AST) -> list[str]:
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if id(node) not in docstrings
+    ]
+
+
+def test_the_library_never_names_a_command_line_flag() -> None:
+    """Outside the command's own modules no string names a flag: messages name settings."""
+    package = Path(errors.__file__).parent
+    command = {"cli.py", "options.py", "demo.py", "__main__.py"}
+    flag = re.compile(r"(?<![-\w])--[a-z][a-z-]+")
+    found = [
+        f"{path.relative_to(package)}: {text!r}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name not in command
+        for text in _message_strings(ast.parse(path.read_text()))
+        if flag.search(text)
+    ]
+    assert found == []

@@ -246,9 +246,12 @@ async def test_another_run_is_refused(factory: Factory) -> None:
         account=SPEC.account,
     )
     async with factory() as journal:
-        with pytest.raises(JournalMismatchError, match=r"collection 'Orders'.*--fresh") as caught:
+        with pytest.raises(
+            JournalMismatchError, match=r"collection 'Orders'.*fresh=True"
+        ) as caught:
             await journal.open(other)
     assert "collection" in str(caught.value)
+    assert "--" not in str(caught.value)  # the library names settings; the command adds flags
     async with factory() as journal:
         state = await journal.open(SPEC)
     assert len(state.unfinished) == 1

@@ -435,7 +435,8 @@ def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:
     ]
     return (
         f"this journal belongs to another run ({theirs.describe()}; differs in "
-        f"{', '.join(differs)}); use another --journal or --fresh"
+        f"{', '.join(differs)}); use another journal, or open this one with fresh=True to "
+        "start over"
     )
 
 
