@@ -286,7 +286,7 @@ async def _execute_async(job: _Job) -> int:
             journal = await stack.enter_async_context(SqliteJournal(job.journal))
         except JournalError as error:
             return _fail(_explain(error), EXIT_USAGE)
-        orchestrator = Orchestrator(InsightClient(job.client), job.settings)
+        orchestrator = Orchestrator(InsightClient(job.client), settings=job.settings)
         await stack.enter_async_context(orchestrator)
         display = ProgressDisplay(stats, enabled=job.progress)
         await stack.enter_async_context(display)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 from urllib.parse import quote
 
 import aiohttp
@@ -46,6 +46,7 @@ from orchestrator.errors import (
     TransientError,
     TransportError,
 )
+from orchestrator.settings import Duration, seconds
 from orchestrator.wire import ImportStatus, SubmitReceipt, _parse_status, parse_error_body
 
 __all__ = [
@@ -75,21 +76,12 @@ _EPOCH_THRESHOLD: Final = 10**6
 _MAX_DESCRIPTION_CHARS: Final = 300
 
 
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 if positive else value >= 0)
-    ):
-        return
-    bound = "> 0" if positive else ">= 0"
-    raise ConfigError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """How one API call is retried: capped, jittered, bounded by attempts and by total time.
+
+    Keyword-only; every duration is a float of seconds or a :class:`datetime.timedelta`, held as
+    float seconds.
 
     Args:
         attempts: tries per call, the first one included (>= 1).
@@ -106,17 +98,29 @@ class RetryPolicy:
     wait_max: float = 30.0
     wait_jitter: float = 1.0
 
+    if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
+
+        def __init__(
+            self,
+            *,
+            attempts: int = ...,
+            timeout: Duration = ...,
+            wait_initial: Duration = ...,
+            wait_max: Duration = ...,
+            wait_jitter: Duration = ...,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
             raise ConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
         if self.attempts < 1:
             raise ConfigError(f"attempts must be >= 1 (1 = no retry), got {self.attempts}")
-        _check_seconds("timeout", self.timeout, positive=True)
+        object.__setattr__(self, "timeout", seconds("timeout", self.timeout, positive=True))
         for name in ("wait_initial", "wait_max", "wait_jitter"):
-            _check_seconds(name, getattr(self, name), positive=False)
+            object.__setattr__(self, name, seconds(name, getattr(self, name)))
 
     @classmethod
-    def immediate(cls, *, attempts: int = 8, timeout: float = 30.0) -> RetryPolicy:
+    def immediate(cls, *, attempts: int = 8, timeout: Duration = 30.0) -> RetryPolicy:
         """A policy that retries without any backoff, for tests and the simulator.
 
         Args:
@@ -131,6 +135,9 @@ class RetryPolicy:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientSettings:
     """Where and as whom the client calls the API; the password never shows in a repr or message.
+
+    Keyword-only; ``request_timeout`` and ``connect_timeout`` are a float of seconds or a
+    :class:`datetime.timedelta`, held as float seconds.
 
     Args:
         username: the API user (``apiuser-…@apiconnector.com``).
@@ -152,6 +159,21 @@ class ClientSettings:
     connect_timeout: float = 15.0
     retry: RetryPolicy = RetryPolicy()
 
+    if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
+
+        def __init__(
+            self,
+            *,
+            username: str,
+            password: str,
+            base_url: str | None = ...,
+            region: str = ...,
+            integration_token: str | None = ...,
+            request_timeout: Duration = ...,
+            connect_timeout: Duration = ...,
+            retry: RetryPolicy = ...,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         if not isinstance(self.username, str) or not self.username:
             raise ConfigError("username is empty: set DOTDIGITAL_API_USER to the API user's name")
@@ -168,8 +190,8 @@ class ClientSettings:
                 f"base_url must start with https:// (or http:// for a local simulator), "
                 f"got {self.base_url!r}"
             )
-        _check_seconds("request_timeout", self.request_timeout, positive=True)
-        _check_seconds("connect_timeout", self.connect_timeout, positive=True)
+        for name in ("request_timeout", "connect_timeout"):
+            object.__setattr__(self, name, seconds(name, getattr(self, name), positive=True))
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
 

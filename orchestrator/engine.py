@@ -130,7 +130,7 @@ class Orchestrator:
         settings: batching, slot and polling settings (production defaults when omitted).
     """
 
-    def __init__(self, client: InsightClient, settings: Settings | None = None) -> None:
+    def __init__(self, client: InsightClient, *, settings: Settings | None = None) -> None:
         self.client = client
         self.settings = settings if settings is not None else Settings()
         self._slots = asyncio.Semaphore(self.settings.max_concurrent)
