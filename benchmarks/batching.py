@@ -17,7 +17,8 @@ import orjson
 
 from benchmarks._data import best_of, record_section
 from orchestrator.batching import Batch, BatchAssembler
-from orchestrator.records import Collection, EncodedRecord, Scope, Source, encode_line
+from orchestrator.provenance import Source
+from orchestrator.records import Collection, EncodedRecord, Scope, encode_line
 from orchestrator.sample import generate_orders
 
 TITLE = "Batch assembly (benchmarks.batching)"

@@ -91,7 +91,7 @@ async def _ours(path: Path, base_url: str, settings: Settings, journal_dir: Path
     )
     async with (
         SqliteJournal(journal_dir / "journal.sqlite") as journal,
-        Orchestrator(client, settings) as orch,
+        Orchestrator(client, settings=settings) as orch,
     ):
         start = time.monotonic()
         result = await orch.import_files(COLLECTION, [str(path)], journal=journal)

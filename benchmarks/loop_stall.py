@@ -73,7 +73,7 @@ async def _during_import(
     stop = asyncio.Event()
     async with (
         SqliteJournal(journal_dir / "journal.sqlite") as journal,
-        Orchestrator(client, settings) as orch,
+        Orchestrator(client, settings=settings) as orch,
     ):
         task = asyncio.create_task(_ticker(lateness, stop))
         start = time.monotonic()

@@ -100,7 +100,7 @@ def load_accounts(
             document = tomllib.load(handle)
     except OSError as error:
         raise ConfigError(
-            f"accounts file {file}: cannot read it: {error.strerror or error}; check --accounts "
+            f"accounts file {file}: cannot read it: {error.strerror or error}; check the accounts file path "
             f"(or {ACCOUNTS_ENV})"
         ) from None
     except tomllib.TOMLDecodeError as error:

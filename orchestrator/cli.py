@@ -31,13 +31,13 @@ import structlog
 from orchestrator.client import ClientSettings, InsightClient
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
-    ApiError,
     AuthenticationError,
+    BodyTooLargeError,
     ConfigError,
     ForbiddenError,
     InputError,
     JournalError,
-    JournalMismatch,
+    JournalMismatchError,
     OrchestratorError,
 )
 from orchestrator.journal import InputProgress, RecordedRun, RunSpec, SqliteJournal, account_id
@@ -178,6 +178,30 @@ def _tune_malloc() -> None:
 def _fail(message: str, code: int) -> int:
     print(f"insight-import: error: {message}", file=sys.stderr)
     return code
+
+
+# The library's messages name its settings (fresh=True, max_body_bytes); the command says which
+# of its flags set them. The first matching class wins, so subclasses come first.
+_HINTS: tuple[tuple[type[OrchestratorError], str], ...] = (
+    (
+        JournalMismatchError,
+        "--fresh starts over and imports every input anew; --journal PATH uses another journal",
+    ),
+    (JournalError, "--journal PATH uses another journal file"),
+    (
+        ForbiddenError,
+        "--region r1|r2|r3 picks the account's region; --base-url URL an explicit API root",
+    ),
+    (BodyTooLargeError, "--max-body-bytes N lowers the cap on one request body"),
+)
+
+
+def _explain(error: OrchestratorError) -> str:
+    """The error's message, followed by the flag that fixes it when there is one."""
+    for kind, hint in _HINTS:
+        if isinstance(error, kind):
+            return f"{error}\n  hint: {hint}"
+    return str(error)
 
 
 # --------------------------------------------------------------------------- run
@@ -569,15 +593,15 @@ async def _execute_async(job: _Job) -> int:
             journal = await stack.enter_async_context(SqliteJournal(job.journal))
             plan = await _plan(job, journal)
             if plan.mismatch is not None:
-                return _fail(plan.mismatch, EXIT_USAGE)
+                return _fail(_explain(JournalMismatchError(plan.mismatch)), EXIT_USAGE)
             await journal.open(plan.spec, fresh=plan.fresh, start_after=plan.start_after)
         except JournalError as error:
-            return _fail(str(error), EXIT_USAGE)
+            return _fail(_explain(error), EXIT_USAGE)
         except InputError as error:
-            return _fail(str(error), EXIT_USAGE)
+            return _fail(_explain(error), EXIT_USAGE)
         for note in plan.notes:
             print(f"insight-import: {note}", flush=True)
-        orchestrator = Orchestrator(InsightClient(job.client), job.settings)
+        orchestrator = Orchestrator(InsightClient(job.client), settings=job.settings)
         await stack.enter_async_context(orchestrator)
         display = ProgressDisplay(stats, enabled=job.progress)
         await stack.enter_async_context(display)
@@ -604,13 +628,15 @@ async def _execute_async(job: _Job) -> int:
                     result = await orchestrator.import_files(
                         job.collection, job.inputs, journal=journal, stats=stats
                     )
-                except (JournalMismatch, InputError) as error:
-                    code = _fail(str(error), EXIT_USAGE)
+                except (JournalMismatchError, InputError) as error:
+                    code = _fail(_explain(error), EXIT_USAGE)
                 except (AuthenticationError, ForbiddenError) as error:
-                    code = _fail(str(error), EXIT_ABORTED)
+                    code = _fail(_explain(error), EXIT_ABORTED)
                 except OrchestratorError as error:
                     log.error("run.aborted", error=str(error), error_type=type(error).__name__)
-                    code = _fail(f"{error}; re-run the same command to resume", EXIT_ABORTED)
+                    code = _fail(
+                        _explain(error) + "\n  re-run the same command to resume", EXIT_ABORTED
+                    )
                 finally:
                     with anyio.CancelScope(shield=True):
                         await display.stop()
@@ -826,9 +852,7 @@ def _main_status(args: argparse.Namespace) -> int:
 
     try:
         answer = anyio.run(fetch)
-    except (AuthenticationError, ForbiddenError) as error:
-        return _fail(str(error), EXIT_ABORTED)
-    except ApiError as error:
-        return _fail(str(error), EXIT_ABORTED)
+    except OrchestratorError as error:  # an API answer, or no answer at all
+        return _fail(_explain(error), EXIT_ABORTED)
     sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import enum
 import math
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -36,7 +35,6 @@ from aiohttp.abc import AbstractStreamWriter
 from orchestrator.errors import (
     AccountFullError,
     ApiError,
-    ApiErrorDetail,
     AuthenticationError,
     BadRequestError,
     BodyTooLargeError,
@@ -44,20 +42,20 @@ from orchestrator.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    ServerError,
     TransientError,
+    TransportError,
 )
+from orchestrator.settings import Duration, seconds
+from orchestrator.wire import ImportStatus, SubmitReceipt, _parse_status, parse_error_body
+
+_E = TypeVar("_E", bound=ApiError)
 
 __all__ = [
     "REGIONS",
     "ClientSettings",
-    "ImportState",
-    "ImportStatus",
-    "ImportSummary",
     "InsightClient",
-    "RecordFailure",
     "RetryPolicy",
-    "SubmitReceipt",
-    "parse_error_body",
 ]
 
 _log = structlog.get_logger()
@@ -79,36 +77,13 @@ _EPOCH_THRESHOLD: Final = 10**6
 # An API description is short prose; cap what goes into a message anyway.
 _MAX_DESCRIPTION_CHARS: Final = 300
 
-_SUCCESS_WORDS: Final = frozenset({"Finished", "Complete"})
-_FAILURE_WORDS: Final = frozenset(
-    {
-        "Failed",
-        "RejectedByWatchdog",
-        "InvalidFileFormat",
-        "Unknown",
-        "ExceedsAllowedContactLimit",
-        "NotAvailableInThisVersion",
-    }
-)
-_RUNNING_WORDS: Final = frozenset({"NotStarted", "Processing"})
-_unknown_words_seen: set[str] = set()
-
-
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 if positive else value >= 0)
-    ):
-        return
-    bound = "> 0" if positive else ">= 0"
-    raise ConfigError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """How one API call is retried: capped, jittered, bounded by attempts and by total time.
+
+    Keyword-only; every duration is a float of seconds or a :class:`datetime.timedelta`, held as
+    float seconds.
 
     Args:
         attempts: tries per call, the first one included (>= 1).
@@ -125,17 +100,29 @@ class RetryPolicy:
     wait_max: float = 30.0
     wait_jitter: float = 1.0
 
+    if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
+
+        def __init__(
+            self,
+            *,
+            attempts: int = ...,
+            timeout: Duration = ...,
+            wait_initial: Duration = ...,
+            wait_max: Duration = ...,
+            wait_jitter: Duration = ...,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
             raise ConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
         if self.attempts < 1:
             raise ConfigError(f"attempts must be >= 1 (1 = no retry), got {self.attempts}")
-        _check_seconds("timeout", self.timeout, positive=True)
+        object.__setattr__(self, "timeout", seconds("timeout", self.timeout, positive=True))
         for name in ("wait_initial", "wait_max", "wait_jitter"):
-            _check_seconds(name, getattr(self, name), positive=False)
+            object.__setattr__(self, name, seconds(name, getattr(self, name)))
 
     @classmethod
-    def immediate(cls, *, attempts: int = 8, timeout: float = 30.0) -> RetryPolicy:
+    def immediate(cls, *, attempts: int = 8, timeout: Duration = 30.0) -> RetryPolicy:
         """A policy that retries without any backoff, for tests and the simulator.
 
         Args:
@@ -150,6 +137,9 @@ class RetryPolicy:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientSettings:
     """Where and as whom the client calls the API; the password never shows in a repr or message.
+
+    Keyword-only; ``request_timeout`` and ``connect_timeout`` are a float of seconds or a
+    :class:`datetime.timedelta`, held as float seconds.
 
     Args:
         username: the API user (``apiuser-…@apiconnector.com``).
@@ -171,6 +161,21 @@ class ClientSettings:
     connect_timeout: float = 15.0
     retry: RetryPolicy = RetryPolicy()
 
+    if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
+
+        def __init__(
+            self,
+            *,
+            username: str,
+            password: str,
+            base_url: str | None = ...,
+            region: str = ...,
+            integration_token: str | None = ...,
+            request_timeout: Duration = ...,
+            connect_timeout: Duration = ...,
+            retry: RetryPolicy = ...,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         if not isinstance(self.username, str) or not self.username:
             raise ConfigError("username is empty: set DOTDIGITAL_API_USER to the API user's name")
@@ -187,8 +192,8 @@ class ClientSettings:
                 f"base_url must start with https:// (or http:// for a local simulator), "
                 f"got {self.base_url!r}"
             )
-        _check_seconds("request_timeout", self.request_timeout, positive=True)
-        _check_seconds("connect_timeout", self.connect_timeout, positive=True)
+        for name in ("request_timeout", "connect_timeout"):
+            object.__setattr__(self, name, seconds(name, getattr(self, name), positive=True))
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
 
@@ -231,178 +236,6 @@ class ClientSettings:
         if self.base_url is not None:
             return self.base_url.rstrip("/")
         return REGIONS[self.region]
-
-
-class ImportState(enum.Enum):
-    """Where an import stands, folded from the API's open set of status words."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class ImportSummary:
-    """The counts a finished import reports."""
-
-    total_records: int
-    total_imported: int
-    total_rejected: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordFailure:
-    """One record the API rejected; the record's contents (``json``) are deliberately dropped.
-
-    Args:
-        key: the record's key, when the API named it.
-        reason: the API's ``failureReason`` (an open set of words, e.g. ``DuplicateKey``).
-        details: the API's detail strings.
-        contact_identity: ``(identifier, value)`` for a contact-scope record.
-    """
-
-    key: str | None
-    reason: str
-    details: tuple[str, ...]
-    contact_identity: tuple[str, str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class ImportStatus:
-    """One status answer of an import.
-
-    Args:
-        import_id: the import's id.
-        status: the raw status word the API sent.
-        state: that word folded into running / succeeded / failed.
-        summary: the counts, once the import is finished.
-        failures: the per-record failures, once the import is finished.
-    """
-
-    import_id: str
-    status: str
-    state: ImportState
-    summary: ImportSummary | None
-    failures: tuple[RecordFailure, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitReceipt:
-    """What a successful bulk import submit returned, and what it took.
-
-    Args:
-        import_id: the id the API gave the import.
-        attempts: PUT attempts made (``attempts - 1`` were re-sends).
-        lost_responses: attempts whose answer was lost after the body was fully sent; each may
-            have started a stray import that holds an account slot until it finishes.
-    """
-
-    import_id: str
-    attempts: int
-    lost_responses: int
-
-
-def import_state(word: str) -> ImportState:
-    """Fold an API status word into an :class:`ImportState`; unknown words count as running.
-
-    Args:
-        word: the ``status`` of a status answer.
-    """
-    if word in _SUCCESS_WORDS:
-        return ImportState.SUCCEEDED
-    if word in _FAILURE_WORDS:
-        return ImportState.FAILED
-    if word not in _RUNNING_WORDS and word not in _unknown_words_seen:
-        _unknown_words_seen.add(word)
-        _log.warning("status.unknown_word", status=word)
-    return ImportState.RUNNING
-
-
-def parse_error_body(raw: bytes) -> tuple[str | None, str | None, tuple[ApiErrorDetail, ...]]:
-    """Read ``(errorCode, description, details)`` from an API error body, whatever it holds.
-
-    Both documented detail shapes are read (``{"item", "description"}`` and ``{"item",
-    "error"}``); a body that is not JSON, or not the expected shape, yields ``None``/empty parts.
-
-    Args:
-        raw: the answer's body bytes.
-    """
-    try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        return None, None, ()
-    if not isinstance(data, dict):
-        return None, None, ()
-    code = data.get("errorCode")
-    description = data.get("description", data.get("message"))
-    details: list[ApiErrorDetail] = []
-    raw_details = data.get("details")
-    if isinstance(raw_details, list):
-        for entry in raw_details:
-            if isinstance(entry, dict):
-                item = entry.get("item")
-                text = entry.get("description", entry.get("error"))
-                details.append(
-                    ApiErrorDetail(
-                        item=str(item) if item is not None else None,
-                        description=str(text) if text is not None else None,
-                    )
-                )
-            elif isinstance(entry, str):
-                details.append(ApiErrorDetail(item=None, description=entry))
-    return (
-        str(code) if code is not None else None,
-        str(description) if description is not None else None,
-        tuple(details),
-    )
-
-
-def _parse_status(import_id: str, data: object) -> ImportStatus:
-    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
-        raise ApiError(
-            f"the status answer of import {import_id} has no status word; "
-            "check the base URL points at the Insight data API",
-            status=200,
-        )
-    word: str = data["status"]
-    summary = None
-    raw_summary = data.get("summary")
-    if isinstance(raw_summary, dict):
-        summary = ImportSummary(
-            total_records=int(raw_summary.get("totalRecords") or 0),
-            total_imported=int(raw_summary.get("totalImported") or 0),
-            total_rejected=int(raw_summary.get("totalRejected") or 0),
-        )
-    failures: list[RecordFailure] = []
-    raw_failures = data.get("failures")
-    if isinstance(raw_failures, list):
-        for entry in raw_failures:
-            if isinstance(entry, dict):
-                failures.append(_parse_failure(entry))
-    return ImportStatus(
-        import_id=str(data.get("importId") or import_id),
-        status=word,
-        state=import_state(word),
-        summary=summary,
-        failures=tuple(failures),
-    )
-
-
-def _parse_failure(entry: dict[str, Any]) -> RecordFailure:
-    key = entry.get("key")
-    details = entry.get("details")
-    identity = None
-    owner = entry.get("collectionOwner")
-    if isinstance(owner, dict):
-        contact = owner.get("contactIdentity")
-        if isinstance(contact, dict) and "identifier" in contact and "value" in contact:
-            identity = (str(contact["identifier"]), str(contact["value"]))
-    return RecordFailure(
-        key=str(key) if key is not None else None,
-        reason=str(entry.get("failureReason") or "Unknown"),
-        details=tuple(str(d) for d in details) if isinstance(details, list) else (),
-        contact_identity=identity,
-    )
 
 
 def _rate_limit_wait(headers: Mapping[str, str]) -> float | None:
@@ -565,7 +398,8 @@ class InsightClient:
             BadRequestError: the API refused the body as a whole.
             BodyTooLargeError: the body is over the API's size limit.
             RateLimitedError: rate limited beyond the retry budget.
-            TransientError: 5xx / connection failures outlived the retry budget.
+            ServerError: 5xx answers outlived the retry budget (a TransientError).
+            TransportError: no answer (resets, timeouts) within the retry budget.
         """
         answer, state = await self._call("PUT", IMPORT_PATH, body=body)
         data = answer.data
@@ -666,47 +500,36 @@ class InsightClient:
                             )
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
-        except ApiError as exc:
-            exc.calls = state.attempts + state.hidden_sends
-            if isinstance(exc, TransientError):
-                raise self._budget_spent(method, path, policy.timeout, state, exc) from exc
-            if isinstance(exc, RateLimitedError):
-                raise self._rate_limit_beyond(method, path, policy.timeout, state, exc) from exc
-            raise
+        except ServerError as exc:
+            raise _counted(
+                ServerError(
+                    _exhausted(method, path, state, policy, exc),
+                    status=exc.status,
+                    error_code=exc.error_code,
+                    description=exc.description,
+                    details=exc.details,
+                ),
+                state,
+            ) from exc
+        except TransportError as exc:
+            raise TransportError(_exhausted(method, path, state, policy, exc)) from exc
+        except RateLimitedError as exc:
+            raise _counted(
+                RateLimitedError(
+                    f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
+                    f"the API asks to wait {exc.retry_after:g} s, beyond the call's budget of "
+                    f"{policy.timeout:g} s: lower the call rate or wait, then retry",
+                    retry_after=exc.retry_after,
+                    status=exc.status,
+                    error_code=exc.error_code,
+                    description=exc.description,
+                    details=exc.details,
+                ),
+                state,
+            ) from exc
+        except ApiError as exc:  # not retried: the caller decides (account full, 4xx)
+            raise _counted(exc, state) from None
         raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _budget_spent(
-        method: str, path: str, timeout: float, state: _CallState, exc: TransientError
-    ) -> TransientError:
-        error = TransientError(
-            f"{method} {path} failed {state.attempts} time(s) within "
-            f"{timeout:g} s, last: {exc}; the API or the network is unwell: "
-            "try again later",
-            status=exc.status,
-            error_code=exc.error_code,
-            description=exc.description,
-            details=exc.details,
-        )
-        error.calls = exc.calls
-        return error
-
-    @staticmethod
-    def _rate_limit_beyond(
-        method: str, path: str, timeout: float, state: _CallState, exc: RateLimitedError
-    ) -> RateLimitedError:
-        error = RateLimitedError(
-            f"{method} {path} is rate limited (after {state.attempts} attempt(s)); "
-            f"the API asks to wait {exc.retry_after:g} s, beyond the call's budget of "
-            f"{timeout:g} s: lower the call rate or wait, then retry",
-            retry_after=exc.retry_after,
-            status=exc.status,
-            error_code=exc.error_code,
-            description=exc.description,
-            details=exc.details,
-        )
-        error.calls = exc.calls
-        return error
 
     async def _once(
         self,
@@ -755,7 +578,7 @@ class InsightClient:
                 attempt=state.attempts,
                 reason=reason,
             )
-            raise TransientError(f"{method} {path}: {reason}", status=0) from exc
+            raise TransportError(f"{method} {path}: {reason}") from exc
         self._count_sends(tracker, state, body)
         if 200 <= status < 300:
             try:
@@ -838,7 +661,7 @@ class InsightClient:
             )
         if status >= 500:
             state.last_reason = f"server error {status}"
-            return TransientError(what, **fields)
+            return ServerError(what, **fields)
         if status == 401:
             return AuthenticationError(
                 f"{what}; the API user or password was refused: check DOTDIGITAL_API_USER and "
@@ -848,7 +671,7 @@ class InsightClient:
         if status == 403:
             return ForbiddenError(
                 f"{what}; access denied by {self.settings.api_root}: wrong region? the account "
-                "may live on another regional host: check --region / --base-url (the "
+                "may live on another regional host: check the region / base_url settings (the "
                 "ApiEndpoint of /v2/account-info names the right one)",
                 **fields,
             )
@@ -867,6 +690,21 @@ class InsightClient:
                 **fields,
             )
         return ApiError(f"{what}; unexpected answer", **fields)
+
+
+def _exhausted(
+    method: str, path: str, state: _CallState, policy: RetryPolicy, last: Exception
+) -> str:
+    return (
+        f"{method} {path} failed {state.attempts} time(s) within {policy.timeout:g} s, "
+        f"last: {last}; the API or the network is unwell: try again later"
+    )
+
+
+def _counted(error: _E, state: _CallState) -> _E:
+    """``error`` with the requests its call sent (retries included), as the API saw them."""
+    error.calls = state.attempts + state.hidden_sends
+    return error
 
 
 def _fully_sent(tracker: aiohttp.UploadTracker) -> bool:

@@ -69,7 +69,7 @@ class Orchestrator:
         settings: batching, slot and polling settings (production defaults when omitted).
     """
 
-    def __init__(self, client: InsightClient, settings: Settings | None = None) -> None:
+    def __init__(self, client: InsightClient, *, settings: Settings | None = None) -> None:
         self.client = client
         self.settings = settings if settings is not None else Settings()
         self._slots = LocalSlotGate(self.settings.max_concurrent)

@@ -21,15 +21,15 @@ import orjson
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from orchestrator.chunks import RecordRun
 from orchestrator.errors import RecordError
 from orchestrator.parsing import ChunkParser, Started
+from orchestrator.provenance import Source
 from orchestrator.records import (
     Collection,
     EncodedRecord,
-    RecordRun,
     RejectedRecord,
     Scope,
-    Source,
     encode_line,
     encode_record,
 )

@@ -29,8 +29,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator import failpoints
-from orchestrator.batching import Batch, RecordRefs, record_spans, split_batch
-from orchestrator.client import ImportState, ImportStatus, InsightClient, SubmitReceipt
+from orchestrator.batching import Batch, record_spans, split_batch
+from orchestrator.client import InsightClient
 from orchestrator.errors import (
     AccountFullError,
     ApiError,
@@ -44,8 +44,10 @@ from orchestrator.journal import BatchPhase, DeadLetter, Journal, NewBatch, Stor
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import PollPlanner
 from orchestrator.records import Collection
+from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings
 from orchestrator.slots import SlotGate
+from orchestrator.wire import ImportState, ImportStatus, SubmitReceipt
 
 __all__ = ["BatchTask", "ByteBudget", "Downstream", "InFlight", "OutcomeSink", "identity_hashes"]
 

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from orchestrator.records import EncodedLines, encode_chunk
+from orchestrator.chunks import EncodedLines, encode_chunk
 
 __all__ = ["init", "parse_bytes", "parse_spooled"]
 

@@ -3,7 +3,7 @@
 ``orjson.loads`` holds the GIL, so threads cannot parse in parallel; processes can. A chunk's bytes
 reach a worker through a spool file in shared memory (``/dev/shm`` where it exists): sending them
 down a pipe costs about as much as parsing them. Only the columns come back (keys, contacts, line
-numbers; see ``records.EncodedLines``); the body segment stays in the spool, where the parent
+numbers; see ``chunks.EncodedLines``); the body segment stays in the spool, where the parent
 takes it as a view: the chunk itself when every line is a clean record, else the segment the
 worker wrote over it.
 
@@ -30,7 +30,7 @@ import anyio.to_thread
 import structlog
 
 from orchestrator import parse_worker
-from orchestrator.records import EncodedLines, encode_chunk
+from orchestrator.chunks import EncodedLines, encode_chunk
 from orchestrator.sources import LineChunk
 
 __all__ = ["PROCESS_AFTER", "ChunkParser", "default_processes"]

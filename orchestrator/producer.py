@@ -27,12 +27,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from orchestrator import failpoints
 from orchestrator.batching import Batch, BatchAssembler
-from orchestrator.errors import JournalMismatch, RecordError
+from orchestrator.chunks import RecordRun
+from orchestrator.errors import JournalMismatchError, RecordError
 from orchestrator.inputs import Chunk, RecordInput
 from orchestrator.journal import DeadLetter, InputProgress, Journal, NewBatch, StoredBatch
 from orchestrator.lifecycle import BatchTask, InFlight, OutcomeSink
 from orchestrator.outcomes import ImportOutcome, RunStats
-from orchestrator.records import Collection, EncodedRecord, RecordRun, RejectedRecord
+from orchestrator.records import Collection, EncodedRecord, RejectedRecord
 from orchestrator.settings import Settings
 from orchestrator.slots import SlotGate
 
@@ -125,7 +126,7 @@ class Producer:
         """Read every input from where the journal left it, then seal what is left.
 
         Raises:
-            JournalMismatch: an input's first lines differ from what the journal recorded.
+            JournalMismatchError: an input's first lines differ from what the journal recorded.
         """
         for index, source in enumerate(inputs):
             done = progress[index] if index < len(progress) else None
@@ -134,10 +135,10 @@ class Producer:
                 # since would otherwise mix old and new records silently.
                 digest = await source.skip(done.lines)
                 if digest and done.digest and digest != done.digest:
-                    raise JournalMismatch(
+                    raise JournalMismatchError(
                         f"{source.origin} changed since the journal recorded its first "
-                        f"{done.lines} lines; start the run afresh to import it anew, or restore "
-                        "the original input to resume"
+                        f"{done.lines} lines; run again with fresh=True to import it anew, or "
+                        "restore the original input to resume"
                     )
             if done is not None and done.done:
                 continue

@@ -1,23 +1,76 @@
-"""The engine's settings: one frozen object with production defaults, validated on creation."""
+"""The engine's settings: one frozen object with production defaults, validated on creation.
+
+Every duration is given as a ``float`` of seconds or a :class:`datetime.timedelta`, and held as
+float seconds (:func:`seconds` does that for the client's settings too).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeAlias
 
 from orchestrator.errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Duration", "Settings", "seconds"]
+
+#: What a duration setting accepts: seconds as a number, or a timedelta.
+Duration: TypeAlias = float | timedelta
 
 #: The API's documented body cap ("50 MB"), read as 50,000,000 bytes of body as sent.
 API_MAX_BODY_BYTES = 50_000_000
 #: The API's documented limit of concurrent bulk imports per account.
 API_MAX_CONCURRENT = 5
 
+_DURATIONS = ("poll_min", "poll_max", "account_full_wait", "linger")
+_COUNTS = (
+    "max_concurrent",
+    "max_body_bytes",
+    "max_resubmits",
+    "max_account_full_waits",
+    "status_error_budget",
+    "max_upload_bytes",
+    "parse_processes",
+)
+_OPTIONAL = ("max_account_full_waits", "parse_processes")  # None has a meaning
+
+
+def seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """A duration setting as float seconds, or ``ConfigError`` naming the setting.
+
+    Args:
+        name: the setting's name, for the message.
+        value: a number of seconds or a :class:`datetime.timedelta`.
+        positive: whether 0 is refused too.
+    """
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    ):
+        return float(value)
+    bound = "> 0" if positive else ">= 0"
+    raise ConfigError(
+        f"{name} must be a finite number of seconds {bound} or a timedelta, got {value!r}"
+    )
+
+
+def _whole(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name} must be a whole number, got {value!r}")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """How the engine batches, submits and polls; the defaults are the API's documented limits.
+
+    Keyword-only. A duration (``poll_min``, ``poll_max``, ``account_full_wait``, ``linger``)
+    is a float of seconds or a :class:`datetime.timedelta`; it is held as float seconds.
 
     Args:
         max_concurrent: bulk imports in flight per account (the API allows 5).
@@ -59,7 +112,31 @@ class Settings:
     max_upload_bytes: int = 60_000_000
     parse_processes: int | None = 0
 
+    if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
+
+        def __init__(
+            self,
+            *,
+            max_concurrent: int = ...,
+            max_body_bytes: int = ...,
+            poll_min: Duration = ...,
+            poll_max: Duration = ...,
+            max_resubmits: int = ...,
+            account_full_wait: Duration = ...,
+            max_account_full_waits: int | None = ...,
+            linger: Duration = ...,
+            status_error_budget: int = ...,
+            max_upload_bytes: int = ...,
+            parse_processes: int | None = ...,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
+        for name in _DURATIONS:
+            object.__setattr__(self, name, seconds(name, getattr(self, name)))
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                _whole(name, value)
         if not 1 <= self.max_concurrent <= 100:
             raise ConfigError(
                 f"max_concurrent must be between 1 and 100, got {self.max_concurrent}; "
@@ -70,10 +147,6 @@ class Settings:
                 f"max_body_bytes must be between 256 and {API_MAX_BODY_BYTES} "
                 f"(the API's limit), got {self.max_body_bytes}"
             )
-        for name in ("poll_min", "poll_max", "account_full_wait", "linger"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         if self.poll_max < self.poll_min:
             raise ConfigError(
                 f"poll_max ({self.poll_max}) must be at least poll_min ({self.poll_min})"
@@ -100,6 +173,9 @@ class Settings:
         Args:
             factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s.
             overrides: any other field.
+
+        Raises:
+            ConfigError: an override names no setting, or a value is invalid.
         """
         base = cls()
         values: dict[str, object] = {
@@ -109,4 +185,7 @@ class Settings:
             "linger": base.linger * factor,
         }
         values.update(overrides)
+        unknown = sorted(set(values) - {field.name for field in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)  # type: ignore[arg-type]

@@ -134,5 +134,5 @@ def test_a_broken_file_is_a_config_error(tmp_path: Path, text: str, message: str
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A file that is not there names itself and the option."""
-    with pytest.raises(ConfigError, match=r"cannot read it.*--accounts"):
+    with pytest.raises(ConfigError, match=r"cannot read it.*accounts file path"):
         load_accounts(tmp_path / "nope.toml", environ=ENV)

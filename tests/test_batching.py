@@ -8,23 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
-from orchestrator.batching import (
-    Batch,
-    BatchAssembler,
-    RecordRef,
-    RecordRefs,
-    record_spans,
-    split_batch,
-)
-from orchestrator.records import (
-    Collection,
-    EncodedRecord,
-    Scope,
-    Source,
-    encode_chunk,
-    encode_line,
-    encode_record,
-)
+from orchestrator.batching import Batch, BatchAssembler, record_spans, split_batch
+from orchestrator.chunks import encode_chunk
+from orchestrator.provenance import Source
+from orchestrator.records import Collection, EncodedRecord, Scope, encode_line, encode_record
+from orchestrator.refs import RecordRef, RecordRefs
 
 ACCOUNT = Collection("Orders")
 CONTACT = Collection("Orders", scope=Scope.CONTACT)

@@ -328,6 +328,7 @@ def test_an_unusable_journal_is_a_clear_error_before_any_import(
     done = run_cli("run", str(data), *args, "--scope", "contact")
     assert done.returncode == 2, done.stderr.decode()
     assert str(blocker).encode() in done.stderr
+    assert b"pass another --journal" in done.stderr
     assert simulator_process.records("CliJournal") == []
 
 
@@ -584,3 +585,18 @@ def test_the_report_holds_inputs_start_exit_status_and_reasons(
     assert len(entry["fingerprint"]) == 32
     assert report["dead_letter_file"] == str(tmp_path / "dead-letter.jsonl")
     assert report["dead_letters_by_reason"] == {"json-syntax": 2, "ContactEmailDoesNotExist": 1}
+
+
+def test_a_journal_of_another_run_hints_at_fresh_and_journal(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """Reusing a journal for another collection exits 2; the command names --fresh and --journal."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(3))
+    first = run_cli("run", str(data), *fast_run_args(simulator_process, tmp_path, "CliFirst"))
+    assert first.returncode == 0, first.stderr.decode()
+    done = run_cli("run", str(data), *fast_run_args(simulator_process, tmp_path, "CliOther"))
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"fresh=True" in done.stderr  # the library's words
+    assert b"hint: --fresh starts over" in done.stderr  # and the command's flags
+    assert b"--journal PATH" in done.stderr
+    assert simulator_process.records("CliOther") == []

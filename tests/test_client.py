@@ -22,13 +22,9 @@ from structlog.testing import capture_logs
 from orchestrator.client import (
     REGIONS,
     ClientSettings,
-    ImportState,
-    ImportStatus,
     InsightClient,
     RetryPolicy,
     _rate_limit_wait,
-    import_state,
-    parse_error_body,
 )
 from orchestrator.errors import (
     AccountFullError,
@@ -41,9 +37,12 @@ from orchestrator.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    ServerError,
     TransientError,
+    TransportError,
 )
 from orchestrator.simulator import Simulator, SimulatorConfig
+from orchestrator.wire import ImportState, ImportStatus, import_state, parse_error_body
 from tests.conftest import sim_client_settings
 
 PASSWORD = "s3cret-Pa55word"
@@ -197,22 +196,23 @@ async def test_server_errors_are_retried(sim: Simulator) -> None:
 
 
 @pytest.mark.anyio
-async def test_server_errors_beyond_attempts_raise_transient(sim: Simulator) -> None:
-    """5xx answers outliving the attempts raise TransientError with the last status and code."""
+async def test_server_errors_beyond_attempts_raise_server_error(sim: Simulator) -> None:
+    """5xx answers outliving the attempts raise ServerError with the last status and code."""
     sim.faults.server_errors = 5
     settings = settings_for(sim, retry=RetryPolicy.immediate(attempts=2))
     async with InsightClient(settings) as client:
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(ServerError) as caught:
             await client.import_status(str(uuid.uuid4()))
         assert client.calls == 2
+    assert isinstance(caught.value, TransientError)
     assert caught.value.status == 502
     assert caught.value.error_code == "badGateway"
     assert "2 time(s)" in str(caught.value)
 
 
 @pytest.mark.anyio
-async def test_connection_refused_raises_transient_with_status_zero(anyio_backend: str) -> None:
-    """A port nobody listens on fails every attempt with status 0 and no lost response."""
+async def test_connection_refused_raises_transport_error(anyio_backend: str) -> None:
+    """A port nobody listens on fails every attempt with a TransportError, not an ApiError."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -223,10 +223,11 @@ async def test_connection_refused_raises_transient_with_status_zero(anyio_backen
         retry=RetryPolicy.immediate(attempts=3),
     )
     async with InsightClient(settings) as client:
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(TransportError) as caught:
             await client.submit_import(b"{}")
         assert (client.calls, client.lost_responses) == (3, 0)
-    assert caught.value.status == 0
+    assert isinstance(caught.value, TransientError)
+    assert not isinstance(caught.value, ApiError)
 
 
 @pytest.mark.anyio
@@ -377,6 +378,8 @@ async def test_wrong_region_raises_forbidden_naming_the_root(sim: Simulator) -> 
             assert await client.account_api_endpoint() == sim.base_url
         assert not session.closed  # a session given to the client stays the caller's
     assert "wrong region?" in str(caught.value)
+    assert "region / base_url settings" in str(caught.value)
+    assert "--" not in str(caught.value)  # flags are the command's business
     assert base_url in str(caught.value)
     assert caught.value.status == 403
 

@@ -19,7 +19,7 @@ from orchestrator import (
     Collection,
     ImportOutcome,
     InsightClient,
-    JournalMismatch,
+    JournalMismatchError,
     Orchestrator,
     RetryPolicy,
     Settings,
@@ -79,7 +79,7 @@ async def test_imports_every_valid_record_and_dead_letters_the_rest(sim: Simulat
     }
     records[30]["contactIdentity"] = {"identifier": "email", "value": "ghost@nowhere.invalid"}
     collection = Collection("Orders", "contact", "orders")
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         result = await orch.import_records(collection, records)
 
     assert result.records_read == 300
@@ -104,7 +104,7 @@ async def test_never_more_than_max_concurrent_in_flight(sim: Simulator) -> None:
     """The slot gate holds the account to max_concurrent imports, however many batches wait."""
     sim.config.records_per_second = 300  # ~0.1 s an import: the gate, not the API, sets the pace
     settings = Settings.scaled(0.01, max_body_bytes=5_000, max_concurrent=3)
-    async with Orchestrator(client_for(sim), settings) as orch:
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
         result = await orch.import_records(Collection("Few", "contact"), orders(400))
     assert len(result.imports) >= 10
     assert sim.stats.max_active_seen == 3
@@ -114,7 +114,7 @@ async def test_never_more_than_max_concurrent_in_flight(sim: Simulator) -> None:
 async def test_polls_stay_within_poll_min_and_poll_max(sim: Simulator) -> None:
     """Every poll is at least poll_min and at most poll_max after the submit or the last poll."""
     sim.config.records_per_second = 2_000
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         await orch.import_records(Collection("Polled", "contact"), orders(600))
     gaps = []
     for stats in sim.stats.imports.values():
@@ -138,7 +138,9 @@ async def test_last_occurrence_wins_across_concurrent_imports(sim: Simulator) ->
         for i in range(800)
     ]
     expected = {record["key"]: record["json"] for record in records}
-    async with Orchestrator(client_for(sim), Settings.scaled(0.01, max_body_bytes=3_000)) as orch:
+    async with Orchestrator(
+        client_for(sim), settings=Settings.scaled(0.01, max_body_bytes=3_000)
+    ) as orch:
         result = await orch.import_records(Collection("Versions", "contact"), records)
     got = {identity[2]: record["json"] for identity, record in stored(sim, "Versions").items()}
     assert got == expected
@@ -165,7 +167,7 @@ def test_scheduling_invariants(keys: list[int], cap: int, concurrent: int) -> No
             settings = Settings.scaled(
                 0.002, max_body_bytes=cap, max_concurrent=concurrent, linger=0.01
             )
-            async with Orchestrator(client_for(sim), settings) as orch:
+            async with Orchestrator(client_for(sim), settings=settings) as orch:
                 result = await orch.import_records(Collection("Inv"), records)
             assert {k: r["json"] for k, r in stored(sim, "Inv").items()} == {
                 r["key"]: r["json"] for r in records
@@ -181,7 +183,7 @@ async def test_server_errors_and_lost_responses_are_retried_and_counted(sim: Sim
     """5xx answers and a lost response are survived; the lost one is counted."""
     sim.faults.server_errors = 2
     sim.faults.resets_after_accept = 1
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         result = await orch.import_records(Collection("Faulty", "contact"), orders(200))
     assert result.ok
     assert result.records_imported == 200
@@ -194,7 +196,7 @@ async def test_server_errors_and_lost_responses_are_retried_and_counted(sim: Sim
 async def test_a_failed_import_is_resubmitted(sim: Simulator) -> None:
     """An import that ends Failed is sent again and its records land."""
     sim.faults.failed_imports = 1
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         result = await orch.import_records(Collection("Retried", "contact"), orders(100))
     assert result.ok
     assert result.counters["resubmits"] == 1
@@ -206,7 +208,7 @@ async def test_failed_past_the_budget_is_dead_lettered(sim: Simulator) -> None:
     """An import that keeps failing ends with its records in the dead letters, reason Failed."""
     sim.faults.failed_imports = 100
     settings = Settings.scaled(0.01, max_resubmits=1)
-    async with Orchestrator(client_for(sim), settings) as orch:
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
         result = await orch.import_records(Collection("Doomed"), orders(5))
     assert result.records_failed == 5
     assert {letter.reason for letter in result.dead_letters} == {"Failed"}
@@ -221,7 +223,10 @@ async def test_account_full_waits_for_a_slot(sim: Simulator) -> None:
         await anyio.sleep(0.4)
         sim.faults.foreign_active_imports = 0
 
-    async with anyio.create_task_group() as tg, Orchestrator(client_for(sim), FAST) as orch:
+    async with (
+        anyio.create_task_group() as tg,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
+    ):
         tg.start_soon(release_later)
         result = await orch.import_records(Collection("Shared", "contact"), orders(300))
     assert result.ok
@@ -233,7 +238,7 @@ async def test_rate_limit_is_waited_out(sim: Simulator) -> None:
     """429 rate limits are waited out and the import completes."""
     sim.faults.rate_limit_calls = 3
     sim.faults.rate_limit_reset_s = 0.05
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         result = await orch.import_records(Collection("Limited"), orders(50))
     assert result.ok
     assert sim.stats.status_counts.get(429, 0) == 3
@@ -241,7 +246,7 @@ async def test_rate_limit_is_waited_out(sim: Simulator) -> None:
 
 async def test_bad_credentials_abort_the_run(sim: Simulator) -> None:
     """A wrong password raises AuthenticationError without leaking the password."""
-    async with Orchestrator(client_for(sim, password="wrong-secret"), FAST) as orch:
+    async with Orchestrator(client_for(sim, password="wrong-secret"), settings=FAST) as orch:
         with pytest.raises(AuthenticationError) as caught:
             await orch.import_records(Collection("Nope"), orders(5))
     assert "wrong-secret" not in str(caught.value)
@@ -264,7 +269,7 @@ async def test_async_iterable_trickle_is_sealed_on_pause(sim: Simulator) -> None
         first_seen.set()
 
     settings = Settings.scaled(0.01, linger=0.05)
-    async with Orchestrator(client_for(sim), settings) as orch:
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
         with anyio.fail_after(10):
             result = await orch.import_records(
                 Collection("Trickle", "contact"), trickle(), on_outcome=on_outcome
@@ -302,7 +307,7 @@ async def test_a_steady_trickle_is_sent_within_linger(sim: Simulator) -> None:
             ended_at.setdefault(identity[2], now)
 
     settings = Settings.scaled(0.01, linger=linger)
-    async with Orchestrator(client_for(sim), settings) as orch:
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
         with anyio.fail_after(20):
             result = await orch.import_records(
                 Collection("Linger", "contact"), trickle(), on_outcome=on_outcome
@@ -321,7 +326,7 @@ async def test_a_steady_trickle_is_sent_within_linger(sim: Simulator) -> None:
 async def test_cancellation_leaves_no_task_behind(sim: Simulator) -> None:
     """Cancelling the caller stops the run cleanly and the orchestrator closes."""
     sim.config.records_per_second = 200  # slow imports: the run is mid-way when cancelled
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         with anyio.move_on_after(0.3) as scope:
             await orch.import_records(Collection("Cancelled", "contact"), orders(400))
         assert scope.cancelled_caught
@@ -342,13 +347,13 @@ async def test_resume_from_the_journal_after_an_interruption(
     collection = Collection("Resumed", "contact")
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), FAST) as orch,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
     ):
         with anyio.move_on_after(0.5):
             await orch.import_files(collection, [str(data)], journal=journal)
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), FAST) as orch,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
     ):
         result = await orch.import_files(collection, [str(data)], journal=journal)
     assert result.records_read == 400
@@ -359,7 +364,7 @@ async def test_resume_from_the_journal_after_an_interruption(
     assert submitted <= 400 + sent_twice  # only batches in doubt at the crash went twice
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), FAST) as orch,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
     ):
         again = await orch.import_files(collection, [str(data)], journal=journal)
     assert again.nothing_to_do
@@ -373,7 +378,7 @@ async def test_changed_input_is_detected_on_resume(sim: Simulator, tmp_path: Pat
     settings = Settings.scaled(0.01, max_body_bytes=5_000)
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), settings) as orch,
+        Orchestrator(client_for(sim), settings=settings) as orch,
     ):
         with anyio.move_on_after(0.4):
             await orch.import_files(collection, [str(data)], journal=journal)
@@ -387,9 +392,9 @@ async def test_changed_input_is_detected_on_resume(sim: Simulator, tmp_path: Pat
     data.write_bytes(b"".join(lines))
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), settings) as orch,
+        Orchestrator(client_for(sim), settings=settings) as orch,
     ):
-        with pytest.raises(JournalMismatch, match="changed"):
+        with pytest.raises(JournalMismatchError, match="changed"):
             await orch.import_files(collection, [str(data)], journal=journal)
 
 
@@ -399,7 +404,7 @@ def test_results_report_has_the_contract_fields() -> None:
     async def scenario() -> dict[str, Any]:
         async with (
             Simulator(SimulatorConfig(records_per_second=50_000)) as sim,
-            Orchestrator(client_for(sim), FAST) as orch,
+            Orchestrator(client_for(sim), settings=FAST) as orch,
         ):
             result = await orch.import_records(Collection("Rep"), orders(30))
         return result.report()
@@ -433,7 +438,7 @@ def test_results_report_has_the_contract_fields() -> None:
 async def test_a_body_the_api_finds_too_large_is_split_and_sent(sim: Simulator) -> None:
     """An API limit below ours answers 413: the batch is split in halves until it fits."""
     sim.config.max_body_bytes = 6_000
-    async with Orchestrator(client_for(sim), FAST) as orch:
+    async with Orchestrator(client_for(sim), settings=FAST) as orch:
         result = await orch.import_records(Collection("Split", "contact"), orders(300))
     assert result.ok
     assert result.records_imported == 300
@@ -447,7 +452,7 @@ async def test_stream_yields_each_outcome_as_it_ends(sim: Simulator) -> None:
     """`stream()` hands out one outcome per batch, all records accounted for."""
     settings = Settings.scaled(0.01, max_body_bytes=4_000)
     async with (
-        Orchestrator(client_for(sim), settings) as orch,
+        Orchestrator(client_for(sim), settings=settings) as orch,
         orch.stream(Collection("Streamed", "contact"), orders(120)) as outcomes,
     ):
         seen = [outcome async for outcome in outcomes]
@@ -460,7 +465,7 @@ async def test_leaving_the_stream_early_cancels_the_import(sim: Simulator) -> No
     """Breaking out of `stream()` stops the run; nothing keeps running afterwards."""
     sim.config.records_per_second = 500
     settings = Settings.scaled(0.01, max_body_bytes=4_000)
-    async with Orchestrator(client_for(sim), settings) as orch:
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
         async with orch.stream(Collection("Early", "contact"), orders(2_000)) as outcomes:
             async for _ in outcomes:
                 break
@@ -502,7 +507,10 @@ async def test_status_errors_are_polled_again_within_the_window(sim: Simulator) 
         await anyio.sleep(0.02)  # after the PUT
         sim.faults.server_errors = 3
 
-    async with anyio.create_task_group() as tg, Orchestrator(client_for(sim), FAST) as orch:
+    async with (
+        anyio.create_task_group() as tg,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
+    ):
         tg.start_soon(break_polls)
         result = await orch.import_records(Collection("Flaky", "contact"), orders(20))
     assert result.ok
@@ -546,7 +554,7 @@ async def test_a_file_parsed_in_processes_imports_each_record_once_last_write_wi
     settings = Settings.scaled(0.01, max_body_bytes=20_000, parse_processes=2)
     async with (
         SqliteJournal(tmp_path / "j.sqlite") as journal,
-        Orchestrator(client_for(sim), settings) as orch,
+        Orchestrator(client_for(sim), settings=settings) as orch,
     ):
         result = await orch.import_files(
             Collection("Versions", "contact"), [str(data)], journal=journal

@@ -22,8 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.batching import RecordRef, RecordRefs
-from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal import (
     BatchPhase,
     DeadLetter,
@@ -36,7 +35,8 @@ from orchestrator.journal import (
     open_journal,
 )
 from orchestrator.journal.sqlite import _decode_refs, _encode_refs
-from orchestrator.records import Source
+from orchestrator.provenance import Source
+from orchestrator.refs import RecordRef, RecordRefs
 
 pytestmark = pytest.mark.anyio
 
@@ -246,7 +246,7 @@ async def test_submit_in_doubt_goes_back_to_sealed(factory: Factory) -> None:
 
 
 async def test_another_run_is_refused(factory: Factory) -> None:
-    """A journal holding another run raises JournalMismatch naming it, and stays as it was."""
+    """A journal holding another run raises JournalMismatchError naming it, and stays as it was."""
     async with factory() as journal:
         await journal.open(SPEC)
         await seal(journal)
@@ -258,9 +258,12 @@ async def test_another_run_is_refused(factory: Factory) -> None:
         account=SPEC.account,
     )
     async with factory() as journal:
-        with pytest.raises(JournalMismatch, match=r"collection 'Orders'.*--fresh") as caught:
+        with pytest.raises(
+            JournalMismatchError, match=r"collection 'Orders'.*fresh=True"
+        ) as caught:
             await journal.open(other)
     assert "collection" in str(caught.value)
+    assert "--" not in str(caught.value)  # the library names settings; the command adds flags
     async with factory() as journal:
         state = await journal.open(SPEC)
     assert len(state.unfinished) == 1
@@ -319,24 +322,24 @@ async def test_a_fresh_run_can_start_after_lines_already_imported(factory: Facto
 
 
 async def test_bad_transitions_are_refused(factory: Factory) -> None:
-    """Transitions the protocol does not allow raise ValueError and change nothing."""
+    """Transitions the protocol does not allow raise JournalStateError and change nothing."""
     async with factory() as journal:
         await journal.open(SPEC)
         batch = await seal(journal)
-        with pytest.raises(ValueError, match="is sealed, not submitting"):
+        with pytest.raises(JournalStateError, match="is sealed, not submitting"):
             await journal.mark_submitted(batch, "imp", 1.0)
-        with pytest.raises(ValueError, match="batch 99 is not in the journal"):
+        with pytest.raises(JournalStateError, match="batch 99 is not in the journal"):
             await journal.mark_submitting(99)
-        with pytest.raises(ValueError, match="not in the journal"):
+        with pytest.raises(JournalStateError, match="not in the journal"):
             await journal.mark_polled(99)
         await journal.mark_finished(
             batch, status="dead", imported=0, dead_letters=(), finished_at=1.0, counters={}
         )
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.load_body(batch)
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.load_refs(batch)
-        with pytest.raises(ValueError, match="is finished"):
+        with pytest.raises(JournalStateError, match="is finished"):
             await journal.mark_finished(
                 batch, status="x", imported=0, dead_letters=(), finished_at=2.0, counters={}
             )
@@ -348,7 +351,7 @@ async def test_progress_for_an_unknown_input_is_refused(factory: Factory) -> Non
     """Progress naming an input the run does not have raises before anything is written."""
     async with factory() as journal:
         await journal.open(SPEC)
-        with pytest.raises(ValueError, match="index 2 is out of range"):
+        with pytest.raises(JournalStateError, match="index 2 is out of range"):
             await journal.seal_batch(
                 body=b"b",
                 refs=make_refs(1),
@@ -367,7 +370,7 @@ async def test_progress_for_an_unknown_input_is_refused(factory: Factory) -> Non
 async def test_use_before_open_is_an_error(factory: Factory) -> None:
     """Calling a method before open() says so instead of acting on no run."""
     journal = factory()
-    with pytest.raises(RuntimeError, match="call open"):
+    with pytest.raises(JournalStateError, match="call open"):
         await journal.counters()
     await journal.close()
 
@@ -483,7 +486,7 @@ async def test_failed_open_releases_the_file(path: Path) -> None:
     async with SqliteJournal(path) as journal:
         await journal.open(SPEC)
     other = RunSpec("Carts", "account", "custom", (), "acct")
-    with pytest.raises(JournalMismatch):
+    with pytest.raises(JournalMismatchError):
         await SqliteJournal(path).open(other)
     journal = SqliteJournal(path)
     await journal.open(SPEC)
@@ -706,9 +709,9 @@ CHILD = textwrap.dedent(
 
     import anyio
 
-    from orchestrator.batching import RecordRef
     from orchestrator.journal import DeadLetter, InputProgress, RunSpec, SqliteJournal
-    from orchestrator.records import Source
+    from orchestrator.provenance import Source
+    from orchestrator.refs import RecordRef
 
     SPEC = RunSpec("Orders", "account", "custom", ("/in.jsonl",), "acct")
 

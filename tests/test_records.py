@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import errors
+from orchestrator.chunks import encode_lines
+from orchestrator.provenance import Source
 from orchestrator.records import (
     COLLECTION_TYPES,
     RULES,
@@ -16,9 +18,7 @@ from orchestrator.records import (
     EncodedRecord,
     RejectedRecord,
     Scope,
-    Source,
     encode_line,
-    encode_lines,
     encode_record,
 )
 

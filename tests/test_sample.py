@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from orchestrator import errors
-from orchestrator.records import Collection, EncodedRecord, RejectedRecord, Scope, encode_lines
+from orchestrator.chunks import encode_lines
+from orchestrator.records import Collection, EncodedRecord, RejectedRecord, Scope
 from orchestrator.sample import UNKNOWN_CONTACT_DOMAIN, generate_orders
 
 CONTACT = Collection("Orders", scope=Scope.CONTACT, type="orders")

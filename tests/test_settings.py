@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+from datetime import timedelta
+from typing import Any
+
 import pytest
 
-from orchestrator import ConfigError, Settings
+from orchestrator import ConfigError, Orchestrator, Settings
+from orchestrator.client import ClientSettings, RetryPolicy
 
 
 def test_defaults_are_the_api_limits() -> None:
@@ -44,3 +51,82 @@ def test_scaled_multiplies_every_interval() -> None:
     assert settings.poll_min == pytest.approx(0.05)
     assert settings.poll_max == pytest.approx(0.3)
     assert settings.max_concurrent == 2
+
+
+CONFIG_CLASSES = [Settings, ClientSettings, RetryPolicy]
+
+
+@pytest.mark.parametrize(
+    ("make", "read"),
+    [
+        (lambda d: Settings(poll_min=d, poll_max=d * 4), lambda s: (s.poll_min, s.poll_max)),
+        (lambda d: Settings(account_full_wait=d, linger=d), lambda s: (s.linger,)),
+        (lambda d: RetryPolicy(timeout=d, wait_initial=d, wait_max=d, wait_jitter=d), None),
+        (lambda d: RetryPolicy.immediate(timeout=d), lambda s: (s.timeout,)),
+        (
+            lambda d: ClientSettings(
+                username="u", password="p", request_timeout=d, connect_timeout=d
+            ),
+            lambda s: (s.request_timeout, s.connect_timeout),
+        ),
+    ],
+)
+def test_durations_accept_a_timedelta_and_hold_float_seconds(make: Any, read: Any) -> None:
+    """A timedelta and the same seconds as a float give equal settings, holding floats."""
+    from_delta = make(timedelta(milliseconds=1500))
+    assert from_delta == make(1.5)
+    for value in read(from_delta) if read else (from_delta.timeout, from_delta.wait_max):
+        assert type(value) is float
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Settings(max_concurrent="5"),
+        lambda: Settings(max_upload_bytes=1.5),
+        lambda: Settings(poll_min="soon"),
+        lambda: Settings(linger=timedelta(seconds=-1)),
+        lambda: Settings.scaled(0.1, no_such_setting=1),
+        lambda: RetryPolicy(wait_max="x"),
+        lambda: ClientSettings(username="u", password="p", connect_timeout=timedelta(0)),
+    ],
+)
+def test_wrong_types_are_config_errors_not_type_errors(make: Any) -> None:
+    """A value of the wrong type or an unknown name raises ConfigError, never a bare TypeError."""
+    with pytest.raises(ConfigError):
+        make()
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES)
+def test_configuration_is_keyword_only(cls: type) -> None:
+    """Every config object takes keywords only, so a reordered field never shifts a value."""
+    parameters = inspect.signature(cls).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    engine = inspect.signature(Orchestrator).parameters
+    assert engine["settings"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES)
+def test_the_typed_signature_lists_every_field(cls: type) -> None:
+    """The signature type checkers see (with timedelta) names every field, in order."""
+    tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))  # type: ignore[arg-type]
+    (klass,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
+    (init,) = [
+        n
+        for block in klass.body
+        if isinstance(block, ast.If)
+        for n in block.body
+        if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+    ]
+    assert [a.arg for a in init.args.kwonlyargs] == [f.name for f in dataclasses.fields(cls)]
+
+
+def test_reprs_show_settings_but_never_secrets() -> None:
+    """Reprs name every setting that helps debugging, never the password or the token."""
+    client = ClientSettings(username="u", password="s3cret-pw", integration_token="t0ken")
+    text = repr(client)
+    assert "s3cret-pw" not in text
+    assert "t0ken" not in text
+    assert "username='u'" in text
+    assert "retry=RetryPolicy(attempts=8" in text
+    assert repr(Settings()).startswith("Settings(max_concurrent=5, max_body_bytes=50000000")

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 import orjson
 
+from orchestrator.errors import JournalStateError
+
 if TYPE_CHECKING:
-    from orchestrator.batching import RecordRef, RecordRefs
+    from orchestrator.refs import RecordRef, RecordRefs
 
 __all__ = [
     "BatchPhase",
@@ -282,7 +284,7 @@ class Journal(Protocol):
     ) -> RunState:
         """Open the run ``spec``, creating it when the journal is empty.
 
-        A journal that holds another run raises ``JournalMismatch``; ``fresh=True`` wipes any
+        A journal that holds another run raises ``JournalMismatchError``; ``fresh=True`` wipes any
         previous run first. A batch left in the SUBMITTING phase is in doubt: its ``in_doubt`` and
         the ``submits_in_doubt`` counter grow by one and it goes back to SEALED.
 
@@ -486,7 +488,7 @@ class Journal(Protocol):
 def progress_list(
     spec: RunSpec, progress: InputProgress | Sequence[InputProgress] | None
 ) -> tuple[InputProgress, ...]:
-    """Return ``progress`` as a tuple; ``ValueError`` when one names an input the run lacks."""
+    """Return ``progress`` as a tuple; ``JournalStateError`` if one names an unknown input."""
     if progress is None:
         items: tuple[InputProgress, ...] = ()
     elif isinstance(progress, InputProgress):
@@ -495,7 +497,7 @@ def progress_list(
         items = tuple(progress)
     for item in items:
         if not 0 <= item.index < len(spec.inputs):
-            raise ValueError(
+            raise JournalStateError(
                 f"input progress index {item.index} is out of range: the run has "
                 f"{len(spec.inputs)} input(s)"
             )
@@ -505,12 +507,12 @@ def progress_list(
 def check_phase(
     batch_id: int, phase: BatchPhase | None, allowed: tuple[BatchPhase, ...], action: str
 ) -> None:
-    """Raise ``ValueError`` when a batch is unknown or its phase does not allow ``action``."""
+    """Raise ``JournalStateError`` if a batch is unknown or its phase does not allow ``action``."""
     if phase is None:
-        raise ValueError(f"cannot {action}: batch {batch_id} is not in the journal")
+        raise JournalStateError(f"cannot {action}: batch {batch_id} is not in the journal")
     if phase not in allowed:
         wanted = " or ".join(p.value for p in allowed)
-        raise ValueError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
+        raise JournalStateError(f"cannot {action}: batch {batch_id} is {phase.value}, not {wanted}")
 
 
 def redirected(depends_on: Sequence[int], old: int, new: Sequence[int]) -> tuple[int, ...]:
@@ -527,7 +529,8 @@ def mismatch_message(theirs: RunSpec, ours: RunSpec) -> str:
     ]
     return (
         f"this journal belongs to another run ({theirs.describe()}; differs in "
-        f"{', '.join(differs)}); use another --journal or --fresh"
+        f"{', '.join(differs)}); use another journal, or open this one with fresh=True to "
+        "start over"
     )
 
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from orchestrator.batching import RecordRefs
-from orchestrator.errors import JournalMismatch
+from orchestrator.errors import JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -25,6 +24,7 @@ from orchestrator.journal.base import (
     progress_list,
     redirected,
 )
+from orchestrator.refs import RecordRefs
 
 if TYPE_CHECKING:
     pass
@@ -80,7 +80,7 @@ class MemoryJournal(SealOne):
         starts = progress_list(spec, start_after) if fresh else ()
         created = fresh or self._run is None
         if not created and self._run is not None and self._run.spec != spec:
-            raise JournalMismatch(mismatch_message(self._run.spec, spec))
+            raise JournalMismatchError(mismatch_message(self._run.spec, spec))
         if created:
             self._run = _Run(
                 spec=spec,
@@ -269,7 +269,7 @@ class MemoryJournal(SealOne):
 
     def _require(self, *, opening: bool = False) -> _Run:
         if self._run is None or not (self._open or opening):
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
         return self._run
 
     def _batch(

@@ -24,8 +24,7 @@ import anyio.to_thread
 import orjson
 import structlog
 
-from orchestrator.batching import RecordRef, RecordRefs
-from orchestrator.errors import JournalError, JournalMismatch
+from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
     BatchPhase,
@@ -42,6 +41,7 @@ from orchestrator.journal.base import (
     progress_list,
     redirected,
 )
+from orchestrator.refs import RecordRef, RecordRefs
 
 __all__ = ["SqliteJournal"]
 
@@ -115,20 +115,20 @@ _BATCH_COLUMNS = (
 )
 _UNFINISHED = (BatchPhase.SEALED, BatchPhase.SUBMITTING, BatchPhase.SUBMITTED)
 
-_IN_USE = "another process is using the journal: let it finish or pass another --journal"
+_IN_USE = "another process is using the journal: let it finish or use another journal file"
 # What to do about a failure, by SQLite's primary result code.
 _ADVICE = {
     "SQLITE_FULL": "the disk is full: free some space, then run the same command again to resume",
-    "SQLITE_READONLY": "the journal is read-only: fix its permissions or pass another --journal",
+    "SQLITE_READONLY": "the journal is read-only: fix its permissions or use another journal file",
     "SQLITE_CANTOPEN": (
         "the journal cannot be opened: check that it and its directory are writable, "
-        "or pass another --journal"
+        "or use another journal file"
     ),
-    "SQLITE_PERM": "permission denied: fix the journal's permissions or pass another --journal",
+    "SQLITE_PERM": "permission denied: fix the journal's permissions or use another journal file",
     "SQLITE_BUSY": _IN_USE,
     "SQLITE_LOCKED": _IN_USE,
-    "SQLITE_CORRUPT": "the journal file is damaged: move it away or pass another --journal",
-    "SQLITE_NOTADB": "the file is not a journal: move it away or pass another --journal",
+    "SQLITE_CORRUPT": "the journal file is damaged: move it away or use another journal file",
+    "SQLITE_NOTADB": "the file is not a journal: move it away or use another journal file",
     "SQLITE_IOERR": "the disk failed a read or write: check it, then run the same command again",
 }
 _DEFAULT_ADVICE = "check the journal file and its disk, then run the same command again to resume"
@@ -476,14 +476,14 @@ class SqliteJournal(SealOne):
 
     def _require_spec(self) -> RunSpec:
         if self._spec is None or self._conn is None:
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
         return self._spec
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         """Run ``fn`` on the worker thread; SQLite and OS errors become ``JournalError``."""
         conn = self._conn
         if conn is None:
-            raise RuntimeError("the journal is not open: call open() first")
+            raise JournalStateError("the journal is not open: call open() first")
 
         def call() -> _T:
             try:
@@ -532,12 +532,12 @@ class SqliteJournal(SealOne):
         except BlockingIOError:
             raise JournalError(
                 f"journal {self._path}: the journal is in use by another process "
-                "(another run of the same command?); let it finish or pass another --journal"
+                "(another run of the same command?); let it finish or use another journal file"
             ) from None
         except OSError as exc:
             raise JournalError(
                 f"journal {self._path}: cannot open it: {exc.strerror or exc}; check that its "
-                "directory is writable, or pass another --journal"
+                "directory is writable, or use another journal file"
             ) from exc
         try:
             self._conn = self._open_file()
@@ -555,12 +555,12 @@ class SqliteJournal(SealOne):
         except OSError as exc:
             raise JournalError(
                 f"journal {self._path}: cannot create it: {exc.strerror or exc}; check that its "
-                "directory is writable, or pass another --journal"
+                "directory is writable, or use another journal file"
             ) from exc
         if not os.access(self._path, os.R_OK | os.W_OK):
             raise JournalError(
                 f"journal {self._path}: the file is not readable and writable by this user: "
-                "fix its permissions or pass another --journal"
+                "fix its permissions or use another journal file"
             )
         conn: sqlite3.Connection | None = None
         try:
@@ -588,12 +588,12 @@ class SqliteJournal(SealOne):
         if app_id not in (0, _APPLICATION_ID) or (app_id == 0 and tables):
             raise JournalError(
                 f"journal {self._path}: the file is an SQLite database but not a journal of "
-                "insight-import; pass another --journal"
+                "insight-import; use another journal file"
             )
         if version > _SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self._path}: written by a newer insight-import (schema {version}); "
-                "upgrade, or pass another --journal"
+                "upgrade, or use another journal file"
             )
         if tables == 0:
             # Only settable before the first table: lets mark_complete hand freed pages back.
@@ -602,7 +602,7 @@ class SqliteJournal(SealOne):
         if str(mode).lower() != "wal":
             raise JournalError(
                 f"journal {self._path}: cannot switch it to WAL mode (got {mode}); check that it "
-                "and its directory are writable, or pass another --journal"
+                "and its directory are writable, or use another journal file"
             )
         conn.execute("PRAGMA synchronous = FULL")
         if tables == 0:
@@ -637,7 +637,7 @@ class SqliteJournal(SealOne):
         if not created:
             theirs = _decode_spec(row[0])
             if theirs != spec:
-                raise JournalMismatch(mismatch_message(theirs, spec))
+                raise JournalMismatchError(mismatch_message(theirs, spec))
         if created:
             for table in ("run", "inputs", "batches", "payloads", "dead_letters", "counters"):
                 conn.execute(f"DELETE FROM {table}")

@@ -132,7 +132,8 @@ def _check_lines(
     lines: list[bytes], first_line: int, origin: str, collection: Any
 ) -> tuple[list[str], list[Exception]]:
     from orchestrator.errors import RecordError
-    from orchestrator.records import Source, encode_line
+    from orchestrator.provenance import Source
+    from orchestrator.records import encode_line
 
     texts: list[str] = []
     errors: list[Exception] = []

@@ -14,7 +14,7 @@ from orchestrator.errors import ConfigError
 __all__ = ["DATABASE_ENV", "database_path", "default_database"]
 
 DATABASE_ENV = "INSIGHT_IMPORT_DATABASE"
-"""The environment variable that gives the database URL when ``--database`` is not given."""
+"""The environment variable that gives the database URL when none is passed."""
 
 _SQLITE = "sqlite://"
 _POSTGRESQL = ("postgresql://", "postgres://")
@@ -44,18 +44,18 @@ def database_path(url: str | None = None, *, environ: Mapping[str, str] = os.env
     if given.startswith(_POSTGRESQL):
         raise ConfigError(
             "PostgreSQL is not available yet in this release: use a SQLite database, "
-            "--database sqlite:///ABSOLUTE/PATH (one worker at a time)"
+            "sqlite:///ABSOLUTE/PATH (one worker at a time)"
         )
     if not given.startswith(_SQLITE):
         # not echoed: a URL of another database may carry a password
         raise ConfigError(
-            "--database is not a URL this release reads: use sqlite:///ABSOLUTE/PATH, "
+            "the database URL is not one this release reads: use sqlite:///ABSOLUTE/PATH, "
             "e.g. sqlite:///var/lib/myapp/outbox.sqlite"
         )
     path = unquote(given[len(_SQLITE) :].split("?", 1)[0])
     if not path.startswith("/"):
         raise ConfigError(
-            f"--database {given!r}: the path must be absolute, as in sqlite:///var/lib/outbox.sqlite"
+            f"database URL {given!r}: the path must be absolute, as in sqlite:///var/lib/outbox.sqlite"
             " (three slashes, then the path)"
         )
     return Path(path)

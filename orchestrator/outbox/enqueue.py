@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 
 from orchestrator.errors import RecordError
 from orchestrator.outbox import sqlite as sqlite_sql
-from orchestrator.records import Collection, Scope, Source, encode_line, encode_record
+from orchestrator.provenance import Source
+from orchestrator.records import Collection, Scope, encode_line, encode_record
 
 __all__ = ["enqueue", "record_texts"]
 

@@ -43,7 +43,8 @@ from orchestrator.outbox.base import (
     StoredImport,
     identity_text,
 )
-from orchestrator.records import Collection, Source, encode_line
+from orchestrator.provenance import Source
+from orchestrator.records import Collection, encode_line
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -141,7 +142,7 @@ _ADVICE = {
     "SQLITE_BUSY": "another connection holds the write lock too long: shorten its transactions",
     "SQLITE_LOCKED": "another connection holds the write lock too long: shorten its transactions",
     "SQLITE_CORRUPT": "the database file is damaged: restore it from a backup",
-    "SQLITE_NOTADB": "the file is not an SQLite database: check --database",
+    "SQLITE_NOTADB": "the file is not an SQLite database: check the database URL",
     "SQLITE_IOERR": "the disk failed a read or write: check it",
 }
 
@@ -160,8 +161,7 @@ def explain_missing_tables(error: sqlite3.OperationalError) -> Exception:
     if "no such table" in str(error):
         return OutboxError(
             "the outbox tables are missing in this database: create them with "
-            "`insight-import outbox init --database sqlite:///PATH` (or "
-            "orchestrator.outbox.migrate(connection))"
+            "orchestrator.outbox.migrate(connection) (the command: insight-import outbox init)"
         )
     return error
 
