@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -213,17 +214,8 @@ class RecordRefs(Sequence[RecordRef]):
         """The same records with the given body offsets (after the body was rebuilt)."""
         if len(ends) != self._count:
             raise ValueError("ends must have one offset per record")
-        refs: RecordRefs = object.__new__(RecordRefs)
-        refs._set(
-            _unpack_all(self._keys, self._key_ends),
-            _unpack_all(self._identifiers, self._identifier_ends),
-            _unpack_all(self._values, self._value_ends),
-            self._has_contact,
-            self._origin_numbers,
-            self._origins,
-            self._line_numbers,
-            array("q", ends),
-        )
+        refs = copy.copy(self)  # the packed columns are immutable: shared, not copied
+        refs._ends = array("q", ends)
         return refs
 
     def keys(self) -> list[str]:

@@ -37,6 +37,38 @@ def stored_state(sim: SimulatorProcess, collection: str) -> dict[tuple[str, str]
     return {(r["contactIdentity"]["value"], r["key"]): r["json"] for r in sim.records(collection)}
 
 
+def run_args(
+    sim: SimulatorProcess, tmp_path: Path, collection: str, records: list[dict[str, Any]]
+) -> list[str]:
+    """`run` of the records as a file, into a contact collection, in bodies of 6,000 bytes."""
+    data = tmp_path / "orders.jsonl"
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return [
+        "run",
+        str(data),
+        *fast_run_args(sim, tmp_path, collection),
+        "--scope",
+        "contact",
+        "--max-body-bytes",
+        "6000",
+    ]
+
+
+def crash_then_rerun(
+    sim: SimulatorProcess,
+    collection: str,
+    records: list[dict[str, Any]],
+    args: list[str],
+    failpoint: str,
+) -> None:
+    """Kill the command at the failpoint, run it again: it finishes with the last values."""
+    crashed = run_cli(*args, env={"INSIGHT_IMPORT_FAILPOINT": failpoint})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert stored_state(sim, collection) == expected_state(records)
+
+
 @pytest.mark.parametrize(
     ("failpoint", "count"),
     [
@@ -57,24 +89,8 @@ def test_kill_9_then_rerun_loses_nothing(
     """After SIGKILL at any moment, the same command finishes: last values stored, none lost."""
     collection = f"Crash{failpoint.capitalize()}{count}"
     records = versioned_orders(seed=count)
-    data = tmp_path / "orders.jsonl"
-    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
-    args = [
-        "run",
-        str(data),
-        *fast_run_args(simulator_process, tmp_path, collection),
-        "--scope",
-        "contact",
-        "--max-body-bytes",
-        "6000",
-    ]
-
-    crashed = run_cli(*args, env={"INSIGHT_IMPORT_FAILPOINT": f"{failpoint}:{count}"})
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
-
-    rerun = run_cli(*args)
-    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
-    assert stored_state(simulator_process, collection) == expected_state(records)
+    args = run_args(simulator_process, tmp_path, collection, records)
+    crash_then_rerun(simulator_process, collection, records, args, f"{failpoint}:{count}")
 
     report = orjson.loads((tmp_path / "report.json").read_bytes())
     assert report["records_read"] == RECORDS
@@ -97,25 +113,10 @@ def test_kill_9_after_a_split_then_rerun_keeps_the_last_write(tmp_path: Path, co
     """A body the API finds too large is split; SIGKILL right after a split, then the re-run:
     the halves are not split or sent again, and later versions still win over the split ones."""
     records = versioned_orders(seed=40 + count)
-    data = tmp_path / "orders.jsonl"
-    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     with serve_simulator("--records-per-second", "4000", "--max-body-bytes", "4000") as sim:
         collection = f"Split{count}"
-        args = [
-            "run",
-            str(data),
-            *fast_run_args(sim, tmp_path, collection),
-            "--scope",
-            "contact",
-            "--max-body-bytes",
-            "6000",
-        ]
-        crashed = run_cli(*args, env={"INSIGHT_IMPORT_FAILPOINT": f"split:{count}"})
-        assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
-
-        rerun = run_cli(*args)
-        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
-        assert stored_state(sim, collection) == expected_state(records)
+        args = run_args(sim, tmp_path, collection, records)
+        crash_then_rerun(sim, collection, records, args, f"split:{count}")
         report = orjson.loads((tmp_path / "report.json").read_bytes())
         assert report["records_imported"] == report["records_submitted"]
         assert report["records_superseded"] + report["records_submitted"] == RECORDS
