@@ -58,7 +58,7 @@ from orchestrator.journal import (
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import default_processes
-from orchestrator.polling import PollPlanner
+from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.records import (
     Collection,
     EncodedRecord,
@@ -140,6 +140,10 @@ class Orchestrator:
         self._planner = PollPlanner(
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
         )
+        # The account's status calls a minute, shared by every import of every run (as the
+        # planner and the slots are).
+        rate = self.settings.status_calls_per_minute
+        self._status_budget = CallBudget(calls_per_minute=rate) if rate is not None else None
         self._entered = False
 
     async def __aenter__(self) -> Orchestrator:
@@ -632,31 +636,14 @@ class _Run:
     async def _poll_until_done(self, task: _BatchTask) -> ImportStatus | None:
         """Poll within [poll_min, poll_max]: the final status, or None if the API forgot it."""
         assert task.import_id is not None
-        settings = self.settings
-        now = anyio.current_time()
-        submitted = task.accepted if task.accepted is not None else now
+        submitted = task.accepted if task.accepted is not None else anyio.current_time()
         task.accepted = None  # a resubmit gets its own
-        # poll_min is counted from the answer of the previous call (the later end) and poll_max
-        # from its sending (the earlier end), less a little for the way to the server: seen from
-        # the server, polls stay inside [poll_min, poll_max] whatever the round trip.
-        last_answer = last_sent = submitted
-        safety = min(0.02 * settings.poll_max, 0.25)
-        running_at: float | None = None
-        aimed_with = (
-            self.planner.version
-            if self.planner.expected_duration(task.record_count) is not None
-            else None
-        )
+        # The planner says when the next poll is due, the account's budget when it may go.
+        track = self.planner.track(records=task.record_count, submitted=submitted)
+        budget = self.orch._status_budget
         errors_in_row = 0
         while True:
-            elapsed = anyio.current_time() - submitted
-            delay = self.planner.next_delay(records=task.record_count, elapsed=elapsed)
-            wake = max(
-                min(last_answer + delay, last_sent + settings.poll_max - safety),
-                last_answer + settings.poll_min,
-            )
-            await anyio.sleep(max(0.0, wake - anyio.current_time()))
-            asked_at = last_sent = anyio.current_time()
+            await track.wait(budget)
             try:
                 status = await self.client.import_status(task.import_id, retry=False)
             except NotFoundError:
@@ -665,30 +652,24 @@ class _Run:
             except RateLimitedError as error:
                 # The API asked us to wait: the only case where polls may be further apart.
                 await anyio.sleep(error.retry_after)
-                last_answer = anyio.current_time()
+                track.answered(running=None)
                 continue
             except TransientError:
                 errors_in_row += 1
-                if errors_in_row >= settings.status_error_budget:
+                if errors_in_row >= self.settings.status_error_budget:
                     raise
-                last_answer = anyio.current_time()
+                track.answered(running=None)
                 continue
             finally:
                 task.polls += 1
             errors_in_row = 0
-            last_answer = anyio.current_time()
+            track.answered(running=status.state is ImportState.RUNNING)
             failpoints.hit("polled")
             await self.journal.mark_polled(task.batch_id, task.polls)
             if status.state is ImportState.RUNNING:
-                running_at = asked_at - submitted
                 continue
             if status.state is ImportState.SUCCEEDED:
-                self.planner.observe(
-                    records=task.record_count,
-                    running_at=running_at,
-                    finished_by=asked_at - submitted,
-                    aimed_with=aimed_with,
-                )
+                track.finished()
             return status
 
     async def _split(self, task: _BatchTask) -> list[_BatchTask]:

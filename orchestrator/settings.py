@@ -44,6 +44,12 @@ class Settings:
             parses in a worker thread: starting processes is the embedding application's call
             (its main module must be import-safe, ``if __name__ == "__main__":``). The CLI uses
             one per CPU.
+        status_calls_per_minute: the most status polls a minute (in any 60 s) for the account,
+            all its imports and collections together; polls wait their turn, which may stretch
+            a gap past ``poll_max`` (logged as ``poll.budget_stretched``). The default stays
+            under the 35 calls a minute of Dotdigital's Basic tier, which counts the account's
+            other integrations and submits too. ``None``: no budget (the API's 429 still
+            holds calls back).
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -57,6 +63,7 @@ class Settings:
     status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
     parse_processes: int | None = 0
+    status_calls_per_minute: float | None = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_concurrent <= 100:
@@ -89,6 +96,14 @@ class Settings:
             raise ConfigError(
                 f"parse_processes must be between 0 and 64 or None, got {self.parse_processes}"
             )
+        rate = self.status_calls_per_minute
+        if rate is not None and not (
+            isinstance(rate, int | float) and math.isfinite(rate) and rate >= 1
+        ):
+            raise ConfigError(
+                f"status_calls_per_minute must be a number >= 1 or None, got {rate!r}; "
+                "Dotdigital's Basic tier allows 35 calls a minute per account"
+            )
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
 
@@ -97,7 +112,8 @@ class Settings:
         """Production settings with every interval multiplied by ``factor`` (for tests and demos).
 
         Args:
-            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s.
+            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s (and the status-call
+                budget into 100 times as many calls a minute).
             overrides: any other field.
         """
         base = cls()
@@ -107,5 +123,7 @@ class Settings:
             "account_full_wait": base.account_full_wait * factor,
             "seal_after": base.seal_after * factor,
         }
+        if base.status_calls_per_minute is not None and factor > 0:
+            values["status_calls_per_minute"] = base.status_calls_per_minute / factor
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
