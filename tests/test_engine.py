@@ -13,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from orchestrator import (
     AuthenticationError,
@@ -27,6 +28,7 @@ from orchestrator import (
     inputs,
     parsing,
 )
+from orchestrator.polling import CallBudget
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -123,6 +125,27 @@ async def test_polls_stay_within_poll_min_and_poll_max(sim: Simulator) -> None:
         assert stats.polls, "every import is polled to its end"
     assert min(gaps) >= FAST.poll_min
     assert max(gaps) <= FAST.poll_max + SLACK
+
+
+async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator) -> None:
+    """Two runs of one orchestrator together poll no faster than its status-call budget."""
+    sim.config.records_per_second = 1_000
+    async with Orchestrator(client_for(sim), FAST) as orch:
+        # The production budget is per 60 s; the same budget over 0.5 s keeps the test short.
+        orch._status_budget = CallBudget(calls_per_minute=6, window=0.5)
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(orch.import_records, Collection("BudgetA", "contact"), orders(300))
+                tg.start_soon(orch.import_records, Collection("BudgetB", "contact"), orders(300))
+    polls = sorted(t for stats in sim.stats.imports.values() for t in stats.polls)
+    assert len(polls) > 6
+    # Counted when sent, seen when arrived: allow the loopback's jitter on the window.
+    assert all(
+        later - earlier >= 0.5 - SLACK for earlier, later in zip(polls, polls[6:], strict=False)
+    )
+    assert len(stored(sim, "BudgetA")) == len(stored(sim, "BudgetB")) == 300
+    stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]
+    assert 1 <= len(stretched) <= len(sim.stats.imports)
 
 
 async def test_last_occurrence_wins_across_concurrent_imports(sim: Simulator) -> None:
