@@ -147,7 +147,7 @@ class PollPlanner:
             # faster after each hit in a row, never below what it was seen running at.
             self._hits_in_row += 1
             self.margin = max(self.min_margin, self.margin * 0.85)
-            step = self.margin + min(0.004 * 2 ** (self._hits_in_row - 1), 0.1)
+            step = self.margin + min(0.002 * 2 ** (self._hits_in_row - 1), 0.1)
             seconds = max(lower, finished_by * (1.0 - step))
         expected = self.expected_duration(records)
         if expected is not None and expected > 0:
