@@ -143,7 +143,11 @@ class Orchestrator:
         # The account's status calls a minute, shared by every import of every run (as the
         # planner and the slots are).
         rate = self.settings.status_calls_per_minute
-        self._status_budget = CallBudget(calls_per_minute=rate) if rate is not None else None
+        self._status_budget = (
+            CallBudget(calls_per_minute=rate, window=self.settings.status_budget_window)
+            if rate is not None
+            else None
+        )
         self._entered = False
 
     async def __aenter__(self) -> Orchestrator:

@@ -13,6 +13,8 @@ __all__ = ["Settings"]
 API_MAX_BODY_BYTES = 50_000_000
 #: The API's documented limit of concurrent bulk imports per account.
 API_MAX_CONCURRENT = 5
+#: The API's documented shortest gap between two status polls, in seconds.
+API_MIN_POLL = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,7 +51,9 @@ class Settings:
             a gap past ``poll_max`` (logged as ``poll.budget_stretched``). The default stays
             under the 35 calls a minute of Dotdigital's Basic tier, which counts the account's
             other integrations and submits too. ``None``: no budget (the API's 429 still
-            holds calls back).
+            holds calls back). With ``poll_min`` under the API's 5 s (a time-scaled run against
+            the simulator, as :meth:`scaled` makes) the minute shrinks in proportion: see
+            :attr:`status_budget_window`.
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -107,13 +111,20 @@ class Settings:
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
 
+    @property
+    def status_budget_window(self) -> float:
+        """Seconds over which ``status_calls_per_minute`` is counted: 60, or less in proportion
+        when ``poll_min`` is under the API's 5 s minimum (time-scaled runs keep their budget's
+        shape instead of being held to real minutes)."""
+        return 60.0 * min(1.0, self.poll_min / API_MIN_POLL)
+
     @classmethod
     def scaled(cls, factor: float, **overrides: object) -> Settings:
         """Production settings with every interval multiplied by ``factor`` (for tests and demos).
 
         Args:
-            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s (and the status-call
-                budget into 100 times as many calls a minute).
+            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s (and so the status-call
+                budget's minute into 0.6 s).
             overrides: any other field.
         """
         base = cls()
@@ -123,7 +134,5 @@ class Settings:
             "account_full_wait": base.account_full_wait * factor,
             "seal_after": base.seal_after * factor,
         }
-        if base.status_calls_per_minute is not None and factor > 0:
-            values["status_calls_per_minute"] = base.status_calls_per_minute / factor
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

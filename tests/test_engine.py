@@ -28,7 +28,6 @@ from orchestrator import (
     inputs,
     parsing,
 )
-from orchestrator.polling import CallBudget
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -130,9 +129,9 @@ async def test_polls_stay_within_poll_min_and_poll_max(sim: Simulator) -> None:
 async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator) -> None:
     """Two runs of one orchestrator together poll no faster than its status-call budget."""
     sim.config.records_per_second = 1_000
-    async with Orchestrator(client_for(sim), FAST) as orch:
-        # The production budget is per 60 s; the same budget over 0.5 s keeps the test short.
-        orch._status_budget = CallBudget(calls_per_minute=6, window=0.5)
+    # Time scaled by 0.01: the budget's minute is 0.6 s.
+    settings = Settings.scaled(0.01, max_body_bytes=20_000, status_calls_per_minute=6)
+    async with Orchestrator(client_for(sim), settings) as orch:
         with capture_logs() as logs:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(orch.import_records, Collection("BudgetA", "contact"), orders(300))
@@ -141,7 +140,7 @@ async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator
     assert len(polls) > 6
     # Counted when sent, seen when arrived: allow the loopback's jitter on the window.
     assert all(
-        later - earlier >= 0.5 - SLACK for earlier, later in zip(polls, polls[6:], strict=False)
+        later - earlier >= 0.6 - SLACK for earlier, later in zip(polls, polls[6:], strict=False)
     )
     assert len(stored(sim, "BudgetA")) == len(stored(sim, "BudgetB")) == 300
     stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]

@@ -49,4 +49,5 @@ def test_scaled_multiplies_every_interval() -> None:
     assert settings.poll_min == pytest.approx(0.05)
     assert settings.poll_max == pytest.approx(0.3)
     assert settings.max_concurrent == 2
-    assert settings.status_calls_per_minute == pytest.approx(3000)  # the budget scales too
+    assert settings.status_budget_window == pytest.approx(0.6)  # the budget's minute too
+    assert Settings().status_budget_window == 60.0
