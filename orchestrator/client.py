@@ -3,13 +3,17 @@
 One :class:`InsightClient` wraps one reused ``aiohttp.ClientSession``. Each call is retried with
 stamina on 5xx answers, dropped connections and timeouts, bounded by attempts *and* total time;
 a 429 rate limit waits what the API asks (``Retry-After`` / ``x-ratelimit-reset``) inside the
-same budget. Every other error status maps to one class of :mod:`orchestrator.errors` at once.
+same budget. The rate limit is the account's, and one client is one account: once any call is
+rate limited, every call of the client waits for the advertised reset before it is sent (one that
+cannot wait that long within its budget raises :class:`~orchestrator.errors.RateLimitedError`
+without calling). Every other error status maps to one class of :mod:`orchestrator.errors` at once.
 Nothing here logs or formats credentials, request bodies or record contents.
 
 Testing: :meth:`RetryPolicy.immediate` retries without backoff but still waits what a 429 asks
 (tests send a small ``Retry-After``). Under ``stamina.set_testing(True)`` stamina zeroes *every*
-wait, the API's ``Retry-After`` included, and replaces the attempts by its testing value; a wait
-beyond the call's time budget still raises :class:`~orchestrator.errors.RateLimitedError` at once.
+wait, the API's ``Retry-After`` and the account-wide wait after a 429 included, and replaces the
+attempts by its testing value; a wait beyond the call's time budget still raises
+:class:`~orchestrator.errors.RateLimitedError` at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 import orjson
 import stamina
 import structlog
@@ -334,6 +339,8 @@ class InsightClient:
         self.settings = settings
         self.calls = 0
         self.lost_responses = 0
+        # time.monotonic() until which the account is rate limited, as the API last advertised.
+        self._rate_limited_until = -math.inf
         self._session = session
         self._owns_session = session is None
         credentials = f"{settings.username}:{settings.password}".encode()
@@ -498,6 +505,7 @@ class InsightClient:
                             _log.info(
                                 "import.put_retry", attempt=attempt.num, reason=state.last_reason
                             )
+                    await self._wait_out_rate_limit(state, deadline - clock())
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
         except ServerError as exc:
@@ -530,6 +538,18 @@ class InsightClient:
         except ApiError as exc:  # not retried: the caller decides (account full, 4xx)
             raise _counted(exc, state) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _wait_out_rate_limit(self, state: _CallState, budget: float) -> None:
+        """Hold the call until the account's rate-limit window (from any call's 429) ends."""
+        wait = self._rate_limited_until - time.monotonic()
+        if wait <= 0 or stamina.is_testing():
+            return
+        if wait > budget:
+            state.rate_limit_wait = wait  # past the budget: the retry policy gives up at once
+            raise RateLimitedError(
+                f"the account is rate limited for {wait:.3g} s more", retry_after=wait, status=429
+            )
+        await anyio.sleep(wait)
 
     async def _once(
         self,
@@ -646,6 +666,8 @@ class InsightClient:
                 )
             wait = _rate_limit_wait(headers)
             state.rate_limit_wait = wait
+            if wait is not None:
+                self._rate_limited_until = max(self._rate_limited_until, time.monotonic() + wait)
             state.last_reason = "rate limited"
             _log.warning(
                 "api.rate_limited",

@@ -43,7 +43,7 @@ from orchestrator.lifecycle import (
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import default_processes
-from orchestrator.polling import PollPlanner
+from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.producer import Producer
 from orchestrator.records import Collection
 from orchestrator.settings import Settings
@@ -76,6 +76,14 @@ class Orchestrator:
         self._uploads = ByteBudget(self.settings.max_upload_bytes)
         self._planner = PollPlanner(
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
+        )
+        # The account's status calls a minute, shared by every import of every run (as the
+        # planner and the slots are).
+        rate = self.settings.status_calls_per_minute
+        self._status_budget = (
+            CallBudget(calls_per_minute=rate, window=self.settings.status_budget_window)
+            if rate is not None
+            else None
         )
         self._entered = False
 
@@ -259,6 +267,7 @@ class Orchestrator:
             slots=self._slots,
             uploads=self._uploads,
             planner=self._planner,
+            status_budget=self._status_budget,
             in_flight=in_flight,
             capacity=capacity,
             stats=stats,

@@ -42,7 +42,7 @@ from orchestrator.errors import (
 )
 from orchestrator.journal import BatchPhase, DeadLetter, Journal, NewBatch, StoredBatch
 from orchestrator.outcomes import ImportOutcome, RunStats
-from orchestrator.polling import PollPlanner
+from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.records import Collection
 from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings
@@ -192,6 +192,7 @@ class Downstream:
         slots: the account's slot gate.
         uploads: the account's budget of body bytes being sent at once.
         planner: the account's poll planner.
+        status_budget: the account's status calls a minute, if limited.
         in_flight: the run's register of records in unfinished batches.
         capacity: the producer's places for unfinished batches; freed as each batch ends.
         stats: live counters.
@@ -205,6 +206,7 @@ class Downstream:
     slots: SlotGate
     uploads: ByteBudget
     planner: PollPlanner
+    status_budget: CallBudget | None
     in_flight: InFlight
     capacity: anyio.Semaphore
     stats: RunStats
@@ -389,30 +391,13 @@ class Downstream:
         """Poll within [poll_min, poll_max]: the final status, or None if the API forgot it."""
         import_id = task.stored.import_id
         assert import_id is not None
-        settings = self.settings
-        now = anyio.current_time()
-        submitted = task.accepted if task.accepted is not None else now
+        submitted = task.accepted if task.accepted is not None else anyio.current_time()
         task.accepted = None  # a resubmit gets its own
-        records = task.stored.record_count
-        # poll_min is counted from the answer of the previous call (the later end) and poll_max
-        # from its sending (the earlier end), less a little for the way to the server: seen from
-        # the server, polls stay inside [poll_min, poll_max] whatever the round trip.
-        last_answer = last_sent = submitted
-        safety = min(0.02 * settings.poll_max, 0.25)
-        running_at: float | None = None
-        aimed_with = (
-            self.planner.version if self.planner.expected_duration(records) is not None else None
-        )
+        # The planner says when the next poll is due, the account's budget when it may go.
+        track = self.planner.track(records=task.stored.record_count, submitted=submitted)
         errors_in_row = 0
         while True:
-            elapsed = anyio.current_time() - submitted
-            delay = self.planner.next_delay(records=records, elapsed=elapsed)
-            wake = max(
-                min(last_answer + delay, last_sent + settings.poll_max - safety),
-                last_answer + settings.poll_min,
-            )
-            await anyio.sleep(max(0.0, wake - anyio.current_time()))
-            asked_at = last_sent = anyio.current_time()
+            await track.wait(self.status_budget)
             try:
                 status = await self.client.import_status(import_id, retry=False)
             except NotFoundError:
@@ -423,29 +408,23 @@ class Downstream:
                 task.stored = await self.journal.mark_polled(task.batch_id)
                 # The API asked us to wait: the only case where polls may be further apart.
                 await anyio.sleep(error.retry_after)
-                last_answer = anyio.current_time()
+                track.answered(running=None)
                 continue
             except TransientError:
                 task.stored = await self.journal.mark_polled(task.batch_id)
                 errors_in_row += 1
-                if errors_in_row >= settings.status_error_budget:
+                if errors_in_row >= self.settings.status_error_budget:
                     raise
-                last_answer = anyio.current_time()
+                track.answered(running=None)
                 continue
             errors_in_row = 0
-            last_answer = anyio.current_time()
+            track.answered(running=status.state is ImportState.RUNNING)
             failpoints.hit("polled")
             task.stored = await self.journal.mark_polled(task.batch_id)
             if status.state is ImportState.RUNNING:
-                running_at = asked_at - submitted
                 continue
             if status.state is ImportState.SUCCEEDED:
-                self.planner.observe(
-                    records=records,
-                    running_at=running_at,
-                    finished_by=asked_at - submitted,
-                    aimed_with=aimed_with,
-                )
+                track.finished()
             return status
 
     # -------------------------------------------------------------------------- split

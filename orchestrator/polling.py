@@ -1,25 +1,55 @@
-"""When to poll an import next: aimed at its expected finish, always within [poll_min, poll_max].
+"""When to poll an import next, and whether the account's call budget lets a status call go now.
 
-The API asks for status checks every 5–30 s and counts them against the rate limit, while a slot is
-only freed when a poll sees the import end. So the planner learns how long imports take (seconds per
-record, from the imports already finished) and aims the first poll just after the expected finish:
-steady workloads then cost about one status call per import and free the slot right after the work.
+The API asks for status checks every 5–30 s and counts them against the account's rate limit
+(35 calls a minute on the Basic tier, shared with the account's other integrations), while a slot
+is only freed when a poll sees the import end. Three parts keep polls few and well aimed:
 
-How far past the expected finish to aim (the margin) adapts too: a poll that finds the import still
-running widens it, a poll that finds it done narrows it, so steady processing times are met within
-a few percent while jittery ones are not polled too early again and again.
+- :class:`PollPlanner` learns how long imports take, as a fixed latency plus a cost per record,
+  from the imports already finished, and aims the poll just after the expected finish. Before it
+  has an estimate (and for an import past its expected finish) it probes with growing gaps, from
+  ``poll_min`` up to ``poll_max``, instead of polling every ``poll_min``.
+- :class:`PollTrack` is one import's polls: it says when the next one is due, always at least
+  ``poll_min`` after the previous answer and at most ``poll_max`` after the previous send.
+- :class:`CallBudget` is the account's status calls per minute, shared by all its imports: a poll
+  waits for its turn, so many imports in flight never call faster than the budget allows.
+
+The cost is per record, not per byte: the API upserts record by record (looking up a contact for
+each in contact scope), and records of one collection are of similar size, so records explain a
+duration as well as bytes do while staying meaningful across collections of different shapes.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["PollPlanner"]
+import anyio
+import structlog
+
+__all__ = ["CallBudget", "PollPlanner", "PollTrack"]
+
+log = structlog.get_logger("orchestrator.polling")
+
+Clock = Callable[[], float]
+
+#: Each probing gap is this many times the previous one (from poll_min, capped at poll_max).
+PROBE_GROWTH = 1.5
+#: A new observation counts at most this many times the current prediction, or 1/this of it:
+#: one outlier moves the estimate, never blows it up.
+OUTLIER_FACTOR = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    records: int
+    seconds: float
 
 
 @dataclass(slots=True, kw_only=True)
 class PollPlanner:
-    """Learns import durations and says how long to wait before the next status poll.
+    """Learns import durations (latency + seconds per record) and says when to poll next.
 
     Args:
         poll_min: never poll sooner than this many seconds after the submit or the last poll.
@@ -27,7 +57,9 @@ class PollPlanner:
         margin: the starting fraction to aim past the expected finish.
         min_margin: the margin never goes below this fraction.
         max_margin: the margin never goes above this fraction.
-        smoothing: weight of the newest observation in the moving estimate (0 < smoothing <= 1).
+        window: how many recent finished imports the duration model is fitted to.
+        recency: weight of an observation relative to the next newer one (0 < recency <= 1).
+        clock: the time source of :meth:`track` (the event loop's by default).
     """
 
     poll_min: float
@@ -35,50 +67,57 @@ class PollPlanner:
     margin: float = 0.05
     min_margin: float = 0.03
     max_margin: float = 0.5
-    smoothing: float = 0.3
-    _seconds_per_record: float | None = field(default=None, init=False)
-    _version: int = field(default=0, init=False)
+    window: int = 8
+    recency: float = 0.7
+    clock: Clock = field(default=anyio.current_time, repr=False)
+    _seen: deque[_Observation] = field(init=False, repr=False)
+    _latency: float | None = field(default=None, init=False)
+    _per_record: float = field(default=0.0, init=False)
     _hits_in_row: int = field(default=0, init=False)
-    _floor: float = field(default=0.0, init=False)  # seconds per record some import ran past
+
+    def __post_init__(self) -> None:
+        self._seen = deque(maxlen=self.window)
 
     @property
-    def seconds_per_record(self) -> float | None:
-        """The current estimate, or ``None`` before any import was seen to finish."""
-        return self._seconds_per_record
+    def model(self) -> tuple[float, float] | None:
+        """``(latency seconds, seconds per record)``, or ``None`` before any import finished."""
+        if self._latency is None:
+            return None
+        return (self._latency, self._per_record)
 
     def expected_duration(self, records: int) -> float | None:
         """Expected seconds from submit to finish for an import of ``records`` records."""
-        if self._seconds_per_record is None:
+        if self._latency is None:
             return None
-        return self._seconds_per_record * max(records, 1)
+        return self._latency + self._per_record * max(records, 1)
 
-    def next_delay(self, *, records: int, elapsed: float) -> float:
-        """Seconds to wait from now (the submit or the last poll) before polling again.
+    def aim(self, records: int) -> float | None:
+        """Seconds after submit at which the poll that should find the import done is aimed."""
+        expected = self.expected_duration(records)
+        return None if expected is None else expected * (1.0 + self.margin)
+
+    def next_delay(self, *, records: int, elapsed: float, probes: int = 0) -> float:
+        """Seconds to wait from now (the submit or the last answer) before polling again.
 
         Args:
             records: records in the import.
             elapsed: seconds since the import was submitted.
+            probes: polls that found it running with no aim ahead (no estimate yet, or after
+                the first poll past the aim): each probe waits longer than the previous one,
+                from poll_min up to poll_max.
         """
-        expected = self.expected_duration(records)
-        if expected is not None:
-            target = expected * (1.0 + self.margin) - elapsed
-            if target > 0:
-                return self._clamp(target)
-        # No estimate yet, or the import is overdue: check back as soon as allowed.
-        return self.poll_min
-
-    @property
-    def version(self) -> int:
-        """Grows whenever the estimate changes; an import keeps the version it was aimed with."""
-        return self._version
+        target = self.aim(records)
+        if target is not None and target > elapsed and self.poll_max > 0:
+            remaining = target - elapsed
+            # Spread what is left evenly over as few polls as poll_max allows: the last lands
+            # on the aim, the ones before it see the import running as late as they can.
+            count = remaining / self.poll_max
+            polls = max(1, math.ceil(count - 1e-9)) if math.isfinite(count) else 1
+            return self._clamp(remaining / polls)
+        return self._clamp(self.poll_min * PROBE_GROWTH ** min(max(probes, 0), 100))
 
     def observe(
-        self,
-        *,
-        records: int,
-        running_at: float | None,
-        finished_by: float,
-        aimed_with: int | None = None,
+        self, *, records: int, running_at: float | None, finished_by: float, aimed: bool
     ) -> None:
         """Learn from an import that a poll found finished.
 
@@ -87,49 +126,219 @@ class PollPlanner:
             running_at: seconds after submit of the last poll that still saw it running
                 (``None`` when the first poll already found it finished).
             finished_by: seconds after submit of the poll that found it finished.
-            aimed_with: the :attr:`version` of the estimate its polls were aimed with, or
-                ``None`` when they were not aimed (no estimate yet: polled every poll_min).
+            aimed: whether its polls were aimed at an estimate (else it was probed for).
         """
         records = max(records, 1)
-        upper = finished_by / records
-        current = self._seconds_per_record
-        if running_at is None:
-            if current is None or upper < current:
-                self._update(upper)
-            elif aimed_with == self._version:
-                # Found done at the aim: it may have ended well before. Probe lower, faster
-                # after each hit in a row, so a faster API (or an estimate that came from a late
-                # poll) is caught up with; a miss ends the streak. One step per estimate: the
-                # other imports aimed with the same estimate tell nothing new.
-                self._hits_in_row += 1
-                self.margin = max(self.min_margin, self.margin * 0.85)
-                if self._hits_in_row >= 3:
-                    # Steps grow while the hits go on, but stay under half the margin: with an
-                    # exact estimate a step past the margin would be a sure miss.
-                    step = min(0.005 * 2 ** (self._hits_in_row - 3), self.margin / 2)
-                    # Never below what an import was seen to last (that floor fades slowly).
-                    self._floor *= 0.998
-                    self._update(max(current * (1.0 - step), self._floor))
-            return
-        if aimed_with is None:
-            # Polled every poll_min with no estimate: it ended within the last poll_min. Take
-            # the later end: aiming a little late costs a fraction of a poll, too early a whole
-            # poll_min, and the hits that follow pull the estimate down.
-            self._floor = max(self._floor, running_at / records)
-            self._update(upper if current is None else min(current, upper))
-            return
-        # Aimed and missed: aim wider next time. The finishing poll came poll_min after the
-        # miss, so lean on the lower bound plus the margin.
-        self._hits_in_row = 0
-        self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
-        observed = min(finished_by, running_at * (1.0 + self.margin)) / records
-        smoothed = observed if current is None else current + self.smoothing * (observed - current)
-        self._floor = max(self._floor, running_at / records)
-        self._update(max(smoothed, running_at / records))
+        lower = running_at if running_at is not None and running_at < finished_by else 0.0
+        aim = self.aim(records)
+        if not aimed or aim is None:
+            # Probed for: it ended between the last two probes. Take the later end: aiming a
+            # little late costs a fraction of a poll, too early a whole poll_min; the hits that
+            # follow pull the estimate down.
+            seconds = finished_by
+        elif lower >= aim * 0.999:
+            # Missed: still running at the aim. It most likely ended soon after: lean on that
+            # lower bound, and aim wider from now on.
+            self._hits_in_row = 0
+            self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
+            seconds = min(finished_by, lower * (1.0 + self.margin))
+        else:
+            # Found done at (or before) the aim: it may have ended well before. Probe lower,
+            # faster after each hit in a row, never below what it was seen running at.
+            self._hits_in_row += 1
+            self.margin = max(self.min_margin, self.margin * 0.85)
+            step = self.margin + min(0.002 * 2 ** (self._hits_in_row - 1), 0.1)
+            seconds = max(lower, finished_by * (1.0 - step))
+        expected = self.expected_duration(records)
+        if expected is not None and expected > 0:
+            seconds = min(max(seconds, expected / OUTLIER_FACTOR), expected * OUTLIER_FACTOR)
+        self._seen.append(_Observation(records, seconds))
+        self._fit()
 
-    def _update(self, seconds_per_record: float) -> None:
-        self._seconds_per_record = seconds_per_record
-        self._version += 1
+    def track(self, *, records: int, submitted: float) -> PollTrack:
+        """The polls of one import submitted at ``submitted`` (a time of :attr:`clock`)."""
+        return PollTrack(planner=self, records=records, submitted=submitted)
+
+    def _fit(self) -> None:
+        # Weighted least squares of seconds on records, newest weighing most.
+        total = sum_n = sum_s = 0.0
+        weights: list[float] = []
+        for age in range(len(self._seen)):
+            weights.append(self.recency ** (len(self._seen) - 1 - age))
+        for weight, seen in zip(weights, self._seen, strict=True):
+            total += weight
+            sum_n += weight * seen.records
+            sum_s += weight * seen.seconds
+        mean_n, mean_s = sum_n / total, sum_s / total
+        var_n = cov = 0.0
+        for weight, seen in zip(weights, self._seen, strict=True):
+            var_n += weight * (seen.records - mean_n) ** 2
+            cov += weight * (seen.records - mean_n) * (seen.seconds - mean_s)
+        var_n /= total
+        cov /= total
+        if var_n > (0.1 * mean_n) ** 2:
+            slope = cov / var_n
+            latency = mean_s - slope * mean_n
+            if slope < 0:  # bigger imports were quicker: noise, no per-record cost to see
+                slope, latency = 0.0, mean_s
+            elif latency < 0:
+                slope, latency = mean_s / mean_n, 0.0
+        else:
+            # One size only: latency and per-record cost cannot be told apart. Split it half
+            # and half: for another size that errs early on either side of the truth, and an
+            # early poll costs one call where a late one costs time (a slot held idle).
+            slope, latency = mean_s / mean_n / 2, mean_s / 2
+        self._latency, self._per_record = latency, slope
 
     def _clamp(self, delay: float) -> float:
         return min(max(delay, self.poll_min), self.poll_max)
+
+
+@dataclass(slots=True, kw_only=True)
+class PollTrack:
+    """The polls of one import: when the next is due, and what each answer said.
+
+    ``poll_min`` is counted from the previous answer (the later end) and ``poll_max`` from the
+    previous send (the earlier end), less a little for the way to the server: seen from the
+    server, polls stay inside [poll_min, poll_max] whatever the round trip.
+
+    Args:
+        planner: the account's planner, which learns from this import once it ends.
+        records: records in the import.
+        submitted: when the API accepted it (a time of the planner's clock).
+    """
+
+    planner: PollPlanner
+    records: int
+    submitted: float
+    last_sent: float = field(init=False)
+    last_answer: float = field(init=False)
+    running_at: float | None = field(default=None, init=False)
+    probes: int = field(default=0, init=False)
+    aimed: bool = field(default=False, init=False)
+    missed: bool = field(default=False, init=False)
+    stretched: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.last_sent = self.last_answer = self.submitted
+        self.aimed = self.planner.aim(self.records) is not None
+
+    def next_poll_at(self) -> float:
+        """When the next status call is due (a time of the planner's clock)."""
+        planner = self.planner
+        delay = planner.next_delay(
+            records=self.records, elapsed=self.last_answer - self.submitted, probes=self.probes
+        )
+        safety = min(0.02 * planner.poll_max, 0.25)
+        latest = self.last_sent + planner.poll_max - safety
+        return max(min(self.last_answer + delay, latest), self.last_answer + planner.poll_min)
+
+    def latest_poll_at(self) -> float:
+        """The latest time the next call may go without stretching past poll_max."""
+        return self.last_sent + self.planner.poll_max
+
+    async def wait(self, budget: CallBudget | None = None) -> float:
+        """Sleep until the next poll is due and, with a budget, until it is this poll's turn.
+
+        Returns the time the call may go. A turn past poll_max (the budget forces it) is
+        logged once per import as ``poll.budget_stretched``.
+
+        Args:
+            budget: the account's status-call budget, or ``None`` for no limit.
+        """
+        clock = self.planner.clock
+        await anyio.sleep(max(0.0, self.next_poll_at() - clock()))
+        now = clock()
+        if budget is not None:
+            now, held = await budget.take()
+            if held and now > self.latest_poll_at() and not self.stretched:
+                self.stretched = True
+                log.warning(
+                    "poll.budget_stretched",
+                    gap_s=round(now - self.last_sent, 3),
+                    poll_max=self.planner.poll_max,
+                    calls_per_minute=budget.calls_per_minute,
+                    hint="many imports in flight share the account's status-call budget",
+                )
+        self.sent(now)
+        return now
+
+    def sent(self, at: float) -> None:
+        """Record that a status call went at ``at`` (done by :meth:`wait`)."""
+        self.last_sent = at
+
+    def answered(self, *, running: bool | None) -> None:
+        """Record the answer of the call sent last.
+
+        Args:
+            running: ``True`` the import is still running, ``False`` it ended (successfully or
+                not: see :meth:`finished`), ``None`` no status (an error; it is polled again).
+        """
+        self.last_answer = self.planner.clock()
+        if running:
+            self.running_at = self.last_sent - self.submitted
+            aim = self.planner.aim(self.records)
+            if aim is None or self.missed:
+                self.probes += 1
+            elif self.running_at >= aim * 0.999:
+                self.missed = True  # the next poll comes poll_min later: it most likely ended
+
+    def finished(self) -> None:
+        """The import succeeded at the last poll: teach the planner how long it took."""
+        self.planner.observe(
+            records=self.records,
+            running_at=self.running_at,
+            finished_by=self.last_sent - self.submitted,
+            aimed=self.aimed,
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class CallBudget:
+    """At most ``calls_per_minute`` status calls in any 60 s, for all imports of one account.
+
+    Calls take their turns one after the other, in the order they ask: a call goes at once while
+    the last 60 s hold fewer calls than the budget, else when the oldest of them is 60 s old.
+    Each call is counted at the moment it goes, so over any span ``[t, t + 60)`` at most
+    ``floor(calls_per_minute)`` calls go, however the event loop's timers fire.
+
+    Args:
+        calls_per_minute: the budget (at least 1; a fraction is rounded down).
+        window: seconds the budget counts over.
+        clock: the time source (the event loop's by default).
+    """
+
+    calls_per_minute: float
+    window: float = 60.0
+    clock: Clock = field(default=anyio.current_time, repr=False)
+    _calls: deque[float] = field(init=False, repr=False)
+    _lock: anyio.Lock | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.calls_per_minute) and self.calls_per_minute >= 1):
+            raise ValueError(f"calls_per_minute must be >= 1, got {self.calls_per_minute!r}")
+        self._calls = deque(maxlen=int(self.calls_per_minute))
+
+    def next_turn(self, now: float) -> float:
+        """The earliest time at or after ``now`` that a call would fit in the budget."""
+        calls = self._calls
+        if len(calls) == calls.maxlen:
+            return max(now, calls[0] + self.window)
+        return now
+
+    def record(self, at: float) -> None:
+        """Count a call that went at ``at`` (not before the calls already counted)."""
+        self._calls.append(at)
+
+    async def take(self) -> tuple[float, bool]:
+        """Wait for this call's turn and count it: ``(time it may go, whether it was held)``."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            asked = now = self.clock()
+            turn = self.next_turn(asked)
+            while now < turn:  # a timer may fire a hair early: the budget is a hard limit
+                await anyio.sleep(turn - now)
+                now = self.clock()
+            self.record(now)
+            return now, turn > asked

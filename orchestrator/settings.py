@@ -22,6 +22,8 @@ Duration: TypeAlias = float | timedelta
 API_MAX_BODY_BYTES = 50_000_000
 #: The API's documented limit of concurrent bulk imports per account.
 API_MAX_CONCURRENT = 5
+#: The API's documented shortest gap between two status polls, in seconds.
+API_MIN_POLL = 5.0
 
 _DURATIONS = ("poll_min", "poll_max", "account_full_wait", "linger")
 _COUNTS = (
@@ -98,6 +100,14 @@ class Settings:
             parses in a worker thread: starting processes is the embedding application's call
             (its main module must be import-safe, ``if __name__ == "__main__":``). The CLI uses
             one per CPU.
+        status_calls_per_minute: the most status polls a minute (in any 60 s) for the account,
+            all its imports and collections together; polls wait their turn, which may stretch
+            a gap past ``poll_max`` (logged as ``poll.budget_stretched``). The default stays
+            under the 35 calls a minute of Dotdigital's Basic tier, which counts the account's
+            other integrations and submits too. ``None``: no budget (the API's 429 still
+            holds calls back). With ``poll_min`` under the API's 5 s (a time-scaled run against
+            the simulator, as :meth:`scaled` makes) the minute shrinks in proportion: see
+            :attr:`status_budget_window`.
     """
 
     max_concurrent: int = API_MAX_CONCURRENT
@@ -111,6 +121,7 @@ class Settings:
     status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
     parse_processes: int | None = 0
+    status_calls_per_minute: float | None = 30.0
 
     if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta
 
@@ -128,6 +139,7 @@ class Settings:
             status_error_budget: int = ...,
             max_upload_bytes: int = ...,
             parse_processes: int | None = ...,
+            status_calls_per_minute: float | None = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -163,15 +175,31 @@ class Settings:
             raise ConfigError(
                 f"parse_processes must be between 0 and 64 or None, got {self.parse_processes}"
             )
+        rate = self.status_calls_per_minute
+        if rate is not None and not (
+            isinstance(rate, int | float) and math.isfinite(rate) and rate >= 1
+        ):
+            raise ConfigError(
+                f"status_calls_per_minute must be a number >= 1 or None, got {rate!r}; "
+                "Dotdigital's Basic tier allows 35 calls a minute per account"
+            )
         if self.status_error_budget < 1:
             raise ConfigError(f"status_error_budget must be >= 1, got {self.status_error_budget}")
+
+    @property
+    def status_budget_window(self) -> float:
+        """Seconds over which ``status_calls_per_minute`` is counted: 60, or less in proportion
+        when ``poll_min`` is under the API's 5 s minimum (time-scaled runs keep their budget's
+        shape instead of being held to real minutes)."""
+        return 60.0 * min(1.0, self.poll_min / API_MIN_POLL)
 
     @classmethod
     def scaled(cls, factor: float, **overrides: object) -> Settings:
         """Production settings with every interval multiplied by ``factor`` (for tests and demos).
 
         Args:
-            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s.
+            factor: e.g. ``0.01`` turns 5–30 s polling into 0.05–0.3 s (and so the status-call
+                budget's minute into 0.6 s).
             overrides: any other field.
 
         Raises:

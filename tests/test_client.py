@@ -317,6 +317,68 @@ async def test_rate_limit_beyond_the_time_budget_raises_at_once(sim: Simulator) 
 
 
 @pytest.mark.anyio
+async def test_a_rate_limit_holds_every_call_of_the_client_until_the_reset(sim: Simulator) -> None:
+    """After one call's 429 rate limit, no call of the same client reaches the API in the window."""
+    async with InsightClient(settings_for(sim)) as client:
+        ids = [
+            (await client.submit_import(body_of(account_records(1)))).import_id for _ in range(2)
+        ]
+        sim.faults.rate_limit_calls, sim.faults.rate_limit_reset_s = 1, 0.4
+        with pytest.raises(RateLimitedError):
+            await client.import_status(ids[0], retry=False)
+        limited_at, requests = time.monotonic(), sim.stats.requests
+        finished: list[float] = []
+
+        async def call(work: Callable[[], Awaitable[object]]) -> None:
+            await work()
+            finished.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, lambda: client.import_status(ids[1], retry=False))
+            tg.start_soon(call, lambda: client.import_status(ids[0]))
+            tg.start_soon(call, lambda: client.submit_import(body_of(account_records(1))))
+            await anyio.sleep(0.3)
+            assert sim.stats.requests == requests  # all three held back, none sent
+    assert sim.stats.requests == requests + 3
+    assert all(at - limited_at >= 0.39 for at in finished)
+    polls = sim.stats.imports[ids[0]].polls + sim.stats.imports[ids[1]].polls
+    assert sorted(polls)[-2] - sorted(polls)[-3] >= 0.39  # the two after the 429 came after it
+
+
+@pytest.mark.anyio
+async def test_account_full_holds_no_other_call(sim: Simulator) -> None:
+    """A 429 too many active imports is not a rate limit: the next call goes at once."""
+    sim.config.max_active_imports = 1
+    sim.faults.foreign_active_imports = 1
+    async with InsightClient(settings_for(sim)) as client:
+        with pytest.raises(AccountFullError):
+            await client.submit_import(body_of(account_records(1)))
+        started = time.monotonic()
+        with pytest.raises(NotFoundError):
+            await client.import_status(str(uuid.uuid4()))
+        assert time.monotonic() - started < 0.2
+    assert sim.stats.requests == 2
+
+
+@pytest.mark.anyio
+async def test_a_call_that_cannot_wait_out_the_rate_limit_raises_without_calling(
+    sim: Simulator,
+) -> None:
+    """A call whose time budget ends before the account's reset raises RateLimitedError at once."""
+    sim.faults.rate_limit_calls, sim.faults.rate_limit_reset_s = 1, 30.0
+    settings = settings_for(sim, retry=RetryPolicy.immediate(timeout=1.0))
+    async with InsightClient(settings) as client:
+        with pytest.raises(RateLimitedError):
+            await client.import_status(str(uuid.uuid4()))
+        started = time.monotonic()
+        with pytest.raises(RateLimitedError) as caught:
+            await client.account_api_endpoint()
+        assert time.monotonic() - started < 0.5
+    assert sim.stats.requests == 1
+    assert caught.value.retry_after > 29
+
+
+@pytest.mark.anyio
 async def test_rate_limit_beyond_the_attempts_raises(sim: Simulator) -> None:
     """Rate limits on every attempt end in RateLimitedError once the attempts are spent."""
     sim.faults.rate_limit_calls, sim.faults.rate_limit_reset_s = 10, 0.01

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from orchestrator import (
     AuthenticationError,
@@ -123,6 +124,27 @@ async def test_polls_stay_within_poll_min_and_poll_max(sim: Simulator) -> None:
         assert stats.polls, "every import is polled to its end"
     assert min(gaps) >= FAST.poll_min
     assert max(gaps) <= FAST.poll_max + SLACK
+
+
+async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator) -> None:
+    """Two runs of one orchestrator together poll no faster than its status-call budget."""
+    sim.config.records_per_second = 1_000
+    # Time scaled by 0.01: the budget's minute is 0.6 s.
+    settings = Settings.scaled(0.01, max_body_bytes=20_000, status_calls_per_minute=6)
+    async with Orchestrator(client_for(sim), settings=settings) as orch:
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(orch.import_records, Collection("BudgetA", "contact"), orders(300))
+                tg.start_soon(orch.import_records, Collection("BudgetB", "contact"), orders(300))
+    polls = sorted(t for stats in sim.stats.imports.values() for t in stats.polls)
+    assert len(polls) > 6
+    # Counted when sent, seen when arrived: allow the loopback's jitter on the window.
+    assert all(
+        later - earlier >= 0.6 - SLACK for earlier, later in zip(polls, polls[6:], strict=False)
+    )
+    assert len(stored(sim, "BudgetA")) == len(stored(sim, "BudgetB")) == 300
+    stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]
+    assert 1 <= len(stretched) <= len(sim.stats.imports)
 
 
 async def test_last_occurrence_wins_across_concurrent_imports(sim: Simulator) -> None:
@@ -504,8 +526,9 @@ async def test_status_errors_are_polled_again_within_the_window(sim: Simulator) 
     sim.config.jitter = 0.0
 
     async def break_polls() -> None:
-        await anyio.sleep(0.02)  # after the PUT
-        sim.faults.server_errors = 3
+        while not sim.stats.imports:  # noqa: ASYNC110 - the simulator has no event for a 202
+            await anyio.sleep(0.001)
+        sim.faults.server_errors = 3  # after the PUT was accepted, before its first poll
 
     async with (
         anyio.create_task_group() as tg,

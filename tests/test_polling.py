@@ -1,15 +1,49 @@
-"""The poll planner: delays always within [poll_min, poll_max], aimed at the learned finish."""
+"""The poll planner, one import's poll track and the account's call budget."""
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
+import heapq
+import itertools
+import math
 
-from orchestrator.polling import PollPlanner
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from orchestrator.polling import CallBudget, PollPlanner, PollTrack
 
 intervals = st.tuples(
     st.floats(min_value=0.0, max_value=60.0), st.floats(min_value=0.0, max_value=120.0)
 ).map(lambda pair: (min(pair), max(pair)))
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_import(
+    planner: PollPlanner, clock: FakeClock, records: int, duration: float
+) -> list[float]:
+    """Poll one import to its end on a fake clock (answers take no time); the poll times."""
+    track = planner.track(records=records, submitted=clock.now)
+    start, times = clock.now, []
+    while True:
+        clock.now = max(clock.now, track.next_poll_at())
+        track.sent(clock.now)
+        times.append(clock.now - start)
+        running = clock.now - start < duration
+        track.answered(running=running)
+        if not running:
+            track.finished()
+            return times
 
 
 @given(
@@ -19,82 +53,152 @@ intervals = st.tuples(
             st.integers(min_value=1, max_value=200_000),
             st.one_of(st.none(), st.floats(min_value=0.0, max_value=500.0)),
             st.floats(min_value=0.001, max_value=1_000.0),
+            st.booleans(),
         ),
         max_size=20,
     ),
     records=st.integers(min_value=0, max_value=500_000),
     elapsed=st.floats(min_value=0.0, max_value=2_000.0),
+    probes=st.integers(min_value=0, max_value=50),
 )
 def test_delay_is_always_within_the_bounds(
     bounds: tuple[float, float],
-    history: list[tuple[int, float | None, float]],
+    history: list[tuple[int, float | None, float, bool]],
     records: int,
     elapsed: float,
+    probes: int,
 ) -> None:
     """Whatever was learned, the next delay is never under poll_min nor over poll_max."""
     planner = PollPlanner(poll_min=bounds[0], poll_max=bounds[1])
-    for done_records, running_at, finished_by in history:
-        if running_at is not None and running_at >= finished_by:
-            running_at = None
-        planner.observe(records=done_records, running_at=running_at, finished_by=finished_by)
-    delay = planner.next_delay(records=records, elapsed=elapsed)
+    for done_records, running_at, finished_by, aimed in history:
+        planner.observe(
+            records=done_records, running_at=running_at, finished_by=finished_by, aimed=aimed
+        )
+    delay = planner.next_delay(records=records, elapsed=elapsed, probes=probes)
     assert bounds[0] <= delay <= bounds[1]
+    model = planner.model
+    assert model is None or (model[0] >= 0 and model[1] >= 0 and math.isfinite(sum(model)))
 
 
-def test_first_poll_without_history_is_at_poll_min() -> None:
-    """Before any import finished, poll as soon as allowed."""
-    planner = PollPlanner(poll_min=5, poll_max=30)
-    assert planner.next_delay(records=1000, elapsed=0) == 5
+@given(
+    poll_min=st.floats(min_value=0.1, max_value=10.0),
+    spread=st.floats(min_value=1.0, max_value=10.0),
+    durations=st.lists(st.floats(min_value=0.0, max_value=20.0), min_size=1, max_size=12),
+    sizes=st.lists(st.integers(min_value=1, max_value=100_000), min_size=1, max_size=12),
+    trip=st.floats(min_value=0.0, max_value=1.0),
+)
+@settings(deadline=None)
+def test_a_track_keeps_its_polls_within_the_window(
+    poll_min: float, spread: float, durations: list[float], sizes: list[int], trip: float
+) -> None:
+    """Seen from the server, one import's polls are at least poll_min and at most poll_max apart."""
+    poll_max = poll_min * spread
+    # A round trip longer than poll_max - poll_min leaves no room for any poll time.
+    round_trip = trip * min(poll_max - poll_min, 0.5)
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=poll_min, poll_max=poll_max, clock=clock)
+    for number, in_poll_max in enumerate(durations):
+        records, duration = sizes[number % len(sizes)], in_poll_max * poll_max
+        track = planner.track(records=records, submitted=clock.now)
+        # The accept counts from its answer (the server's moment is unknown), the polls from
+        # their arrival at the server.
+        arrivals = [clock.now + round_trip / 2]
+        while True:
+            clock.now = max(clock.now, track.next_poll_at())
+            track.sent(clock.now)
+            clock.now += round_trip / 2
+            arrivals.append(clock.now)
+            clock.now += round_trip / 2
+            running = arrivals[-1] - arrivals[0] < duration
+            track.answered(running=running)
+            if not running:
+                track.finished()
+                break
+        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+        assert all(poll_min - 1e-9 <= gap <= poll_max + 1e-9 for gap in gaps)
+
+
+def test_probing_gaps_grow_from_poll_min_to_poll_max() -> None:
+    """Before any estimate, the gaps grow from poll_min to poll_max."""
+    clock = FakeClock()
+    times = run_import(PollPlanner(poll_min=5, poll_max=30, clock=clock), clock, 1000, 200.0)
+    gaps = [later - earlier for earlier, later in zip([0.0, *times], times, strict=False)]
+    assert gaps[:4] == [5, 7.5, 11.25, 16.875]
+    assert 29 <= max(gaps) <= 30  # a little under poll_max, for the way to the server
+    assert gaps == sorted(gaps)
+    assert len(times) < 200 / 5 / 2  # polling every poll_min would take 40 calls
 
 
 def test_steady_imports_are_found_done_at_the_first_poll() -> None:
     """With a steady 1000 records/s, the planner soon aims one poll just after the finish."""
-    planner = PollPlanner(poll_min=5, poll_max=30)
-    true_duration = 12.0  # 12,000 records at 1000/s
-    polls_per_import = []
-    for _ in range(40):
-        elapsed, polls, running_at = 0.0, 0, None
-        aimed = planner.version if planner.expected_duration(12_000) is not None else None
-        while True:
-            elapsed += planner.next_delay(records=12_000, elapsed=elapsed)
-            polls += 1
-            if elapsed >= true_duration:
-                break
-            running_at = elapsed
-        planner.observe(
-            records=12_000, running_at=running_at, finished_by=elapsed, aimed_with=aimed
-        )
-        polls_per_import.append((polls, elapsed))
-    assert polls_per_import[0][0] == 3  # 5, 10, 15 s without history
-    steady = polls_per_import[2:]
-    # Probing for a faster API costs an extra poll now and then, never more.
-    assert sum(polls for polls, _ in steady) / len(steady) <= 1.25
-    assert all(polls <= 2 for polls, _ in steady)
-    # Never seen before the end; once the estimate has come down from the first import's late
-    # poll, the finish is seen within a few percent of the real end.
-    assert all(seen >= true_duration for _, seen in steady)
-    first_poll_hits = [seen for polls, seen in steady[25:] if polls == 1]
-    assert all(seen <= true_duration * 1.08 for seen in first_poll_hits)
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    polls = [run_import(planner, clock, 12_000, 12.0) for _ in range(40)]
+    assert polls[0] == [5, 12.5]
+    steady = polls[2:]
+    assert sum(len(times) for times in steady) / len(steady) <= 1.25
+    assert all(len(times) <= 2 for times in steady)
+    assert all(times[-1] >= 12.0 for times in steady)
+    first_poll_hits = [times[0] for times in steady[20:] if len(times) == 1]
+    assert all(seen <= 12.0 * 1.1 for seen in first_poll_hits)
 
 
-def test_a_slower_api_is_learned_from_a_bracketed_finish() -> None:
-    """An import seen running past the estimate raises the estimate to at least that time."""
+def test_long_imports_take_the_fewest_polls_poll_max_allows() -> None:
+    """A 100 s import with poll_max 30 is soon seen done in four polls, the fewest possible."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    polls = [run_import(planner, clock, 50_000, 100.0) for _ in range(30)]
+    assert sum(len(times) for times in polls[10:]) / 20 <= 4.3
+    assert all(times[-1] - 100.0 <= 0.25 * 30 for times in polls[10:])
+
+
+def test_latency_and_per_record_cost_are_told_apart() -> None:
+    """Mixed sizes teach the fixed latency, so a small last batch is aimed right too."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=1, poll_max=60, clock=clock)
+    for records in [10_000, 40_000, 20_000, 30_000] * 6:
+        run_import(planner, clock, records, 8.0 + records / 2_000)
+    model = planner.model
+    assert model is not None
+    assert 5.0 <= model[0] <= 10.0  # the 8 s latency, not all per record
+    times = run_import(planner, clock, 100, 8.05)
+    assert len(times) <= 2
+    assert times[-1] - 8.05 <= 1.5
+
+
+def test_one_outlier_moves_the_estimate_but_does_not_blow_it_up() -> None:
+    """A single import ten times slower than the rest at most doubles its own observation."""
+    planner = PollPlanner(poll_min=1, poll_max=600)
+    for _ in range(6):
+        planner.observe(records=1000, running_at=9.0, finished_by=10.0, aimed=False)
+    before = planner.expected_duration(1000)
+    assert before is not None
+    planner.observe(records=1000, running_at=99.0, finished_by=100.0, aimed=True)
+    after = planner.expected_duration(1000)
+    assert after is not None
+    assert before < after <= 1.6 * before
+
+
+def test_a_slower_api_is_learned_from_a_missed_aim() -> None:
+    """An import still running at the aim raises the estimate to at least that time."""
     planner = PollPlanner(poll_min=1, poll_max=30)
-    planner.observe(records=100, running_at=None, finished_by=5.0)
-    planner.observe(records=100, running_at=9.0, finished_by=10.0, aimed_with=planner.version)
+    planner.observe(records=100, running_at=None, finished_by=5.0, aimed=False)
+    planner.observe(records=100, running_at=9.0, finished_by=10.0, aimed=True)
     expected = planner.expected_duration(100)
     assert expected is not None
-    assert expected >= 9.0
+    assert expected >= 7.0
 
 
 def test_a_faster_api_is_probed_downwards() -> None:
     """Imports found finished at their aimed poll, again and again, lower the estimate."""
     planner = PollPlanner(poll_min=1, poll_max=30)
-    planner.observe(records=100, running_at=None, finished_by=10.0)
-    before = planner.seconds_per_record
+    planner.observe(records=100, running_at=None, finished_by=10.0, aimed=False)
+    before = planner.expected_duration(100)
     for _ in range(4):
-        planner.observe(records=100, running_at=None, finished_by=10.5, aimed_with=planner.version)
-    after = planner.seconds_per_record
+        aim = planner.aim(100)
+        assert aim is not None
+        planner.observe(records=100, running_at=None, finished_by=aim, aimed=True)
+    after = planner.expected_duration(100)
     assert before is not None
     assert after is not None
     assert after < before
@@ -102,18 +206,127 @@ def test_a_faster_api_is_probed_downwards() -> None:
 
 def test_jittery_durations_stop_being_missed() -> None:
     """Imports that overrun the aim make the planner aim later, so misses become rare."""
-    planner = PollPlanner(poll_min=1, poll_max=60)
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=1, poll_max=60, clock=clock)
     durations = [10.0, 12.5, 9.5, 12.0, 10.5, 12.4] * 6
-    misses = []
-    for true_duration in durations:
-        elapsed, running_at = 0.0, None
-        aimed = planner.version if planner.expected_duration(1_000) is not None else None
-        while True:
-            elapsed += planner.next_delay(records=1_000, elapsed=elapsed)
-            if elapsed >= true_duration:
-                break
-            running_at = elapsed
-        planner.observe(records=1_000, running_at=running_at, finished_by=elapsed, aimed_with=aimed)
-        misses.append(running_at is not None)
-    assert sum(misses[18:]) < sum(misses[:18])
-    assert sum(misses[18:]) <= 1
+    misses = [len(run_import(planner, clock, 1_000, d)) > 1 for d in durations]
+    assert sum(misses[18:]) <= sum(misses[:18])
+    assert sum(misses[18:]) <= 4
+
+
+@given(
+    rate=st.floats(min_value=1.0, max_value=40.0),
+    asks=st.lists(st.floats(min_value=0.0, max_value=30.0), max_size=120),
+)
+def test_the_budget_is_never_exceeded_in_any_minute(rate: float, asks: list[float]) -> None:
+    """Turns are never before the ask, and any 60 s span holds at most the budget's calls."""
+    budget = CallBudget(calls_per_minute=rate)
+    now, turns = 0.0, []
+    for step in asks:
+        now += step
+        turn = budget.next_turn(now)
+        assert turn >= now
+        budget.record(turn)
+        turns.append(turn)
+        now = turn
+    limit = math.floor(rate)
+    for first, start in enumerate(turns):
+        inside = [t for t in turns[first:] if t < start + 60.0]
+        assert len(inside) <= limit
+
+
+def test_the_budget_lets_calls_go_at_once_while_there_is_room() -> None:
+    """Under the budget, a call's turn is now; the next past it waits for the oldest to age out."""
+    budget = CallBudget(calls_per_minute=3)
+    turns = []
+    for ask in (0.0, 1.0, 2.0, 3.0, 61.5, 61.6):
+        turns.append(budget.next_turn(max([ask, *turns[-1:]])))
+        budget.record(turns[-1])
+    assert turns == [0.0, 1.0, 2.0, 60.0, 61.5, 62.0]
+
+
+@pytest.mark.parametrize("rate", [0.5, math.inf, math.nan])
+def test_a_budget_below_one_call_is_refused(rate: float) -> None:
+    """A budget must allow at least one call a minute."""
+    with pytest.raises(ValueError, match="calls_per_minute"):
+        CallBudget(calls_per_minute=rate)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    imports=st.integers(min_value=1, max_value=12),
+    rate=st.floats(min_value=2.0, max_value=60.0),
+    durations=st.lists(st.floats(min_value=0.5, max_value=200.0), min_size=1, max_size=30),
+)
+def test_imports_sharing_a_budget_keep_to_it_and_to_the_poll_window(
+    imports: int, rate: float, durations: list[float]
+) -> None:
+    """Imports sharing a budget keep to it; a gap passes poll_max only when the budget forces it."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    budget = CallBudget(calls_per_minute=rate)
+    # A discrete-event run: (due time, order, import number) in a heap.
+    events: list[tuple[float, int, int]] = []
+    tracks: dict[int, tuple[PollTrack, float]] = {}
+    calls: list[float] = []
+    for number in range(imports):
+        duration = durations[number % len(durations)]
+        tracks[number] = (planner.track(records=1000, submitted=0.0), duration)
+        heapq.heappush(events, (tracks[number][0].next_poll_at(), 0, number))
+    while events:
+        due, _, number = heapq.heappop(events)
+        track, duration = tracks[number]
+        clock.now = max(clock.now, due)
+        turn = budget.next_turn(clock.now)
+        budget.record(turn)
+        gap = turn - track.last_sent
+        # Past poll_max only when the budget held the call back.
+        assert gap <= 30 + 1e-9 or turn > due
+        assert gap >= 5 - 1e-9
+        clock.now = turn
+        track.sent(turn)
+        calls.append(turn)
+        running = turn - track.submitted < duration
+        track.answered(running=running)
+        if running:
+            heapq.heappush(events, (track.next_poll_at(), len(calls), number))
+        else:
+            track.finished()
+    for first, start in enumerate(calls):
+        assert len([t for t in calls[first:] if t < start + 60.0]) <= math.floor(rate)
+
+
+@pytest.mark.anyio
+async def test_concurrent_calls_take_their_turns_within_the_budget() -> None:
+    """Calls asking at once on the event loop go no faster than the budget, in asking order."""
+    budget = CallBudget(calls_per_minute=2, window=0.1)
+    went: list[tuple[int, float]] = []
+
+    async def call(number: int) -> None:
+        at, _ = await budget.take()
+        went.append((number, at))
+
+    async with anyio.create_task_group() as tg:
+        for number in range(5):
+            tg.start_soon(call, number)
+    assert [number for number, _ in went] == [0, 1, 2, 3, 4]
+    times = [at for _, at in went]
+    assert all(later - earlier >= 0.1 for earlier, later in zip(times, times[2:], strict=False))
+
+
+@pytest.mark.anyio
+async def test_a_stretch_by_the_budget_is_logged_once_per_import() -> None:
+    """A budget too small for the poll window stretches gaps and logs it once for the import."""
+    planner = PollPlanner(poll_min=0.01, poll_max=0.02)
+    budget = CallBudget(calls_per_minute=1, window=0.1)
+    track = planner.track(records=10, submitted=anyio.current_time())
+    with capture_logs() as logs:
+        sent = []
+        for _ in range(3):
+            sent.append(await track.wait(budget))
+            track.answered(running=True)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
+    assert all(gap >= 0.1 for gap in gaps)
+    stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]
+    assert len(stretched) == 1
+    assert stretched[0]["calls_per_minute"] == 1

@@ -19,6 +19,8 @@ def test_defaults_are_the_api_limits() -> None:
     settings = Settings()
     assert (settings.max_concurrent, settings.max_body_bytes) == (5, 50_000_000)
     assert (settings.poll_min, settings.poll_max) == (5.0, 30.0)
+    assert settings.status_calls_per_minute == 30.0  # under the Basic tier's 35 a minute
+    assert Settings(status_calls_per_minute=None).status_calls_per_minute is None
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,9 @@ def test_defaults_are_the_api_limits() -> None:
         ("max_resubmits", -1, "max_resubmits"),
         ("max_account_full_waits", 0, "max_account_full_waits"),
         ("status_error_budget", 0, "status_error_budget"),
+        ("status_calls_per_minute", 0.5, "status_calls_per_minute"),
+        ("status_calls_per_minute", float("nan"), "status_calls_per_minute"),
+        ("status_calls_per_minute", "30", "status_calls_per_minute"),
     ],
 )
 def test_invalid_values_name_the_setting(field: str, value: object, message: str) -> None:
@@ -51,6 +56,8 @@ def test_scaled_multiplies_every_interval() -> None:
     assert settings.poll_min == pytest.approx(0.05)
     assert settings.poll_max == pytest.approx(0.3)
     assert settings.max_concurrent == 2
+    assert settings.status_budget_window == pytest.approx(0.6)  # the budget's minute too
+    assert Settings().status_budget_window == 60.0
 
 
 CONFIG_CLASSES = [Settings, ClientSettings, RetryPolicy]
