@@ -57,7 +57,7 @@ from orchestrator.journal import (
     StoredBatch,
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
-from orchestrator.parsing import default_processes
+from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.polling import PollPlanner
 from orchestrator.records import (
     Collection,
@@ -141,15 +141,27 @@ class Orchestrator:
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
         )
         self._entered = False
+        # worker processes for large files, shared by this orchestrator's runs
+        self._parse_pool: ParsePool | None = None
 
     async def __aenter__(self) -> Orchestrator:
         await self.client.__aenter__()
+        processes = self.settings.parse_processes
+        if processes is None:
+            processes = default_processes()
+        # started only when a file is large enough to need it
+        self._parse_pool = ParsePool(processes) if processes else None
         self._entered = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._entered = False
-        await self.client.aclose()
+        pool, self._parse_pool = self._parse_pool, None
+        try:
+            if pool is not None:
+                await pool.aclose()
+        finally:
+            await self.client.aclose()
 
     async def import_records(
         self,
@@ -175,7 +187,7 @@ class Orchestrator:
         """
         return await self._run(
             collection,
-            lambda tg: [IterableInput(records, tg, self.settings.seal_after)],
+            lambda tg: [IterableInput(records)],
             inputs=("<records>",),
             journal=journal,
             on_outcome=on_outcome,
@@ -235,12 +247,10 @@ class Orchestrator:
             on_outcome: called with each :class:`ImportOutcome` as its batch ends.
             stats: live counters to update (for a progress display).
         """
-        processes = self.settings.parse_processes
-        if processes is None:
-            processes = default_processes()
+        pool = self._parse_pool
         return await self._run(
             collection,
-            lambda tg: [FileInput(path, processes=processes) for path in paths],
+            lambda tg: [FileInput(path, pool=pool) for path in paths],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,
@@ -900,22 +910,29 @@ class _Producer:
     async def consume(self, index: int, source: RecordInput) -> None:
         run = self.run
         last: Chunk | None = None
-        async for chunk in source.chunks(run.collection):
-            if chunk is None:  # the source paused: do not keep what we have waiting
-                if last is not None:
-                    await self._seal_open(progress=_progress_after(index, last))
-                continue
-            last = chunk
-            failpoints.hit("read")
-            if chunk.run is not None:
-                await self._add_run(chunk, chunk.run, index)
-            else:
-                for result in chunk.results:
-                    if isinstance(result, RejectedRecord):
-                        self._reject(result.error, result.raw)
-                        continue
-                    await self._add(result, index, chunk)
-            run.stats.records_read += chunk.read
+        async with source.open(run.collection) as chunks:
+            while True:
+                chunk: Chunk | None = None
+                with anyio.move_on_after(run.settings.seal_after):
+                    try:
+                        chunk = await chunks.receive()  # cancellation-safe: nothing is lost
+                    except anyio.EndOfStream:
+                        break
+                if chunk is None:  # the source paused: do not keep what we have waiting
+                    if last is not None:
+                        await self._seal_open(progress=_progress_after(index, last))
+                    continue
+                last = chunk
+                failpoints.hit("read")
+                if chunk.run is not None:
+                    await self._add_run(chunk, chunk.run, index)
+                else:
+                    for result in chunk.results:
+                        if isinstance(result, RejectedRecord):
+                            self._reject(result.error, result.raw)
+                            continue
+                        await self._add(result, index, chunk)
+                run.stats.records_read += chunk.read
         end = _progress_after(index, last) if last is not None else InputProgress(index, 0, "")
         self.finished_inputs.append(
             InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)
