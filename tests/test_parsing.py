@@ -16,7 +16,7 @@ import orjson
 import psutil
 import pytest
 
-from orchestrator import InsightClient, Orchestrator, Settings, inputs, parsing
+from orchestrator import InsightClient, Orchestrator, RunStats, Settings, inputs, parsing
 from orchestrator.inputs import FileInput
 from orchestrator.parsing import ParsePool
 from orchestrator.records import Collection, Scope
@@ -233,32 +233,41 @@ def write_orders(path: Path, collection: str, count: int) -> Path:
     return path
 
 
-async def import_file(sim: Simulator, path: Path, collection: str, processes: int) -> int:
-    settings = Settings.scaled(0.01, parse_processes=processes)
-    async with Orchestrator(InsightClient(sim_client_settings(sim)), settings) as orch:
-        result = await orch.import_files(Collection(collection, "contact"), [str(path)])
-    assert result.ok
-    return result.records_read
-
-
 async def test_two_orchestrators_with_different_parse_processes_import_side_by_side(
-    sim: Simulator, tmp_path: Path, parse_everything_in_processes: None
+    sim: Simulator,
+    tmp_path: Path,
+    parse_everything_in_processes: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each orchestrator has its own workers: two importing at once both import every record."""
-    count = 6_000
-    names = ("OrdersA", "OrdersB")
-    paths = {name: write_orders(tmp_path / f"{name}.jsonl", name, count) for name in names}
+    monkeypatch.setattr(inputs, "_CHUNK_BYTES", 1 << 20)  # the worker, not the parent, is busy
+    counts = {"OrdersA": 40_000, "OrdersB": 3_000}
+    paths = {name: write_orders(tmp_path / f"{name}.jsonl", name, n) for name, n in counts.items()}
     read: dict[str, int] = {}
+    a_stats = RunStats()
 
-    async def run(name: str, processes: int) -> None:
-        read[name] = await import_file(sim, paths[name], name, processes)
+    async def run(name: str, processes: int, stats: RunStats | None = None) -> None:
+        settings = Settings.scaled(0.01, parse_processes=processes)
+        async with Orchestrator(InsightClient(sim_client_settings(sim)), settings) as orch:
+            result = await orch.import_files(
+                Collection(name, "contact"), [str(paths[name])], stats=stats
+            )
+        assert result.ok
+        read[name] = result.records_read
+
+    async def run_b_while_a_parses() -> None:
+        # A's first chunk is in: its worker is busy with the next ones (the engine has no event
+        # for this, so the test looks every millisecond)
+        while a_stats.records_read == 0:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+        await run("OrdersB", 2)
 
     with anyio.fail_after(120):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run, "OrdersA", 1)
-            tg.start_soon(run, "OrdersB", 2)
-    assert read == {"OrdersA": count, "OrdersB": count}
-    for name in names:
+            tg.start_soon(run, "OrdersA", 1, a_stats)
+            tg.start_soon(run_b_while_a_parses)
+    assert read == counts
+    for name, count in counts.items():
         keys = {identity[2] for identity in sim.collections.get(name, {})}
         assert keys == {f"{name}-{i}" for i in range(count)}
 
