@@ -36,6 +36,7 @@ import anyio.to_thread
 import structlog
 
 from orchestrator import parse_worker
+from orchestrator.errors import OrchestratorError
 from orchestrator.records import EncodedLines, encode_chunk
 from orchestrator.sources import LineChunk
 
@@ -111,7 +112,10 @@ class ParsePool:
     def _start(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the parse pool is closed")
+                raise OrchestratorError(
+                    "the parse pool was closed while a run still used it: keep every run inside"
+                    " `async with Orchestrator(...)`"
+                )
             if self._executor is not None:
                 return self._executor
             if self._server is None:

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from orchestrator import InsightClient, Orchestrator, RunStats, Settings, inputs, parsing
+from orchestrator.errors import OrchestratorError
 from orchestrator.inputs import FileInput
 from orchestrator.parsing import ParsePool
 from orchestrator.records import Collection, Scope
@@ -360,3 +361,11 @@ def test_workers_never_import_the_main_module(tmp_path: Path) -> None:
     modules = set(answer["modules"])
     assert "orchestrator.records" in modules
     assert not modules & {"orchestrator.cli", "orchestrator.engine", "aiohttp"}
+
+
+async def test_a_closed_pool_says_so() -> None:
+    """A pool used after it was closed raises an error that says how to keep runs inside it."""
+    pool = ParsePool(1)
+    await pool.aclose()
+    with pytest.raises(OrchestratorError, match="keep every run inside"):
+        await pool.executor()
