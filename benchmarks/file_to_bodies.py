@@ -26,7 +26,7 @@ import orjson
 from benchmarks._data import best_of, record_section, write_orders_jsonl
 from orchestrator.batching import BatchAssembler
 from orchestrator.inputs import FileInput
-from orchestrator.parsing import _start_pool, default_processes
+from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.records import Collection, Scope
 
 TITLE = "File to bodies (benchmarks.file_to_bodies)"
@@ -65,15 +65,14 @@ def baseline(path: Path, compressed: bool) -> int:
 
 
 async def pipeline(
-    path: Path, collection: Collection, cap: int, processes: int
+    path: Path, collection: Collection, cap: int, pool: ParsePool | None
 ) -> tuple[int, int, int]:
     """Read, validate and pack the file as the engine does; return (records, bodies, body bytes)."""
     assembler = BatchAssembler(collection, max_body_bytes=cap)
     records = bodies = body_bytes = 0
-    source = FileInput(str(path), processes=processes)
-    try:
-        async for chunk in source.chunks(collection):
-            assert chunk is not None
+    source = FileInput(str(path), pool=pool)
+    async with source.open(collection) as chunks:
+        async for chunk in chunks:
             assert chunk.run is not None
             run = chunk.run
             position = 0
@@ -87,8 +86,6 @@ async def pipeline(
                     body_bytes += batch.body_bytes
                     assembler.recycle(batch.body)  # as the engine does once it is journaled
                 position = stop
-    finally:
-        await source.aclose()
     last = assembler.seal()
     if last is not None:
         bodies += 1
@@ -119,18 +116,25 @@ def main(argv: list[str] | None = None) -> float:
 
         counted = baseline(path, args.gzip)  # warm the page cache
         assert counted == lines
+        # one pool for every run, as an Orchestrator keeps one for its runs
+        pool = ParsePool(args.processes) if args.processes else None
         started = time.perf_counter()
-        if args.processes:
-            _start_pool(args.processes)
+        if pool is not None:
+            pool._start()
         pool_s = time.perf_counter() - started
         results: dict[int, tuple[int, int, int]] = {}
 
-        def ours(processes: int) -> None:
-            results[processes] = anyio.run(pipeline, path, collection, args.cap, processes)
+        def ours(pool: ParsePool | None) -> None:
+            processes = pool.processes if pool is not None else 0
+            results[processes] = anyio.run(pipeline, path, collection, args.cap, pool)
 
-        base_s = best_of(args.repeat, lambda: baseline(path, args.gzip))
-        procs_s = best_of(args.repeat, lambda: ours(args.processes))
-        thread_s = best_of(args.repeat, lambda: ours(0))
+        try:
+            base_s = best_of(args.repeat, lambda: baseline(path, args.gzip))
+            procs_s = best_of(args.repeat, lambda: ours(pool))
+            thread_s = best_of(args.repeat, lambda: ours(None))
+        finally:
+            if pool is not None:
+                pool._shutdown()
     records, bodies, body_bytes = results[args.processes]
     assert records == lines
     assert results[0] == results[args.processes]

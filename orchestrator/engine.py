@@ -42,7 +42,7 @@ from orchestrator.lifecycle import (
     identity_hashes,
 )
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
-from orchestrator.parsing import default_processes
+from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.producer import Producer
 from orchestrator.records import Collection
@@ -86,15 +86,27 @@ class Orchestrator:
             else None
         )
         self._entered = False
+        # worker processes for large files, shared by this orchestrator's runs
+        self._parse_pool: ParsePool | None = None
 
     async def __aenter__(self) -> Orchestrator:
         await self.client.__aenter__()
+        processes = self.settings.parse_processes
+        if processes is None:
+            processes = default_processes()
+        # started only when a file is large enough to need it
+        self._parse_pool = ParsePool(processes) if processes else None
         self._entered = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._entered = False
-        await self.client.aclose()
+        pool, self._parse_pool = self._parse_pool, None
+        try:
+            if pool is not None:
+                await pool.aclose()
+        finally:
+            await self.client.aclose()
 
     async def import_records(
         self,
@@ -180,12 +192,10 @@ class Orchestrator:
             on_outcome: called with each :class:`ImportOutcome` as its batch ends.
             stats: live counters to update (for a progress display).
         """
-        processes = self.settings.parse_processes
-        if processes is None:
-            processes = default_processes()
+        pool = self._parse_pool
         return await self._run(
             collection,
-            [FileInput(path, processes=processes) for path in paths],
+            [FileInput(path, pool=pool) for path in paths],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,

@@ -1,29 +1,28 @@
 """The engine's inputs: files and iterables turned into chunks of validated, encoded records.
 
-Blocking reads run in worker threads; file lines are validated in a worker thread, or for large
-inputs in worker processes (``parsing``), a few 2 MB chunks ahead. An async iterable is drained by a
-pump task into a bounded stream, so a pause in the source can be noticed (the engine then seals
-what is pending) without cancelling the iterator itself.
+An input is read by tasks of its own, started by ``open`` and stopped when its block is left;
+they send the chunks in order down a memory object stream. Blocking reads run in worker threads;
+file lines are validated in a worker thread, or for large inputs in worker processes
+(``parsing``), a few 2 MB chunks ahead. An async iterable is drained by a pump task, so the
+consumer can notice a pause in the source (receiving from a stream is cancellation-safe, so it
+can wait with a timeout) without cancelling the iterator itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
-import anyio.lowlevel
 import orjson
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orchestrator.chunks import RecordRun
 from orchestrator.errors import RecordError
-from orchestrator.parsing import ChunkParser, Started
+from orchestrator.parsing import ChunkParser, ParsePool, Started
 from orchestrator.provenance import Source
 from orchestrator.records import (
     Collection,
@@ -66,19 +65,24 @@ class Chunk:
 
 
 class RecordInput(Protocol):
+    """Where a run's records come from: call ``skip`` (to resume), then ``open`` once."""
+
     origin: str
 
-    async def skip(self, lines: int) -> str: ...
-
-    def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
-        """Chunks in order; ``None`` when the input pauses (seal what is pending)."""
+    async def skip(self, lines: int) -> str:
+        """Pass over lines handled by an earlier run; return their fingerprint ("" if none)."""
         ...
 
     def open(
         self, collection: Collection
-    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]: ...
+    ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]:
+        """Start reading; chunks in order. Leaving the block stops the reading tasks and frees
+        their resources (spool file, reader); an error while reading is raised from the block."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Free what ``skip`` holds when ``open`` is never called (an input already done)."""
+        ...
 
 
 class FileInput:
@@ -86,12 +90,12 @@ class FileInput:
 
     Args:
         path: the path as given, or ``"-"``.
-        processes: worker processes for parsing (see ``parsing``); 0 parses in a thread.
+        pool: worker processes for parsing (see ``parsing``); ``None`` parses in a thread.
     """
 
-    def __init__(self, path: str, *, processes: int = 0) -> None:
+    def __init__(self, path: str, *, pool: ParsePool | None = None) -> None:
         self._reader = JsonLinesReader(path, chunk_bytes=_CHUNK_BYTES)
-        self._processes = processes
+        self._pool = pool
         self.origin = self._reader.origin
         # Chunks are read unnumbered and counted by their parser; they are numbered here, in
         # order, as their results come in.
@@ -102,40 +106,48 @@ class FileInput:
         self._next_line = lines + 1
         return digest
 
-    async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
+    @contextlib.asynccontextmanager
+    async def open(self, collection: Collection) -> AsyncIterator[MemoryObjectReceiveStream[Chunk]]:
         contact_scope = collection.scope is Scope.CONTACT
-        async with ChunkParser(contact_scope=contact_scope, processes=self._processes) as parser:
-            # A task reads and sends chunks ahead while the caller packs earlier ones: the
-            # reading (in a thread) and the parsing (in processes) overlap the packing.
-            ahead: asyncio.Queue[tuple[LineChunk, Started | None] | BaseException | None]
-            ahead = asyncio.Queue(maxsize=parser.depth)
-            reading = asyncio.create_task(self._read_ahead(parser, ahead))
-            try:
-                while (item := await ahead.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield await self._chunk(parser, *item, contact_scope)
-            finally:
-                reading.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reading
-                while not ahead.empty():
-                    left = ahead.get_nowait()
-                    if isinstance(left, tuple) and left[1] is not None:
-                        left[1].future.cancel()
+        with _one_error():
+            async with (
+                self._reader,
+                ChunkParser(contact_scope=contact_scope, pool=self._pool) as parser,
+                anyio.create_task_group() as tg,
+            ):
+                # One task reads chunks and sends them to the parser, the other takes their
+                # results in order: reading (in a thread) and parsing (in processes) overlap the
+                # consumer's packing. Started chunks wait between the two, at most ``depth - 1``
+                # (with the one in each task and the consumer's, ``depth + 2``: see ChunkParser).
+                send_started, receive_started = anyio.create_memory_object_stream[
+                    tuple[LineChunk, Started | None]
+                ](parser.depth - 1)
+                send, receive = anyio.create_memory_object_stream[Chunk]()
+                tg.start_soon(self._read, parser, send_started)
+                tg.start_soon(self._collect, parser, receive_started, send, contact_scope)
+                with receive:
+                    yield receive
+                tg.cancel_scope.cancel()
 
-    async def _read_ahead(
+    async def _read(
         self,
         parser: ChunkParser,
-        ahead: asyncio.Queue[tuple[LineChunk, Started | None] | BaseException | None],
+        send: MemoryObjectSendStream[tuple[LineChunk, Started | None]],
     ) -> None:
-        try:
+        async with send:
             async for line_chunk in self._reader.chunks(numbered=False):
-                await ahead.put((line_chunk, await parser.start(line_chunk)))
-        except Exception as error:  # handed to the reader of the queue
-            await ahead.put(error)
-            return
-        await ahead.put(None)
+                await send.send((line_chunk, await parser.start(line_chunk)))
+
+    async def _collect(
+        self,
+        parser: ChunkParser,
+        receive: MemoryObjectReceiveStream[tuple[LineChunk, Started | None]],
+        send: MemoryObjectSendStream[Chunk],
+        contact_scope: bool,
+    ) -> None:
+        async with receive, send:
+            async for line_chunk, started in receive:
+                await send.send(await self._chunk(parser, line_chunk, started, contact_scope))
 
     async def _chunk(
         self,
@@ -162,124 +174,99 @@ class FileInput:
     async def aclose(self) -> None:
         await self._reader.aclose()
 
-    def open(
-        self, collection: Collection
-    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]:
-        return _opened(self, collection)
-
 
 class IterableInput:
     """Records from an iterable or async iterable of mappings (or JSON lines as bytes).
 
-    An async iterable is drained by a pump task into a bounded stream, so a pause in the source
-    can be noticed (and the pending batch sealed) without cancelling the iterator itself.
+    An async iterable is drained by a pump task into a bounded stream, and a chunk holds what had
+    arrived: a pause in the source ends the chunk, so the consumer sees the pause too.
     """
 
     origin = "<records>"
 
     def __init__(self, records: Iterable[Any] | AsyncIterable[Any]) -> None:
         self._records = records
-        self._task_group: TaskGroup | None = None
-        self._linger = math.inf
         self._skip = 0
-
-    def open(
-        self, collection: Collection
-    ) -> contextlib.AbstractAsyncContextManager[MemoryObjectReceiveStream[Chunk]]:
-        return _opened(self, collection)
 
     async def skip(self, lines: int) -> str:
         self._skip = lines
         return ""
 
-    async def chunks(self, collection: Collection) -> AsyncIterator[Chunk | None]:
-        if isinstance(self._records, AsyncIterable):
-            async for chunk in self._async_chunks(self._records, collection):
-                yield chunk
-            return
-        position = 0
-        batch: list[EncodedRecord | RejectedRecord] = []
-        for item in self._records:
-            position += 1
-            if position <= self._skip:
-                continue
-            batch.append(_encode_item(item, collection, position))
-            if len(batch) >= _ITERABLE_CHUNK:
-                yield Chunk(batch, position - len(batch) + 1, position, _no_digest)
-                batch = []
-                await anyio.lowlevel.checkpoint()
-        if batch:
-            yield Chunk(batch, position - len(batch) + 1, position, _no_digest)
+    @contextlib.asynccontextmanager
+    async def open(self, collection: Collection) -> AsyncIterator[MemoryObjectReceiveStream[Chunk]]:
+        send, receive = anyio.create_memory_object_stream[Chunk]()
+        with _one_error():
+            async with anyio.create_task_group() as tg:
+                if isinstance(self._records, AsyncIterable):
+                    send_items, receive_items = anyio.create_memory_object_stream[Any](
+                        _ITERABLE_CHUNK
+                    )
+                    tg.start_soon(self._pump, self._records, send_items)
+                    tg.start_soon(self._encode_arrived, receive_items, send, collection)
+                else:
+                    tg.start_soon(self._encode, self._records, send, collection)
+                with receive:
+                    yield receive
+                tg.cancel_scope.cancel()
 
-    async def _async_chunks(
-        self, records: AsyncIterable[Any], collection: Collection
-    ) -> AsyncIterator[Chunk | None]:
-        send, receive = anyio.create_memory_object_stream[Any](_ITERABLE_CHUNK)
-
-        async def pump() -> None:
-            async with send:
-                async for item in records:
-                    await send.send(item)
-
-        assert self._task_group is not None
-        self._task_group.start_soon(pump)
-        position = 0
-        async with receive:
-            while True:
-                item: Any = _PAUSE
-                with anyio.move_on_after(self._linger):
-                    try:
-                        item = await receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                if item is _PAUSE:
-                    yield None
-                    continue
+    async def _encode(
+        self, records: Iterable[Any], send: MemoryObjectSendStream[Chunk], collection: Collection
+    ) -> None:
+        async with send:
+            position = 0
+            batch: list[EncodedRecord | RejectedRecord] = []
+            for item in records:
                 position += 1
                 if position <= self._skip:
                     continue
-                batch = [_encode_item(item, collection, position)]
+                batch.append(_encode_item(item, collection, position))
+                if len(batch) >= _ITERABLE_CHUNK:
+                    await send.send(Chunk(batch, position - len(batch) + 1, position, _no_digest))
+                    batch = []
+            if batch:
+                await send.send(Chunk(batch, position - len(batch) + 1, position, _no_digest))
+
+    async def _pump(self, records: AsyncIterable[Any], send: MemoryObjectSendStream[Any]) -> None:
+        async with send:
+            position = 0
+            async for item in records:
+                position += 1
+                if position > self._skip:
+                    await send.send(item)
+
+    async def _encode_arrived(
+        self,
+        receive: MemoryObjectReceiveStream[Any],
+        send: MemoryObjectSendStream[Chunk],
+        collection: Collection,
+    ) -> None:
+        position = self._skip  # of the last record sent on
+        async with receive, send:
+            async for item in receive:
+                batch = [_encode_item(item, collection, position + 1)]
                 while len(batch) < _ITERABLE_CHUNK:  # take what is already there, without waiting
                     try:
                         item = receive.receive_nowait()
-                    except anyio.WouldBlock:
+                    except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                    except anyio.EndOfStream:
-                        yield Chunk(batch, position - len(batch) + 1, position, _no_digest)
-                        return
-                    position += 1
-                    batch.append(_encode_item(item, collection, position))
-                yield Chunk(batch, position - len(batch) + 1, position, _no_digest)
+                    batch.append(_encode_item(item, collection, position + len(batch) + 1))
+                await send.send(Chunk(batch, position + 1, position + len(batch), _no_digest))
+                position += len(batch)
 
     async def aclose(self) -> None:
         return None
 
 
-_PAUSE = object()
-
-
-@contextlib.asynccontextmanager
-async def _opened(
-    source: Any, collection: Collection
-) -> AsyncIterator[MemoryObjectReceiveStream[Chunk]]:
-    send, receive = anyio.create_memory_object_stream[Chunk](0)
-
-    async def pump() -> None:
-        async with send:
-            async for chunk in source.chunks(collection):
-                if chunk is not None:
-                    await send.send(chunk)
-
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """Raise the single error of an input's task group (a read failing, or the consumer's own)
+    as itself, not wrapped in an ExceptionGroup."""
     try:
-        async with anyio.create_task_group() as tg:
-            source._task_group = tg
-            tg.start_soon(pump)
-            async with receive:
-                yield receive
-            tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await source.aclose()
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from group
+        raise
 
 
 def _no_digest(count: int) -> str:

@@ -3,37 +3,44 @@
 ``orjson.loads`` holds the GIL, so threads cannot parse in parallel; processes can. A chunk's bytes
 reach a worker through a spool file in shared memory (``/dev/shm`` where it exists): sending them
 down a pipe costs about as much as parsing them. Only the columns come back (keys, contacts, line
-numbers; see ``chunks.EncodedLines``); the body segment stays in the spool, where the parent
+numbers; see ``records.EncodedLines``); the body segment stays in the spool, where the parent
 takes it as a view: the chunk itself when every line is a clean record, else the segment the
 worker wrote over it.
 
-The pool is shared by the whole process, started on first use (in a worker thread: starting
-processes blocks) and kept for later inputs. Small inputs never start it: the first
-``PROCESS_AFTER`` bytes of every input are parsed in a worker thread. If a worker dies, the
-chunks it held are parsed in a thread instead and later inputs start a fresh pool.
+The workers belong to a ``ParsePool``, which an ``Orchestrator`` owns and shares between its runs:
+started on first use (in a worker thread: starting processes blocks), stopped when the
+orchestrator closes. Small inputs never start it: the first ``PROCESS_AFTER`` bytes of every input
+are parsed in a worker thread. If a worker dies, the chunks it held are parsed in a thread instead
+and later inputs start fresh workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import mmap
-import multiprocessing
 import os
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import forkserver, popen_forkserver, process, reduction, util
+from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import anyio.to_thread
 import structlog
 
 from orchestrator import parse_worker
 from orchestrator.chunks import EncodedLines, encode_chunk
+from orchestrator.errors import OrchestratorError
 from orchestrator.sources import LineChunk
 
-__all__ = ["PROCESS_AFTER", "ChunkParser", "default_processes"]
+__all__ = ["PROCESS_AFTER", "ChunkParser", "ParsePool", "default_processes"]
 
 log = structlog.get_logger("orchestrator.parsing")
 
@@ -41,10 +48,6 @@ log = structlog.get_logger("orchestrator.parsing")
 PROCESS_AFTER = 8 << 20
 # Chunks larger than a spool slot (a very long line) travel through the pipe instead.
 _SLOT_BYTES = 4 << 20
-
-_pool: ProcessPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 
 
 def default_processes() -> int:
@@ -55,44 +58,162 @@ def default_processes() -> int:
         return os.cpu_count() or 1
 
 
-def _start_pool(processes: int) -> ProcessPoolExecutor:
-    """Return the shared pool, starting it (blocking, up to a second) if needed."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != processes:
-            if _pool is not None:
-                _pool.shutdown(wait=False, cancel_futures=True)
-            methods = multiprocessing.get_all_start_methods()
-            # forkserver: safe in a process with threads (fork is not), faster than spawn
-            context = multiprocessing.get_context(
-                "forkserver" if "forkserver" in methods else "spawn"
-            )
-            if "forkserver" in methods:
-                context.set_forkserver_preload(["orchestrator.parse_worker"])
-            _pool = ProcessPoolExecutor(
-                processes,
-                mp_context=context,
+class ParsePool:
+    """The parse worker processes of one owner (an ``Orchestrator``), shared by its inputs.
+
+    Nothing starts until an input asks for the workers (``executor``: the first chunk past
+    ``PROCESS_AFTER``), so small runs never pay for them. The workers come from a fork server of
+    the pool's own and import only the record rules, whatever the program's main module is; the
+    program's multiprocessing settings are left alone. ``aclose`` (or leaving the ``async with``
+    block) stops the workers and waits for them to end.
+
+    Args:
+        processes: how many worker processes to start (at least 1).
+    """
+
+    def __init__(self, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"a parse pool needs at least 1 process, got {processes}")
+        self.processes = processes
+        self._lock = threading.Lock()  # taken in worker threads: starting and stopping block
+        self._executor: ProcessPoolExecutor | None = None
+        self._server: forkserver.ForkServer | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"ParsePool(processes={self.processes})"
+
+    async def executor(self) -> ProcessPoolExecutor:
+        """The running workers, started (in a worker thread: up to a second) on first use.
+
+        Raises:
+            BrokenProcessPool, OSError: the workers could not start (parse in a thread instead).
+        """
+        return await anyio.to_thread.run_sync(self._start)
+
+    def discard(self, broken: ProcessPoolExecutor) -> None:
+        """Forget workers that died: the next ``executor`` call starts fresh ones."""
+        with self._lock:
+            if self._executor is broken:
+                self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """Stop the workers and wait for them to end; the pool cannot be used again."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._shutdown)
+
+    async def __aenter__(self) -> ParsePool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _start(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise OrchestratorError(
+                    "the parse pool was closed while a run still used it: keep every run inside"
+                    " `async with Orchestrator(...)`"
+                )
+            if self._executor is not None:
+                return self._executor
+            if self._server is None:
+                self._server = forkserver.ForkServer()
+                self._server.set_forkserver_preload([])  # not even ``__main__``
+            executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=_WorkerContext(self._server),
                 initializer=parse_worker.init,
                 initargs=(os.getpid(),),
             )
-            _pool_size = processes
             # wait for the workers here (in a thread), not on the first chunk's critical path
             try:
-                for future in [_pool.submit(os.getpid) for _ in range(processes)]:
+                for future in [executor.submit(os.getpid) for _ in range(self.processes)]:
                     future.result()
             except BaseException:
-                _pool.shutdown(wait=False, cancel_futures=True)
-                _pool = None
+                executor.shutdown(wait=False, cancel_futures=True)
                 raise
-        return _pool
+            self._executor = executor
+            return executor
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+            server, self._server = self._server, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if server is not None:
+            server._stop()  # type: ignore[attr-defined] # its workers are gone: ends it
 
 
-def _forget_pool(broken: ProcessPoolExecutor) -> None:
-    global _pool
-    with _pool_lock:
-        if _pool is broken:
-            _pool = None
-    broken.shutdown(wait=False, cancel_futures=True)
+class _WorkerContext(ForkServerContext):
+    """A multiprocessing context whose processes come from one pool's own fork server."""
+
+    def __init__(self, server: forkserver.ForkServer) -> None:
+        self._server = server
+
+    def Process(self, *args: Any, **kwargs: Any) -> _WorkerProcess:  # type: ignore[override]
+        return _WorkerProcess(self._server, *args, **kwargs)
+
+
+class _WorkerProcess(ForkServerProcess):
+    """A parse worker: started by ``_WorkerPopen``, sent to the child as a plain process."""
+
+    def __init__(self, server: forkserver.ForkServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._server = server
+
+    def _Popen(self, process_obj: BaseProcess) -> _WorkerPopen:  # type: ignore[override]
+        return _WorkerPopen(process_obj, self._server)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the child needs neither the fork server nor this module (it would import the engine)
+        state = {name: value for name, value in vars(self).items() if name != "_server"}
+        return object.__new__, (ForkServerProcess,), state
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """Starts a process through a given fork server, without the program's main module.
+
+    This is ``popen_forkserver.Popen._launch`` with two changes. The child is told nothing of
+    ``__main__``: multiprocessing would have it import the main module again (as ``__mp_main__``),
+    which for the ``insight-import`` script is the whole CLI, for every worker. And the
+    preparation data is built here, because multiprocessing's own fixes the program's default
+    start method as a side effect.
+    """
+
+    def __init__(self, process_obj: BaseProcess, server: forkserver.ForkServer) -> None:
+        self._server = server
+        super().__init__(process_obj)
+
+    def _launch(self, process_obj: BaseProcess) -> None:
+        original_dir = process.ORIGINAL_DIR  # type: ignore[attr-defined]
+        prep_data = {
+            "name": process_obj.name,
+            "authkey": process.current_process().authkey,
+            "sys_path": [original_dir if entry == "" else entry for entry in sys.path],
+            "sys_argv": sys.argv,
+            "orig_dir": original_dir,
+            "dir": os.getcwd(),
+        }
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        fds = self._fds  # type: ignore[attr-defined]
+        self.sentinel, w = self._server.connect_to_new_process(fds)
+        # a duplicate of the data pipe's write end tells the child when its parent is gone
+        parent_w = os.dup(w)
+        close_fds = util.close_fds  # type: ignore[attr-defined]
+        self.finalizer = util.Finalize(self, close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,52 +266,55 @@ class ChunkParser:
 
     Call ``start`` for each chunk as it is read and ``result`` for each in the same order; keep
     at most ``depth + 2`` started and not yet consumed (a chunk's segment is a view of a spool
-    slot, reused that many chunks later). Use as an async context manager (the spool
-    file is removed on exit).
+    slot, reused that many chunks later). Use as an async context manager: on exit the chunks
+    still with the workers are cancelled and the spool file is removed.
 
     Args:
         contact_scope: whether the collection is contact-scoped.
-        processes: worker processes to use; 0 parses every chunk in a worker thread.
+        pool: the worker processes to use; ``None`` parses every chunk in a worker thread.
     """
 
-    def __init__(self, *, contact_scope: bool, processes: int) -> None:
+    def __init__(self, *, contact_scope: bool, pool: ParsePool | None) -> None:
         self.contact_scope = contact_scope
-        self.processes = processes
+        self.pool = pool
         # enough chunks in the air to keep every worker busy while the parent takes results
-        self.depth = processes + 2 if processes else 1
+        self.depth = pool.processes + 2 if pool is not None else 1
         self._seen = 0
         self._spool: _Spool | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self._pending: set[asyncio.Future[tuple[EncodedLines, int]]] = set()
 
     async def start(self, chunk: LineChunk) -> Started | None:
         """Send a chunk to a worker process; ``None`` if it is to be parsed in a thread."""
         self._seen += len(chunk.data)
-        if not self.processes or self._seen <= PROCESS_AFTER:
+        if self.pool is None or self._seen <= PROCESS_AFTER:
             return None
-        if self._pool is None:
+        if self._executor is None:
             try:
-                self._pool = await anyio.to_thread.run_sync(_start_pool, self.processes)
+                self._executor = await self.pool.executor()
             except (BrokenProcessPool, OSError) as error:
-                # e.g. a main module that is not import-safe, or a process limit: slower, not lost
+                # e.g. a process limit: slower, not lost
                 log.warning(
                     "parsing.processes_unavailable",
                     error=type(error).__name__,
                     detail="parse worker processes could not start; parsing in a thread",
                 )
-                self.processes = 0
+                self.pool = None
                 return None
             # queued chunks, plus one being queued and one being consumed
             self._spool = _Spool(self.depth + 2)
-        pool, spool = self._pool, self._spool
+        executor, spool = self._executor, self._spool
         assert spool is not None
         offset = -1
         try:
             future: Future[tuple[EncodedLines, int]]
             if len(chunk.data) > _SLOT_BYTES:
-                future = pool.submit(parse_worker.parse_bytes, chunk.data, self.contact_scope, 1)
+                future = executor.submit(
+                    parse_worker.parse_bytes, chunk.data, self.contact_scope, 1
+                )
             else:
                 offset = await anyio.to_thread.run_sync(spool.write, chunk.data)
-                future = pool.submit(
+                future = executor.submit(
                     parse_worker.parse_spooled,
                     spool.path,
                     offset,
@@ -200,9 +324,11 @@ class ChunkParser:
                     1,
                 )
         except (BrokenProcessPool, RuntimeError):  # broken, or shut down at interpreter exit
-            self._give_up(pool)
+            self._give_up(executor)
             return None
-        return Started(asyncio.wrap_future(future), offset)
+        started = Started(asyncio.wrap_future(future), offset)
+        self._pending.add(started.future)
+        return started
 
     async def result(
         self, chunk: LineChunk, started: Started | None
@@ -214,27 +340,33 @@ class ChunkParser:
             try:
                 encoded, length = await started.future
             except BrokenProcessPool:
-                if self._pool is not None:
-                    self._give_up(self._pool)
+                if self._executor is not None:
+                    self._give_up(self._executor)
             else:
                 if length < 0 or self._spool is None:
                     return encoded, None
                 return encoded, self._spool.view(started.offset, length)
+            finally:
+                self._pending.discard(started.future)
         encoded = await anyio.to_thread.run_sync(
             lambda: encode_chunk(chunk.data, contact_scope=self.contact_scope, first_line=1)
         )
         return encoded, None
 
-    def _give_up(self, pool: ProcessPoolExecutor) -> None:
+    def _give_up(self, executor: ProcessPoolExecutor) -> None:
         log.warning("parsing.processes_lost", detail="a parse worker died; parsing in a thread")
-        _forget_pool(pool)
-        self.processes = 0
-        self._pool = None
+        if self.pool is not None:
+            self.pool.discard(executor)
+        self.pool = None
+        self._executor = None
 
     async def __aenter__(self) -> ChunkParser:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        for future in self._pending:  # no worker should keep at a chunk nobody will take
+            future.cancel()
+        self._pending.clear()
         if self._spool is not None:
             self._spool.close()
             self._spool = None

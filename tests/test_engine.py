@@ -582,13 +582,15 @@ async def test_a_file_parsed_in_processes_imports_each_record_once_last_write_wi
         result = await orch.import_files(
             Collection("Versions", "contact"), [str(data)], journal=journal
         )
+        # parsed in worker processes, not in the thread fallback
+        assert orch._parse_pool is not None
+        assert orch._parse_pool._executor is not None
 
     assert result.records_read == 1_500
     assert {(letter.source, letter.reason) for letter in result.dead_letters} == {
         (f"{data}:101", "json-type"),
         (f"{data}:701", "ContactEmailDoesNotExist"),
     }
-    assert parsing._pool is not None  # parsed in worker processes, not in the thread fallback
     got = {identity[2]: record["json"] for identity, record in stored(sim, "Versions").items()}
     assert got == expected
     assert sim.stats.max_active_seen <= 5

@@ -8,14 +8,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import orjson
+import psutil
 import pytest
 
-from orchestrator import inputs, parsing
+from orchestrator import InsightClient, Orchestrator, RunStats, Settings, inputs, parsing
+from orchestrator.errors import OrchestratorError
 from orchestrator.inputs import FileInput
+from orchestrator.parsing import ParsePool
 from orchestrator.records import Collection, Scope
+from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.conftest import sim_client_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -49,12 +56,11 @@ def write_mixed(path: Path, records: int) -> None:
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
 
 
-async def read_chunks(path: Path, processes: int) -> list[tuple[object, ...]]:
-    source = FileInput(str(path), processes=processes)
+async def read_chunks(path: Path, pool: ParsePool | None) -> list[tuple[object, ...]]:
+    source = FileInput(str(path), pool=pool)
     seen: list[tuple[object, ...]] = []
-    try:
-        async for chunk in source.chunks(CONTACT):
-            assert chunk is not None
+    async with source.open(CONTACT) as chunks:
+        async for chunk in chunks:
             assert chunk.run is not None
             run = chunk.run
             seen.append(
@@ -71,8 +77,6 @@ async def read_chunks(path: Path, processes: int) -> list[tuple[object, ...]]:
                     [(str(r.error.source), r.error.rule, r.raw) for r in chunk.results],
                 )
             )
-    finally:
-        await source.aclose()
     return seen
 
 
@@ -88,8 +92,9 @@ async def test_processes_and_thread_agree(
     """Every chunk (records, bytes, line numbers, rejects, fingerprints) is the same either way."""
     path = tmp_path / "mixed.jsonl"
     write_mixed(path, 30_000)  # more chunks than spool slots
-    in_thread = await read_chunks(path, processes=0)
-    in_processes = await read_chunks(path, processes=2)
+    in_thread = await read_chunks(path, None)
+    async with ParsePool(2) as pool:
+        in_processes = await read_chunks(path, pool)
     assert len(in_thread) > 2 + 2 + 1
     assert in_processes == in_thread
     rejects = [reject for chunk in in_thread for reject in chunk[-1]]  # type: ignore[union-attr]
@@ -103,7 +108,8 @@ async def test_chunk_larger_than_a_spool_slot(
     monkeypatch.setattr(parsing, "_SLOT_BYTES", 1_000)
     path = tmp_path / "mixed.jsonl"
     write_mixed(path, 1_500)
-    assert await read_chunks(path, processes=1) == await read_chunks(path, processes=0)
+    async with ParsePool(1) as pool:
+        assert await read_chunks(path, pool) == await read_chunks(path, None)
 
 
 async def test_a_dead_worker_falls_back_to_a_thread(
@@ -112,14 +118,16 @@ async def test_a_dead_worker_falls_back_to_a_thread(
     """A worker killed mid-run loses nothing: its chunks are parsed in a thread instead."""
     path = tmp_path / "mixed.jsonl"
     write_mixed(path, 15_000)
-    expected = await read_chunks(path, processes=0)
-    pool = parsing._start_pool(2)
-    for pid in list(pool._processes):  # type: ignore[attr-defined]
-        os.kill(pid, signal.SIGKILL)
-    assert await read_chunks(path, processes=2) == expected
-    # and the next input starts a fresh pool
-    assert await read_chunks(path, processes=2) == expected
-    assert parsing._pool is not pool
+    expected = await read_chunks(path, None)
+    async with ParsePool(2) as pool:
+        executor = await pool.executor()
+        for pid in list(executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        assert await read_chunks(path, pool) == expected
+        # and the next input starts fresh workers
+        assert await read_chunks(path, pool) == expected
+        assert pool._executor is not None
+        assert pool._executor is not executor
 
 
 def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
@@ -127,10 +135,10 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import os, sys
-        from orchestrator import inputs, parsing
+        from orchestrator import parsing
         if __name__ == "__main__":
-            pool = parsing._start_pool(2)
-            print(" ".join(map(str, pool._processes)), flush=True)
+            executor = parsing.ParsePool(2)._start()
+            print(" ".join(map(str, executor._processes)), flush=True)
             os._exit(0)
         """
     )
@@ -161,26 +169,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_that_cannot_start_leave_parsing_to_a_thread(tmp_path: Path) -> None:
-    """A program whose main module is not import-safe still imports everything (in a thread)."""
+def test_a_main_module_that_is_not_import_safe_does_not_stop_the_workers(tmp_path: Path) -> None:
+    """A program whose main module has no ``__main__`` guard still parses in worker processes."""
     data = tmp_path / "mixed.jsonl"
     write_mixed(data, 3_000)
     script = textwrap.dedent(
         f"""
         import anyio
-        from orchestrator import inputs, parsing
+        from orchestrator import parsing
         from orchestrator.inputs import FileInput
         from orchestrator.records import Collection, Scope
 
         parsing.PROCESS_AFTER = 0
-        # no `if __name__ == "__main__":` guard: a new worker would run this again and fail
+        # no `if __name__ == "__main__":` guard: a worker that ran this again would fail
 
         async def count() -> int:
-            source = FileInput({str(data)!r}, processes=2)
             total = 0
-            async for chunk in source.chunks(Collection("Orders", scope=Scope.CONTACT)):
-                total += chunk.read
-            await source.aclose()
+            async with parsing.ParsePool(2) as pool:
+                source = FileInput({str(data)!r}, pool=pool)
+                async with source.open(Collection("Orders", scope=Scope.CONTACT)) as chunks:
+                    async for chunk in chunks:
+                        total += chunk.read
+                assert pool._executor is not None  # in worker processes, not in a thread
             return total
 
         print(anyio.run(count))
@@ -199,3 +209,163 @@ def test_workers_that_cannot_start_leave_parsing_to_a_thread(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     blank = sum(1 for i in range(3_000) if i % 97 == 11)
     assert output.read_text().split()[-1] == str(3_000 - blank)  # every non-blank line
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorConfig(records_per_second=100_000, seed=5)) as simulator:
+        yield simulator
+
+
+def write_orders(path: Path, collection: str, count: int) -> Path:
+    path.write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "key": f"{collection}-{i}",
+                    "contactIdentity": {"identifier": "email", "value": f"c{i % 40}@x.io"},
+                    "json": {"n": i, "pad": "x" * (i % 500)},
+                }
+            )
+            + b"\n"
+            for i in range(count)
+        )
+    )
+    return path
+
+
+async def test_two_orchestrators_with_different_parse_processes_import_side_by_side(
+    sim: Simulator,
+    tmp_path: Path,
+    parse_everything_in_processes: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each orchestrator has its own workers: two importing at once both import every record."""
+    monkeypatch.setattr(inputs, "_CHUNK_BYTES", 1 << 20)  # the worker, not the parent, is busy
+    counts = {"OrdersA": 40_000, "OrdersB": 3_000}
+    paths = {name: write_orders(tmp_path / f"{name}.jsonl", name, n) for name, n in counts.items()}
+    read: dict[str, int] = {}
+    a_stats = RunStats()
+
+    async def run(name: str, processes: int, stats: RunStats | None = None) -> None:
+        settings = Settings.scaled(0.01, parse_processes=processes)
+        async with Orchestrator(InsightClient(sim_client_settings(sim)), settings=settings) as orch:
+            result = await orch.import_files(
+                Collection(name, "contact"), [str(paths[name])], stats=stats
+            )
+        assert result.ok
+        read[name] = result.records_read
+
+    async def run_b_while_a_parses() -> None:
+        # A's first chunk is in: its worker is busy with the next ones (the engine has no event
+        # for this, so the test looks every millisecond)
+        while a_stats.records_read == 0:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+        await run("OrdersB", 2)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "OrdersA", 1, a_stats)
+            tg.start_soon(run_b_while_a_parses)
+    assert read == counts
+    for name, count in counts.items():
+        keys = {identity[2] for identity in sim.collections.get(name, {})}
+        assert keys == {f"{name}-{i}" for i in range(count)}
+
+
+async def test_closing_the_orchestrator_ends_its_parse_workers(
+    sim: Simulator, tmp_path: Path, parse_everything_in_processes: None
+) -> None:
+    """After the Orchestrator's block no parse worker of its pool is left running."""
+    me = psutil.Process()
+    before = {process.pid for process in me.children(recursive=True)}
+    path = write_orders(tmp_path / "in.jsonl", "Orders", 3_000)
+    settings = Settings.scaled(0.01, parse_processes=2)
+    async with Orchestrator(InsightClient(sim_client_settings(sim)), settings=settings) as orch:
+        result = await orch.import_files(Collection("Orders", "contact"), [str(path)])
+        # the workers: new processes started by a fork server (not by this process itself)
+        workers = [
+            process.pid
+            for process in me.children(recursive=True)
+            if process.pid not in before and process.ppid() != me.pid
+        ]
+    assert result.records_read == 3_000
+    assert len(workers) == 2
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_workers_never_import_the_main_module(tmp_path: Path) -> None:
+    """Workers started from a script (as from ``insight-import``) import only the record rules."""
+    data = tmp_path / "orders.jsonl"
+    write_mixed(data, 3_000)
+    marker = tmp_path / "main-imported-again.txt"
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+
+        import orchestrator.cli  # as the insight-import console script does
+
+        if __name__ != "__main__":  # imported again, under another name: by a worker
+            Path({str(marker)!r}).write_text(__name__)
+        else:
+            import asyncio
+
+            import anyio
+            import orjson
+
+            from orchestrator import Collection, InsightClient, Orchestrator, Settings
+            from orchestrator import parse_worker, parsing
+            from orchestrator.client import ClientSettings, RetryPolicy
+            from orchestrator.simulator import Simulator, SimulatorConfig
+
+            parsing.PROCESS_AFTER = 0  # every chunk to the workers
+
+            async def main() -> None:
+                async with Simulator(SimulatorConfig(records_per_second=100_000)) as sim:
+                    client = InsightClient(
+                        ClientSettings(
+                            username=sim.config.username,
+                            password=sim.config.password,
+                            base_url=sim.base_url,
+                            retry=RetryPolicy.immediate(timeout=10.0),
+                        )
+                    )
+                    settings = Settings.scaled(0.01, parse_processes=2)
+                    async with Orchestrator(client, settings=settings) as orch:
+                        result = await orch.import_files(
+                            Collection("Orders", "contact"), [{str(data)!r}]
+                        )
+                        executor = await orch._parse_pool.executor()
+                        modules = await asyncio.wrap_future(
+                            executor.submit(parse_worker._loaded_modules)
+                        )
+                print(orjson.dumps({{"read": result.records_read, "modules": modules}}).decode())
+
+            anyio.run(main)
+        """
+    )
+    (tmp_path / "program.py").write_text(script)
+    output = tmp_path / "out.json"
+    with output.open("w") as stdout:  # a file, not a pipe: helpers of multiprocessing keep it
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "program.py")],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    assert not marker.exists(), "a worker imported the main module again"
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    answer = orjson.loads(output.read_text().splitlines()[-1])
+    assert answer["read"] == 3_000 - sum(1 for i in range(3_000) if i % 97 == 11)
+    modules = set(answer["modules"])
+    assert "orchestrator.records" in modules
+    assert not modules & {"orchestrator.cli", "orchestrator.engine", "aiohttp"}
+
+
+async def test_a_closed_pool_says_so() -> None:
+    """A pool used after it was closed raises an error that says how to keep runs inside it."""
+    pool = ParsePool(1)
+    await pool.aclose()
+    with pytest.raises(OrchestratorError, match="keep every run inside"):
+        await pool.executor()
