@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import gc
 import hashlib
+import importlib.metadata
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import platformdirs
-import structlog
 
-from orchestrator.client import ClientSettings, InsightClient
+from orchestrator.client import (
+    ClientSettings,
+    InsightClient,
+    is_loopback_url,
+    region_of,
+    same_api_root,
+)
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
     ApiError,
@@ -38,29 +45,50 @@ from orchestrator.errors import (
     OrchestratorError,
 )
 from orchestrator.journal import SqliteJournal
-from orchestrator.logs import configure_logging
-from orchestrator.options import OPTIONS, resolve_options
+from orchestrator.logs import configure_logging, get_logger
+from orchestrator.options import OPTIONS, resolve_options, unknown_environment
 from orchestrator.outcomes import ImportResult, RunStats
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, api_limit_breaches
 from orchestrator.sources import validate_inputs
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-log = structlog.get_logger("orchestrator.cli")
+log = get_logger("orchestrator.cli")
 
 
 # --------------------------------------------------------------------------- argument parsing
 
 
+_EXIT_CODES = """\
+exit status:
+  0    every record imported
+  1    the run finished, but some records were rejected (all are in the dead-letter file)
+  2    usage, configuration or input error before any import
+  3    aborted: bad credentials, wrong region, unreachable host, or an error retrying cannot fix
+  130  interrupted (SIGINT/SIGTERM); the state is saved: run the same command again to resume
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("insight-orchestrator")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="insight-import",
         description="Import JSON Lines records into Dotdigital Insight data collections.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -71,12 +99,17 @@ def _parser() -> argparse.ArgumentParser:
             "DOTDIGITAL_API_USER and DOTDIGITAL_API_PASSWORD. Every option can also be set with "
             "INSIGHT_IMPORT_<OPTION> or in a TOML file given with --config."
         ),
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL file, .gz, or - for stdin")
     run.add_argument("--config", help="TOML file of options (see config/default.toml)")
     for option in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": option.help}
-        if option.name == "fresh":
+        shown = option.help
+        if option.default not in (None, False):
+            shown += f" (default: {option.default})"
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": shown}
+        if option.is_flag:
             kwargs.update(action="store_const", const=True)
         else:
             kwargs["type"] = option.parse
@@ -85,30 +118,50 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{option.name}", **kwargs)
 
     demo = commands.add_parser(
-        "demo", help="the whole job against the bundled simulator, with sample data (no account)"
+        "demo",
+        help="the whole job against the bundled simulator, with sample data (no account)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--records", type=int, default=20_000, help="sample orders to generate")
     demo.add_argument("--output", default="insight-demo", help="folder for sample, report, journal")
-    demo.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     demo.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+        "--progress", choices=("auto", "on", "off"), default="auto", help="live progress display"
     )
-    demo.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    demo.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="lowest log level shown",
+    )
+    demo.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto", help="log format"
+    )
 
-    sim = commands.add_parser("simulator", help="serve the bundled Insight import API simulator")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8787)
-    sim.add_argument("--records-per-second", type=float, default=20_000.0)
+    sim = commands.add_parser(
+        "simulator",
+        help="serve the bundled Insight import API simulator",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    sim.add_argument("--port", type=int, default=8787, help="port to listen on; 0 picks a free one")
+    sim.add_argument("--records-per-second", type=float, default=20_000.0, help="import speed")
     sim.add_argument("--min-processing", type=float, default=0.0, help="seconds, per import")
-    sim.add_argument("--jitter", type=float, default=0.2)
-    sim.add_argument("--max-active-imports", type=int, default=5)
-    sim.add_argument("--max-body-bytes", type=int, default=50_000_000)
-    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--jitter", type=float, default=0.2, help="+/- share of processing time")
+    sim.add_argument("--max-active-imports", type=int, default=5, help="slots of the account")
+    sim.add_argument("--max-body-bytes", type=int, default=50_000_000, help="larger bodies: 413")
+    sim.add_argument(
+        "--api-endpoint",
+        default=None,
+        help="the ApiEndpoint account-info names (default: the simulator's own URL)",
+    )
+    sim.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
 
     status = commands.add_parser("status", help="show an import's status")
     status.add_argument("import_id")
-    status.add_argument("--base-url", default=None)
-    status.add_argument("--region", choices=("r1", "r2", "r3"), default=None)
+    status.add_argument("--base-url", default=None, help="API root (default: the --region host)")
+    status.add_argument(
+        "--region", choices=("r1", "r2", "r3"), default=None, help="Dotdigital region (default: r1)"
+    )
 
     commands.add_parser("worker", help="the long-lived outbox worker (not built yet)")
     return parser
@@ -183,10 +236,13 @@ class _Job:
     report: Path | None
     fresh: bool
     progress: bool
+    auto_region: bool = False
 
 
 def _main_run(args: argparse.Namespace) -> int:
     flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
+    for warning in unknown_environment():
+        print(f"insight-import: warning: {warning}", file=sys.stderr)
     try:
         opts = resolve_options(flags, config_path=args.config)
         configure_logging(level=opts["log_level"], fmt=opts["log_format"])
@@ -194,6 +250,26 @@ def _main_run(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as error:
         return _fail(str(error), EXIT_USAGE)
     return _execute(job)
+
+
+def _check_api_limits(settings: Settings, api_root: str, *, allow_unsafe: bool) -> None:
+    """Refuse settings beyond Dotdigital's published limits, unless local or overridden."""
+    breaches = api_limit_breaches(settings)
+    if not breaches or is_loopback_url(api_root):
+        return
+    if allow_unsafe:
+        for breach in breaches:
+            print(
+                f"insight-import: warning: {breach} (allowed by --allow-unsafe-limits)",
+                file=sys.stderr,
+            )
+        return
+    raise ConfigError(
+        "; ".join(breaches)
+        + f". These limits hold for {api_root}; they are lifted only for a local simulator "
+        "(a loopback --base-url) or with --allow-unsafe-limits (INSIGHT_IMPORT_ALLOW_UNSAFE_LIMITS"
+        "=1, or allow-unsafe-limits = true in the config file)"
+    )
 
 
 def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
@@ -208,9 +284,13 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
         max_resubmits=opts["max_resubmits"],
         parse_processes=opts["parse_processes"],
     )
+    auto_region = opts["region"] == "auto"
     client = ClientSettings.from_env(
-        base_url=opts["base_url"], region=opts["region"], request_timeout=opts["request_timeout"]
+        base_url=opts["base_url"],
+        region="r1" if auto_region else opts["region"],
+        request_timeout=opts["request_timeout"],
     )
+    _check_api_limits(settings, client.api_root, allow_unsafe=bool(opts["allow_unsafe_limits"]))
     if inputs.count("-") > 1:
         raise ConfigError("standard input (-) can be given only once")
     anyio.run(validate_inputs, list(inputs))
@@ -232,6 +312,7 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
         report=Path(opts["report"]) if opts["report"] else None,
         fresh=bool(opts["fresh"]),
         progress=progress,
+        auto_region=auto_region,
     )
 
 
@@ -261,7 +342,11 @@ async def _execute_async(job: _Job) -> int:
             journal = await stack.enter_async_context(SqliteJournal(job.journal))
         except JournalError as error:
             return _fail(str(error), EXIT_USAGE)
-        orchestrator = Orchestrator(InsightClient(job.client), job.settings)
+        try:
+            client_settings = await _first_contact(job)
+        except OrchestratorError as error:
+            return _fail(str(error), EXIT_ABORTED)
+        orchestrator = Orchestrator(InsightClient(client_settings), job.settings)
         await stack.enter_async_context(orchestrator)
         display = ProgressDisplay(stats, enabled=job.progress)
         await stack.enter_async_context(display)
@@ -316,6 +401,34 @@ async def _execute_async(job: _Job) -> int:
     return EXIT_OK if result.ok else EXIT_REJECTED
 
 
+async def _first_contact(job: _Job) -> ClientSettings:
+    """One cheap call before reading any input: the credentials, the host and the region.
+
+    Returns the client settings to run with (``--region auto`` takes the account's own root).
+    """
+    root = job.client.api_root
+    async with InsightClient(job.client) as client:
+        endpoint = await client.check_access()
+    if same_api_root(endpoint, root):
+        return job.client
+    if job.auto_region:
+        log.info("run.region_found", api_root=endpoint)
+        return replace(job.client, base_url=endpoint)
+    region = region_of(endpoint)
+    if region is not None:
+        use = f"--region {region}" + (" (without --base-url)" if job.client.base_url else "")
+    else:
+        use = f"--base-url {endpoint}"
+    raise _WrongRegion(
+        f"the account lives at {endpoint}, not {root} (imports there answer 403): use {use}, "
+        "or --region auto to take the account's own API root"
+    )
+
+
+class _WrongRegion(OrchestratorError):
+    """The account-info call named another API root than the one configured."""
+
+
 async def _write_dead_letters(journal: SqliteJournal, path: Path) -> None:
     """Rewrite the dead-letter file from the journal (the source of truth), atomically."""
     letters = await journal.dead_letters()
@@ -355,17 +468,21 @@ def _print_summary(result: ImportResult, job: _Job) -> None:
     read = counters.get("records_read", 0)
     imported = counters.get("records_imported", 0)
     print(
-        f"Imported {imported:,} of {read:,} records into collection {result.collection!r} "
-        f"in {result.duration_s:.1f} s, with {len(result.imports)} imports."
+        f"Imported {imported:,} of {_count(read, 'record')} into collection "
+        f"{result.collection!r} in {result.duration_s:.1f} s, with "
+        f"{_count(len(result.imports), 'import')}."
     )
     superseded = counters.get("records_superseded", 0)
     if superseded:
-        print(f"  {superseded:,} records were replaced by a later record with the same key.")
+        print(
+            f"  {_count(superseded, 'record')} {'was' if superseded == 1 else 'were'} replaced "
+            "by a later record with the same key."
+        )
     if result.dead_letters:
         reasons: dict[str, int] = {}
         for letter in result.dead_letters:
             reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
-        print(f"  {len(result.dead_letters):,} records not imported, listed in {job.dead_letter}:")
+        print(f"  {_count(len(result.dead_letters), 'record')} not imported, in {job.dead_letter}:")
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             print(f"    {count:>8,}  {reason}")
     events = [
@@ -383,6 +500,11 @@ def _print_summary(result: ImportResult, job: _Job) -> None:
     if job.report is not None:
         print(f"  Report: {job.report}")
     print(f"  Journal: {job.journal}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 record``, ``2 records``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 # --------------------------------------------------------------------------- demo
@@ -414,6 +536,7 @@ def _main_simulator(args: argparse.Namespace) -> int:
         jitter=args.jitter,
         max_active_imports=args.max_active_imports,
         max_body_bytes=args.max_body_bytes,
+        api_endpoint=args.api_endpoint,
         seed=args.seed,
     )
     if username:
@@ -429,8 +552,17 @@ def _main_simulator(args: argparse.Namespace) -> int:
             print(f"  password: {config.password}", flush=True)
         print(f"  inspect: {base_url}/_simulator/stats  (Ctrl-C to stop)", flush=True)
 
-    with suppress(KeyboardInterrupt):
-        anyio.run(lambda: serve(config, host=args.host, port=args.port, on_started=started))
+    try:
+        with suppress(KeyboardInterrupt):
+            anyio.run(lambda: serve(config, host=args.host, port=args.port, on_started=started))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return _fail(
+                f"port {args.port} on {args.host} is already in use: stop what listens there, "
+                "or pick another with --port (0 takes a free one)",
+                EXIT_USAGE,
+            )
+        return _fail(f"cannot listen on {args.host}:{args.port}: {error.strerror}", EXIT_USAGE)
     return EXIT_OK
 
 

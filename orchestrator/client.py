@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import enum
+import ipaddress
 import math
 import os
 import time
@@ -24,12 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
 import stamina
-import structlog
 from aiohttp import payload as aiohttp_payload
 from aiohttp.abc import AbstractStreamWriter
 
@@ -46,6 +46,7 @@ from orchestrator.errors import (
     RateLimitedError,
     TransientError,
 )
+from orchestrator.logs import get_logger
 
 __all__ = [
     "REGIONS",
@@ -57,10 +58,13 @@ __all__ = [
     "RecordFailure",
     "RetryPolicy",
     "SubmitReceipt",
+    "is_loopback_url",
     "parse_error_body",
+    "region_of",
+    "same_api_root",
 ]
 
-_log = structlog.get_logger()
+_log = get_logger("orchestrator.client")
 
 #: The regional API hosts; an account lives in exactly one of them.
 REGIONS: Final[Mapping[str, str]] = MappingProxyType(
@@ -92,6 +96,81 @@ _FAILURE_WORDS: Final = frozenset(
 )
 _RUNNING_WORDS: Final = frozenset({"NotStarted", "Processing"})
 _unknown_words_seen: set[str] = set()
+
+
+def _url_host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this machine (``localhost``, 127.0.0.0/8, ``::1``): a local
+    simulator, where the API's published limits do not apply.
+
+    Args:
+        url: an API root such as ``http://127.0.0.1:8787``.
+    """
+    host = _url_host(url)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def region_of(url: str) -> str | None:
+    """The region (``r1``...) whose API host ``url`` names, or ``None`` for any other host.
+
+    Args:
+        url: an API root such as ``https://r2-api.dotdigital.com``.
+    """
+    host = _url_host(url)
+    for region, root in REGIONS.items():
+        if host == _url_host(root):
+            return region
+    return None
+
+
+def same_api_root(a: str, b: str) -> bool:
+    """True when two API roots name the same server (scheme, host and port; loopback names
+    count as one host).
+
+    Args:
+        a: an API root.
+        b: another one.
+    """
+
+    def key(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        host = "loopback" if is_loopback_url(url) else (parts.hostname or "").lower()
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        except ValueError:
+            port = None
+        return scheme, host, port
+
+    return key(a) == key(b)
+
+
+def _connection_cause(exc: BaseException) -> tuple[str, bool]:
+    """What went wrong on the way to the server, and whether the server was never reached."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "DNS lookup failed (no such host?)", True
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed", True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused", True
+        return "cannot connect", True
+    if isinstance(exc, TimeoutError):
+        return "timeout", False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection", False
+    return "connection", False
 
 
 def _check_seconds(name: str, value: object, *, positive: bool) -> None:
@@ -474,6 +553,8 @@ class _CallState:
     lost_responses: int = 0
     last_reason: str = ""
     rate_limit_wait: float | None = None
+    # the last failure never reached the server (DNS, refused, TLS)
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +593,7 @@ class InsightClient:
         if settings.integration_token:
             headers["x-ddg-integration-token"] = settings.integration_token
         self._headers: Mapping[str, str] = MappingProxyType(headers)
+        self._host = urlsplit(settings.api_root).netloc or settings.api_root
 
     def __repr__(self) -> str:
         return f"InsightClient(api_root={self.settings.api_root!r}, calls={self.calls})"
@@ -604,7 +686,29 @@ class InsightClient:
 
         Call it on any region's host to learn which region the account lives in.
         """
-        answer, _ = await self._call("GET", ACCOUNT_INFO_PATH)
+        return await self._account_endpoint(first_contact=False)
+
+    async def check_access(self) -> str:
+        """Check the host and the credentials with one cheap call; return the account's API root.
+
+        One ``GET /v2/account-info`` (any region's host answers it): call it before any work, so
+        a wrong password or host is found in a second rather than after reading the input. A host
+        that cannot be reached (DNS, connection refused, TLS) fails at once instead of using the
+        retry budget, which is for an API that was up; a timeout or a 5xx is tried once more.
+        Compare the answer with :func:`same_api_root`: another root means the account lives in
+        another region (:func:`region_of` names it), where imports answer 403.
+
+        Raises:
+            AuthenticationError: the API user or password was refused.
+            TransientError: the host cannot be reached, or is unwell.
+        """
+        return await self._account_endpoint(first_contact=True)
+
+    async def _account_endpoint(self, *, first_contact: bool) -> str:
+        attempts = min(2, self.settings.retry.attempts) if first_contact else None
+        answer, _ = await self._call(
+            "GET", ACCOUNT_INFO_PATH, attempts=attempts, first_contact=first_contact
+        )
         data = answer.data
         properties = data.get("properties") if isinstance(data, dict) else None
         if isinstance(properties, list):
@@ -626,6 +730,7 @@ class InsightClient:
         *,
         body: bytes | bytearray | None = None,
         attempts: int | None = None,
+        first_contact: bool = False,
     ) -> tuple[_Answer, _CallState]:
         policy = self.settings.retry
         state = _CallState()
@@ -639,6 +744,8 @@ class InsightClient:
                     return True
                 # Sleeping past the budget only to fail is worse than telling the caller now.
                 return wait if wait <= deadline - clock() else False
+            if first_contact and state.unreachable:
+                return False  # the host was never reached: retrying will not make it exist
             return isinstance(exc, TransientError)
 
         try:
@@ -651,26 +758,25 @@ class InsightClient:
                 wait_jitter=policy.wait_jitter,
             ):
                 with attempt:
+                    # Each failed attempt was logged once, as api.call_failed (or
+                    # api.rate_limited), with its reason: a retry adds no line of its own.
                     state.attempts = attempt.num
-                    if attempt.num > 1:
-                        _log.info(
-                            "api.retrying",
-                            method=method,
-                            path=path,
-                            attempt=attempt.num,
-                            reason=state.last_reason,
-                        )
-                        if body is not None:
-                            _log.info(
-                                "import.put_retry", attempt=attempt.num, reason=state.last_reason
-                            )
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
         except TransientError as exc:
+            if first_contact and state.unreachable:
+                what = (
+                    f"cannot reach the API at {self._host}: {state.last_reason}; check the base "
+                    "URL or region, and the network"
+                )
+            else:
+                what = (
+                    f"{method} {self._host}{path} failed {state.attempts} time(s) within "
+                    f"{policy.timeout:g} s, last: {exc}; the API or the network is unwell: "
+                    "try again later"
+                )
             raise TransientError(
-                f"{method} {path} failed {state.attempts} time(s) within "
-                f"{policy.timeout:g} s, last: {exc}; the API or the network is unwell: "
-                "try again later",
+                what,
                 status=exc.status,
                 error_code=exc.error_code,
                 description=exc.description,
@@ -697,6 +803,7 @@ class InsightClient:
         state: _CallState,
         remaining: float,
     ) -> _Answer:
+        state.unreachable = False
         session = self._ensure_session()
         timeout = aiohttp.ClientTimeout(
             total=min(self.settings.request_timeout, remaining),
@@ -719,8 +826,8 @@ class InsightClient:
                 status = resp.status
                 headers = resp.headers
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            kind = "timeout" if isinstance(exc, TimeoutError) else "connection"
-            reason = f"{kind} ({type(exc).__name__})"
+            cause, state.unreachable = _connection_cause(exc)
+            reason = f"{cause} ({type(exc).__name__})"
             self._count_sends(tracker, state, body)
             if body is not None and _fully_sent(tracker):
                 state.lost_responses += 1
@@ -736,7 +843,7 @@ class InsightClient:
                 attempt=state.attempts,
                 reason=reason,
             )
-            raise TransientError(f"{method} {path}: {reason}", status=0) from exc
+            raise TransientError(f"{method} {self._host}{path}: {reason}", status=0) from exc
         self._count_sends(tracker, state, body)
         if 200 <= status < 300:
             try:
@@ -748,14 +855,15 @@ class InsightClient:
                     status=status,
                 ) from None
         error = self._error_for(method, path, status, headers, raw, state, put=body is not None)
-        _log.warning(
-            "api.call_failed",
-            method=method,
-            path=path,
-            status=status,
-            error_code=error.error_code,
-            attempt=state.attempts,
-        )
+        if not isinstance(error, RateLimitedError):  # api.rate_limited has said it
+            _log.warning(
+                "api.call_failed",
+                method=method,
+                path=path,
+                status=status,
+                error_code=error.error_code,
+                attempt=state.attempts,
+            )
         raise error
 
     def _count_sends(

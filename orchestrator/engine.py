@@ -56,6 +56,7 @@ from orchestrator.journal import (
     RunSpec,
     StoredBatch,
 )
+from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import default_processes
 from orchestrator.polling import PollPlanner
@@ -69,7 +70,7 @@ from orchestrator.settings import Settings
 
 __all__ = ["Orchestrator"]
 
-log = structlog.get_logger("orchestrator.engine")
+log = get_logger("orchestrator.engine")
 
 OutcomeHandler = Callable[[ImportOutcome], Any]
 

@@ -27,15 +27,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import anyio.to_thread
-import structlog
 
 from orchestrator import parse_worker
+from orchestrator.logs import get_logger
 from orchestrator.records import EncodedLines, encode_chunk
 from orchestrator.sources import LineChunk
 
 __all__ = ["PROCESS_AFTER", "ChunkParser", "default_processes"]
 
-log = structlog.get_logger("orchestrator.parsing")
+log = get_logger("orchestrator.parsing")
 
 #: Bytes of each input parsed in a worker thread before worker processes are used for it.
 PROCESS_AFTER = 8 << 20

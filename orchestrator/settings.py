@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 from orchestrator.errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "api_limit_breaches"]
 
 #: The API's documented body cap ("50 MB"), read as 50,000,000 bytes of body as sent.
 API_MAX_BODY_BYTES = 50_000_000
 #: The API's documented limit of concurrent bulk imports per account.
 API_MAX_CONCURRENT = 5
+#: The API's documented polling rhythm: status polls of one import 5–30 s apart.
+API_MIN_POLL_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,3 +111,27 @@ class Settings:
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def api_limit_breaches(settings: Settings) -> list[str]:
+    """The settings that break the API's published limits, each said with the rule it breaks.
+
+    The engine runs with any valid settings (tests and the simulator need short intervals); a
+    program that talks to Dotdigital itself checks these before it starts.
+
+    Args:
+        settings: the settings to check.
+    """
+    breaches = []
+    if settings.max_concurrent > API_MAX_CONCURRENT:
+        breaches.append(
+            f"max_concurrent {settings.max_concurrent} puts more than {API_MAX_CONCURRENT} "
+            f"imports in flight; Dotdigital allows {API_MAX_CONCURRENT} concurrent bulk imports "
+            "per account"
+        )
+    if settings.poll_min < API_MIN_POLL_INTERVAL:
+        breaches.append(
+            f"poll_min {settings.poll_min:g} s polls an import more often than every "
+            f"{API_MIN_POLL_INTERVAL:g} s; Dotdigital asks for status polls 5–30 s apart"
+        )
+    return breaches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,9 +79,9 @@ class SimulatorProcess:
         return [i for i in stats["imports"] if i["collection"] == collection]
 
 
-@pytest.fixture(scope="module")
-def simulator_process() -> Iterator[SimulatorProcess]:
-    """`insight-import simulator` on a free loopback port, for tests that run the real command."""
+@contextlib.contextmanager
+def serve_simulator(*extra: str) -> Iterator[SimulatorProcess]:
+    """`insight-import simulator EXTRA...` on a free loopback port, stopped on leaving."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -93,6 +94,7 @@ def simulator_process() -> Iterator[SimulatorProcess]:
             "4000",
             "--jitter",
             "0.5",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -110,16 +112,30 @@ def simulator_process() -> Iterator[SimulatorProcess]:
             process.stdout.close()
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    """Run `python -m orchestrator ARGS` as a user would, with the simulator's credentials."""
+@pytest.fixture(scope="module")
+def simulator_process() -> Iterator[SimulatorProcess]:
+    """`insight-import simulator` on a free loopback port, for tests that run the real command."""
+    with serve_simulator() as sim:
+        yield sim
+
+
+def run_env() -> dict[str, str]:
+    """The environment of a command run by a test: no INSIGHT_IMPORT_* or DOTDIGITAL_* from the
+    caller, the simulator's credentials."""
     environ = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("INSIGHT_IMPORT_", "DOTDIGITAL_"))
     }
     environ.update(DOTDIGITAL_API_USER=SIM_USER, DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    return environ
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m orchestrator ARGS` as a user would, with the simulator's credentials."""
+    environ = run_env()
     environ.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],

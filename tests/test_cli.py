@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,14 @@ import pytest
 
 from orchestrator.errors import ConfigError
 from orchestrator.options import OPTIONS, load_config_file, resolve_options
-from tests.conftest import SIM_PASSWORD, SimulatorProcess, fast_run_args, run_cli
+from tests.conftest import (
+    SIM_PASSWORD,
+    SimulatorProcess,
+    fast_run_args,
+    run_cli,
+    run_env,
+    serve_simulator,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -288,3 +297,171 @@ def test_an_unusable_journal_is_a_clear_error_before_any_import(
     assert done.returncode == 2, done.stderr.decode()
     assert str(blocker).encode() in done.stderr
     assert simulator_process.records("CliJournal") == []
+
+
+# --------------------------------------------------------------------------- API limits
+
+
+@pytest.mark.parametrize(
+    ("flags", "rule"),
+    [
+        (["--max-concurrent", "8"], "5 concurrent bulk imports"),
+        (["--poll-min", "1"], "5–30 s apart"),
+    ],
+)
+def test_settings_beyond_the_api_limits_are_refused_on_a_dotdigital_host(
+    tmp_path: Path, flags: list[str], rule: str
+) -> None:
+    """--max-concurrent 8 or --poll-min 1 on Dotdigital exit 2, naming the rule and the override."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", *flags, "--journal", str(tmp_path / "j.sqlite")
+    )
+    assert done.returncode == 2, done.stderr.decode()
+    err = done.stderr.decode()
+    assert rule in err
+    assert "--allow-unsafe-limits" in err
+    assert "r1-api.dotdigital.com" in err
+    assert not (tmp_path / "j.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        (["--allow-unsafe-limits"], {}),
+        ([], {"INSIGHT_IMPORT_ALLOW_UNSAFE_LIMITS": "1"}),
+    ],
+    ids=["flag", "env"],
+)
+def test_the_override_lifts_the_api_limits_with_a_warning(
+    tmp_path: Path, flags: list[str], env: dict[str, str]
+) -> None:
+    """With the override the limits pass (with a warning): the run gets as far as its journal."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the journal's folder should be")
+    journal = str(blocker / "j.sqlite")
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", "--max-concurrent", "8", *flags,
+        "--journal", journal, env=env,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert "warning: max_concurrent 8" in err
+    assert journal in err  # it stopped at the journal, past the limit check
+
+
+def test_a_mistyped_environment_variable_is_named_with_the_closest_option(tmp_path: Path) -> None:
+    """INSIGHT_IMPORT_MAX_CONCURENT is not ignored silently: a warning names the right variable."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    done = run_cli("run", str(data), env={"INSIGHT_IMPORT_MAX_CONCURENT": "3"})
+    err = done.stderr.decode()
+    assert "INSIGHT_IMPORT_MAX_CONCURENT" in err
+    assert "did you mean INSIGHT_IMPORT_MAX_CONCURRENT?" in err
+
+
+# --------------------------------------------------------------------------- first contact
+
+
+def test_a_wrong_password_is_found_before_the_input_is_read(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A wrong password exits 3 at once, while standard input is still open and unread."""
+    args = fast_run_args(simulator_process, tmp_path, "CliFirstAuth")
+    env = {**run_env(), "DOTDIGITAL_API_PASSWORD": "wrong-password"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 3, err.decode()
+    assert b"DOTDIGITAL_API_PASSWORD" in err
+
+
+def test_an_unreachable_host_fails_fast_naming_host_and_cause(tmp_path: Path) -> None:
+    """A refused first contact exits 3 within seconds and names the host and the cause."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    started = time.monotonic()
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", "--base-url", f"http://127.0.0.1:{port}",
+        "--journal", str(tmp_path / "j.sqlite"), "--progress", "off", timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr.decode()
+    assert time.monotonic() - started < 10
+    assert f"127.0.0.1:{port}".encode() in done.stderr
+    assert b"connection refused" in done.stderr
+
+
+def test_an_account_of_another_region_is_told_which_region_to_use(tmp_path: Path) -> None:
+    """When account-info names another region's host, the run exits 3 saying --region r2."""
+    with serve_simulator("--api-endpoint", "https://r2-api.dotdigital.com") as sim:
+        data = write_jsonl(tmp_path / "in.jsonl", orders(3))
+        done = run_cli("run", str(data), *fast_run_args(sim, tmp_path, "CliRegion"))
+        assert done.returncode == 3, done.stderr.decode()
+        assert b"--region r2" in done.stderr
+        assert b"--region auto" in done.stderr
+        assert sim.records("CliRegion") == []
+
+
+def test_region_auto_takes_the_account_api_endpoint(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """--region auto imports into the API root that account-info names."""
+    with serve_simulator("--api-endpoint", simulator_process.base_url) as first:
+        data = write_jsonl(tmp_path / "in.jsonl", orders(4))
+        args = fast_run_args(first, tmp_path, "CliAuto")
+        done = run_cli("run", str(data), *args, "--scope", "contact", "--region", "auto")
+        assert done.returncode == 0, done.stderr.decode()
+        assert first.records("CliAuto") == []
+    assert len(simulator_process.records("CliAuto")) == 4
+
+
+# --------------------------------------------------------------------------- the command itself
+
+
+def test_version_and_help_show_defaults_and_exit_codes() -> None:
+    """--version prints the version; run --help shows each default and the exit codes."""
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.decode().startswith("insight-import ")
+    helped = run_cli("run", "--help").stdout.decode()
+    assert "(default: 5)" in helped
+    assert "(default: 50000000)" in helped
+    assert "exit status:" in helped
+    assert "130" in helped
+
+
+def test_simulator_on_a_taken_port_says_so_in_one_line() -> None:
+    """`simulator --port N` with N taken exits 2 with one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("simulator", "--port", str(port), timeout=30)
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert f"port {port}".encode() in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_summary_says_1_record_not_1_records(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """One record makes `1 record` and `1 import` in the summary."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    args = fast_run_args(simulator_process, tmp_path, "CliOne")
+    done = run_cli("run", str(data), *args, "--scope", "contact")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Imported 1 of 1 record into" in done.stdout
+    assert b"with 1 import." in done.stdout

@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
-from structlog.testing import capture_logs
 
 from orchestrator.client import (
     REGIONS,
@@ -43,6 +42,7 @@ from orchestrator.errors import (
     RateLimitedError,
     TransientError,
 )
+from orchestrator.logs import capture_events
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -176,7 +176,7 @@ def test_status_words_fold_into_states(word: str, state: ImportState) -> None:
 def test_unknown_status_word_is_running_and_logged_once() -> None:
     """An unknown status word counts as running and is logged once per process."""
     word = f"Pondering{uuid.uuid4().hex}"
-    with capture_logs() as logs:
+    with capture_events() as logs:
         assert import_state(word) is ImportState.RUNNING
         assert import_state(word) is ImportState.RUNNING
     events = [entry for entry in logs if entry["event"] == "status.unknown_word"]
@@ -255,7 +255,7 @@ async def test_slow_put_counts_a_lost_response(sim: Simulator) -> None:
 async def test_lost_response_is_retried_and_counted(sim: Simulator) -> None:
     """A dropped 202 is re-sent once, counted, logged, and leaves two imports in the simulator."""
     sim.faults.resets_after_accept = 1
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim)) as client:
             receipt = await client.submit_import(body_of(account_records(3)))
             assert (client.calls, client.lost_responses) == (2, 1)
@@ -263,9 +263,9 @@ async def test_lost_response_is_retried_and_counted(sim: Simulator) -> None:
     assert len(sim.stats.imports) == 2
     assert [s.lost_response for s in sim.stats.imports.values()] == [True, False]
     assert not sim.stats.imports[receipt.import_id].lost_response
-    retries = [entry for entry in logs if entry["event"] == "import.put_retry"]
-    assert len(retries) == 1
-    assert "lost response" in retries[0]["reason"]
+    failed = [entry for entry in logs if entry["event"] == "api.call_failed"]
+    assert len(failed) == 1
+    assert "lost response" in failed[0]["reason"]
 
 
 # --- 429: account full and rate limits -----------------------------------------------------
@@ -289,7 +289,7 @@ async def test_account_full_raises_at_once(sim: Simulator) -> None:
 async def test_rate_limit_waits_retry_after_then_succeeds(sim: Simulator) -> None:
     """A rate limit waits the Retry-After the API sends, then the call succeeds."""
     sim.faults.rate_limit_calls, sim.faults.rate_limit_reset_s = 1, 0.15
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim)) as client:
             started = time.monotonic()
             receipt = await client.submit_import(body_of(account_records(1)))
@@ -334,7 +334,7 @@ async def test_rate_limit_beyond_the_attempts_raises(sim: Simulator) -> None:
 async def test_wrong_password_raises_authentication_error(sim: Simulator) -> None:
     """A 401 names the environment variables and never the password, in messages or logs."""
     wrong = "not-the-Pa55word"
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim, password=wrong)) as client:
             with pytest.raises(AuthenticationError) as caught:
                 await client.submit_import(body_of(account_records(1)))

@@ -22,7 +22,6 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.to_thread
 import orjson
-import structlog
 
 from orchestrator.batching import RecordRef, RecordRefs
 from orchestrator.errors import JournalError, JournalMismatch
@@ -40,10 +39,11 @@ from orchestrator.journal.base import (
     mismatch_message,
     progress_list,
 )
+from orchestrator.logs import get_logger
 
 __all__ = ["SqliteJournal"]
 
-_log = structlog.get_logger()
+_log = get_logger("orchestrator.journal")
 
 _T = TypeVar("_T")
 
