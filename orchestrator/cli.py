@@ -237,6 +237,7 @@ class _Job:
     fresh: bool
     progress: bool
     auto_region: bool = False
+    progress_interval: float = 10.0
 
 
 def _main_run(args: argparse.Namespace) -> int:
@@ -313,6 +314,7 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
         fresh=bool(opts["fresh"]),
         progress=progress,
         auto_region=auto_region,
+        progress_interval=opts["progress_interval"],
     )
 
 
@@ -334,7 +336,7 @@ def _execute(job: _Job) -> int:
 
 
 async def _execute_async(job: _Job) -> int:
-    stats = RunStats()
+    stats = RunStats(input_bytes=await anyio.to_thread.run_sync(_input_bytes, job.inputs))
     result: ImportResult | None = None
     interrupted = False
     async with AsyncExitStack() as stack:
@@ -348,7 +350,7 @@ async def _execute_async(job: _Job) -> int:
             return _fail(str(error), EXIT_ABORTED)
         orchestrator = Orchestrator(InsightClient(client_settings), job.settings)
         await stack.enter_async_context(orchestrator)
-        display = ProgressDisplay(stats, enabled=job.progress)
+        display = ProgressDisplay(stats, live=job.progress, log_every=job.progress_interval)
         await stack.enter_async_context(display)
         code: int | None = None
         async with anyio.create_task_group() as tg:
@@ -399,6 +401,22 @@ async def _execute_async(job: _Job) -> int:
         await _write_report(job.report, result)
     _print_summary(result, job)
     return EXIT_OK if result.ok else EXIT_REJECTED
+
+
+def _input_bytes(inputs: tuple[str, ...]) -> int | None:
+    """The inputs' total size, when every one is a plain file (not gzip, not stdin)."""
+    total = 0
+    for origin in inputs:
+        if origin == "-":
+            return None
+        try:
+            with open(origin, "rb") as handle:
+                if handle.read(2) == b"\x1f\x8b":  # gzip: its size says little of its lines
+                    return None
+                total += os.fstat(handle.fileno()).st_size
+        except OSError:
+            return None
+    return total
 
 
 async def _first_contact(job: _Job) -> ClientSettings:

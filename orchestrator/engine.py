@@ -401,6 +401,7 @@ class _Run:
             log.info("run.nothing_to_do", collection=self.collection.name)
             return await self._result(started, nothing_to_do=True)
         if not state.fresh:
+            self.stats.resume(await self.journal.counters())
             log.info(
                 "run.resumed",
                 collection=self.collection.name,
@@ -456,6 +457,7 @@ class _Run:
             if done is not None and done.done:
                 continue
             await producer.consume(index, source)
+        self.stats.reading_done = True
         await producer.finish()
 
     async def _launch(self, tg: TaskGroup, task: _BatchTask) -> None:
@@ -917,6 +919,7 @@ class _Producer:
                         continue
                     await self._add(result, index, chunk)
             run.stats.records_read += chunk.read
+            run.stats.bytes_read += chunk.size
         end = _progress_after(index, last) if last is not None else InputProgress(index, 0, "")
         self.finished_inputs.append(
             InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -223,12 +224,16 @@ def test_a_signal_saves_state_exits_130_and_the_rerun_finishes(
 
 
 def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
-    """`insight-import demo` imports its sample into the in-process simulator and explains it."""
+    """`insight-import demo` imports its sample into the simulator, through the faults it names."""
     done = run_cli("demo", "--records", "3000", "--output", str(tmp_path / "demo"), timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert b"Imported" in done.stdout
-    assert (tmp_path / "demo" / "report.json").exists()
+    report = orjson.loads((tmp_path / "demo" / "report.json").read_bytes())
     assert read_jsonl(tmp_path / "demo" / "dead-letter.jsonl")
+    # the faults it announces happen on the way: a lost response, a Failed import resubmitted
+    assert report["lost_responses"] == 1
+    assert report["resubmits"] >= 1
+    assert b"failed imports re-sent: " in done.stdout
 
 
 def test_status_prints_an_import_as_json(
@@ -465,3 +470,123 @@ def test_the_summary_says_1_record_not_1_records(
     assert done.returncode == 0, done.stderr.decode()
     assert b"Imported 1 of 1 record into" in done.stdout
     assert b"with 1 import." in done.stdout
+
+
+# --------------------------------------------------------------------------- what a person sees
+
+
+def json_events(stderr: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+
+
+def test_without_a_terminal_progress_is_a_periodic_run_progress_event(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """stderr not a terminal: run.progress events say records, bytes, percent, rates, imports."""
+    simulator_process.post("/_simulator/faults", {"slow_responses": 20, "slow_delay_s": 0.1})
+    data = write_jsonl(tmp_path / "in.jsonl", orders(2000))
+    args = fast_run_args(simulator_process, tmp_path, "CliProgress")
+    done = run_cli(
+        "run", str(data), *args, "--scope", "contact", "--max-body-bytes", "20000",
+        "--progress-interval", "0.2",
+    )  # fmt: skip
+    simulator_process.post("/_simulator/faults", {"slow_responses": 0})
+    assert done.returncode == 0, done.stderr.decode()
+    progress = [e for e in json_events(done.stderr) if e["event"] == "run.progress"]
+    assert len(progress) >= 2
+    last = progress[-1]
+    size = data.stat().st_size
+    assert (last["bytes_read"], last["input_bytes"], last["percent"]) == (size, size, 100.0)
+    assert (last["records_read"], last["records_imported"]) == (2000, 2000)
+    assert last["imports_in_flight"] == 0
+    assert last["elapsed_s"] > 0
+    for key in ("records_per_s", "bytes_per_s", "eta_s", "imports_finished", "records_invalid"):
+        assert key in last
+
+
+def test_on_a_terminal_the_output_is_calm(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """On a terminal at the default level: the live line, no log line per import."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300))
+    args = fast_run_args(simulator_process, tmp_path, "CliCalm")
+    for flag in ("--progress", "--log-format"):  # leave both to their terminal defaults
+        del args[args.index(flag) : args.index(flag) + 2]
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(data), *args, "--scope", "contact",
+         "--max-body-bytes", "8000"],
+        env={**run_env(), "COLUMNS": "200", "TERM": "xterm"},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary,
+    )  # fmt: skip
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            piece = os.read(primary, 65536)
+        except OSError:  # the other end closed: the command ended
+            break
+        if not piece:
+            break
+        screen += piece
+    out, _ = process.communicate(timeout=60)
+    os.close(primary)
+    assert process.returncode == 0, screen.decode(errors="replace")
+    assert b"Imported 300 of 300 records" in out
+    assert b"imports:" in screen
+    assert b"MB" in screen
+    for noisy in (b"import.finished", b"import.submitted", b"batch.sealed"):
+        assert noisy not in screen
+
+
+def test_a_resumed_run_counts_what_earlier_runs_did(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """After an interrupted run, the resumed run's progress counts the records read before too."""
+    simulator_process.post("/_simulator/faults", {"slow_responses": 100_000, "slow_delay_s": 0.1})
+    data = write_jsonl(tmp_path / "in.jsonl", orders(3000))
+    args = [*fast_run_args(simulator_process, tmp_path, "CliResumeCounts"), "--scope", "contact"]
+    args += ["--max-body-bytes", "8000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(data), *args],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    finished = 0
+    for line in process.stderr:
+        finished += b'"import.finished"' in line
+        if finished == 3:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    simulator_process.post("/_simulator/faults", {"slow_responses": 0})
+    assert process.returncode == 130, err.decode()
+    done = run_cli("run", str(data), *args)
+    assert done.returncode == 0, done.stderr.decode()
+    last = [e for e in json_events(done.stderr) if e["event"] == "run.progress"][-1]
+    assert last["resumed"] is True
+    assert last["records_read"] == last["records_imported"] == 3000
+
+
+def test_each_retry_is_logged_once(simulator_process: SimulatorProcess, tmp_path: Path) -> None:
+    """Two 5xx answers make two log lines, not two or three per retry."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(5))
+    args = fast_run_args(simulator_process, tmp_path, "CliRetryLines")
+    # the first contact is not retried by the faults: they start once it passed
+    simulator_process.post("/_simulator/faults", {"server_errors": 0})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-", *args, "--scope", "contact"],
+        env=run_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.5)  # past the first contact, waiting for standard input
+    simulator_process.post("/_simulator/faults", {"server_errors": 2})
+    _, err = process.communicate(data.read_bytes(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    events = [e["event"] for e in json_events(err)]
+    retries = [e for e in events if "retr" in e or e == "api.call_failed"]
+    assert retries == ["api.call_failed", "api.call_failed"], events

@@ -27,7 +27,10 @@ from orchestrator.client import (
     RetryPolicy,
     _rate_limit_wait,
     import_state,
+    is_loopback_url,
     parse_error_body,
+    region_of,
+    same_api_root,
 )
 from orchestrator.errors import (
     AccountFullError,
@@ -723,3 +726,84 @@ def test_immediate_policy_has_no_waits() -> None:
         0.0,
         0.0,
     )
+
+
+# --- first contact -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_check_access_returns_the_account_api_root(sim: Simulator) -> None:
+    """check_access answers the account's own API root in one call."""
+    async with InsightClient(settings_for(sim)) as client:
+        assert await client.check_access() == sim.base_url
+        assert client.calls == 1
+
+
+@pytest.mark.anyio
+async def test_check_access_refuses_a_wrong_password_in_one_call(sim: Simulator) -> None:
+    """A wrong password is an AuthenticationError on the first call, before any import."""
+    async with InsightClient(settings_for(sim, password="wrong-one")) as client:
+        with pytest.raises(AuthenticationError):
+            await client.check_access()
+        assert client.calls == 1
+    assert sim.stats.imports == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("scheme", "cause"), [("http", "connection refused"), ("https", "TLS handshake failed")]
+)
+async def test_an_unreachable_first_contact_fails_at_once_naming_host_and_cause(
+    sim: Simulator, scheme: str, cause: str
+) -> None:
+    """Refused or TLS-failed first contact: one attempt, the host and the cause in the message."""
+    if scheme == "http":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            host = f"127.0.0.1:{probe.getsockname()[1]}"
+    else:  # TLS spoken to a plain HTTP server
+        host = sim.base_url.removeprefix("http://")
+    settings = settings_for(sim, base_url=f"{scheme}://{host}", retry=RetryPolicy(timeout=60.0))
+    async with InsightClient(settings) as client:
+        started = time.monotonic()
+        with pytest.raises(TransientError) as caught:
+            await client.check_access()
+        assert time.monotonic() - started < 2.0
+        assert client.calls == 1
+    assert f"cannot reach the API at {host}: {cause}" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_call_that_outlives_its_retries_names_the_host(sim: Simulator) -> None:
+    """The give-up message of a call names the API host, not only the path."""
+    sim.faults.server_errors = 10
+    settings = settings_for(sim, retry=RetryPolicy.immediate(attempts=2))
+    async with InsightClient(settings) as client:
+        with pytest.raises(TransientError) as caught:
+            await client.import_status(str(uuid.uuid4()))
+    assert sim.base_url.removeprefix("http://") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback", "region"),
+    [
+        ("http://127.0.0.1:8787", True, None),
+        ("http://localhost:1", True, None),
+        ("http://[::1]:9", True, None),
+        ("https://r2-api.dotdigital.com", False, "r2"),
+        ("https://R3-API.dotdigital.com/", False, "r3"),
+        ("https://proxy.example.com", False, None),
+    ],
+)
+def test_hosts_are_told_apart(url: str, loopback: bool, region: str | None) -> None:
+    """Loopback hosts and regional hosts are recognised from the URL."""
+    assert is_loopback_url(url) is loopback
+    assert region_of(url) == region
+
+
+def test_same_api_root_ignores_case_slashes_and_loopback_names() -> None:
+    """The same server written two ways is the same root; another port or host is not."""
+    assert same_api_root("https://r1-api.dotdigital.com/", "https://R1-api.dotdigital.com")
+    assert same_api_root("http://localhost:8787", "http://127.0.0.1:8787")
+    assert not same_api_root("http://127.0.0.1:8787", "http://127.0.0.1:8788")
+    assert not same_api_root("https://r1-api.dotdigital.com", "https://r2-api.dotdigital.com")
