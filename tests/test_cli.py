@@ -576,6 +576,7 @@ def test_each_retry_is_logged_once(simulator_process: SimulatorProcess, tmp_path
     args = fast_run_args(simulator_process, tmp_path, "CliRetryLines")
     # the first contact is not retried by the faults: they start once it passed
     simulator_process.post("/_simulator/faults", {"server_errors": 0})
+    before = simulator_process.get("/_simulator/stats")["requests"]
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", "-", *args, "--scope", "contact"],
         env=run_env(),
@@ -583,7 +584,11 @@ def test_each_retry_is_logged_once(simulator_process: SimulatorProcess, tmp_path
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(1.5)  # past the first contact, waiting for standard input
+    deadline = time.monotonic() + 30
+    while simulator_process.get("/_simulator/stats")["requests"] == before:  # the first contact
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # its answer is on the way; the run now waits for standard input
     simulator_process.post("/_simulator/faults", {"server_errors": 2})
     _, err = process.communicate(data.read_bytes(), timeout=60)
     assert process.returncode == 0, err.decode()
