@@ -12,6 +12,7 @@ import ctypes
 import errno
 import gc
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -19,16 +20,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
 import orjson
 import platformdirs
-import structlog
 
-from orchestrator.client import ClientSettings, InsightClient
+from orchestrator.client import (
+    ClientSettings,
+    InsightClient,
+    is_loopback_url,
+    region_of,
+    same_api_root,
+)
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
     AuthenticationError,
@@ -42,30 +48,51 @@ from orchestrator.errors import (
 )
 from orchestrator.journal import InputProgress, RecordedRun, RunSpec, SqliteJournal, account_id
 from orchestrator.journal.base import mismatch_message
-from orchestrator.logs import configure_logging
-from orchestrator.options import OPTIONS, resolve_options
+from orchestrator.logs import configure_logging, get_logger
+from orchestrator.options import OPTIONS, resolve_options, unknown_environment
 from orchestrator.outbox.cli import OUTBOX_COMMANDS, add_outbox_commands, run_outbox_command
 from orchestrator.outcomes import ImportResult, RunStats, iso_time
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, api_limit_breaches
 from orchestrator.sources import JsonLinesReader, validate_inputs
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-log = structlog.get_logger("orchestrator.cli")
+log = get_logger("orchestrator.cli")
 
 
 # --------------------------------------------------------------------------- argument parsing
 
 
+_EXIT_CODES = """\
+exit status:
+  0    every record imported
+  1    the run finished, but some records were rejected (all are in the dead-letter file)
+  2    usage, configuration or input error before any import
+  3    aborted: bad credentials, wrong region, unreachable host, or an error retrying cannot fix
+  130  interrupted (SIGINT/SIGTERM); the state is saved: run the same command again to resume
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("insight-orchestrator")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="insight-import",
         description="Import JSON Lines records into Dotdigital Insight data collections.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -76,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
             "DOTDIGITAL_API_USER and DOTDIGITAL_API_PASSWORD. Every option can also be set with "
             "INSIGHT_IMPORT_<OPTION> or in a TOML file given with --config."
         ),
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
     run.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL file, .gz, or - for stdin")
     run.add_argument("--config", help="TOML file of options (see config/default.toml)")
@@ -85,8 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         help="send the records of a dead-letter file again (its record members) instead of INPUT",
     )
     for option in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": option.help}
-        if option.name == "fresh":
+        shown = option.help
+        if option.default not in (None, False):
+            shown += f" (default: {option.default})"
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": shown}
+        if option.is_flag:
             kwargs.update(action="store_const", const=True)
         else:
             kwargs["type"] = option.parse
@@ -95,30 +127,50 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{option.name}", **kwargs)
 
     demo = commands.add_parser(
-        "demo", help="the whole job against the bundled simulator, with sample data (no account)"
+        "demo",
+        help="the whole job against the bundled simulator, with sample data (no account)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--records", type=int, default=20_000, help="sample orders to generate")
     demo.add_argument("--output", default="insight-demo", help="folder for sample, report, journal")
-    demo.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     demo.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+        "--progress", choices=("auto", "on", "off"), default="auto", help="live progress display"
     )
-    demo.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    demo.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="lowest log level shown",
+    )
+    demo.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto", help="log format"
+    )
 
-    sim = commands.add_parser("simulator", help="serve the bundled Insight import API simulator")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8787)
-    sim.add_argument("--records-per-second", type=float, default=20_000.0)
+    sim = commands.add_parser(
+        "simulator",
+        help="serve the bundled Insight import API simulator",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    sim.add_argument("--port", type=int, default=8787, help="port to listen on; 0 picks a free one")
+    sim.add_argument("--records-per-second", type=float, default=20_000.0, help="import speed")
     sim.add_argument("--min-processing", type=float, default=0.0, help="seconds, per import")
-    sim.add_argument("--jitter", type=float, default=0.2)
-    sim.add_argument("--max-active-imports", type=int, default=5)
-    sim.add_argument("--max-body-bytes", type=int, default=50_000_000)
-    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--jitter", type=float, default=0.2, help="+/- share of processing time")
+    sim.add_argument("--max-active-imports", type=int, default=5, help="slots of the account")
+    sim.add_argument("--max-body-bytes", type=int, default=50_000_000, help="larger bodies: 413")
+    sim.add_argument(
+        "--api-endpoint",
+        default=None,
+        help="the ApiEndpoint account-info names (default: the simulator's own URL)",
+    )
+    sim.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
 
     status = commands.add_parser("status", help="show an import's status")
     status.add_argument("import_id")
-    status.add_argument("--base-url", default=None)
-    status.add_argument("--region", choices=("r1", "r2", "r3"), default=None)
+    status.add_argument("--base-url", default=None, help="API root (default: the --region host)")
+    status.add_argument(
+        "--region", choices=("r1", "r2", "r3"), default=None, help="Dotdigital region (default: r1)"
+    )
 
     add_outbox_commands(commands)
     commands.add_parser("worker", help="the long-lived outbox worker (not built yet)")
@@ -222,6 +274,9 @@ class _Job:
     progress: bool
     replay: Path | None = None  # a dead-letter file whose records are sent again (inputs[0])
 
+    auto_region: bool = False
+    progress_interval: float = 10.0
+
 
 class _OutputError(Exception):
     """An output file (dead-letter file, report, replay input) cannot be written."""
@@ -229,6 +284,8 @@ class _OutputError(Exception):
 
 def _main_run(args: argparse.Namespace) -> int:
     flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
+    for warning in unknown_environment():
+        print(f"insight-import: warning: {warning}", file=sys.stderr)
     try:
         opts = resolve_options(flags, config_path=args.config)
         configure_logging(level=opts["log_level"], fmt=opts["log_format"])
@@ -236,6 +293,26 @@ def _main_run(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as error:
         return _fail(str(error), EXIT_USAGE)
     return _execute(job)
+
+
+def _check_api_limits(settings: Settings, api_root: str, *, allow_unsafe: bool) -> None:
+    """Refuse settings beyond Dotdigital's published limits, unless local or overridden."""
+    breaches = api_limit_breaches(settings)
+    if not breaches or is_loopback_url(api_root):
+        return
+    if allow_unsafe:
+        for breach in breaches:
+            print(
+                f"insight-import: warning: {breach} (allowed by --allow-unsafe-limits)",
+                file=sys.stderr,
+            )
+        return
+    raise ConfigError(
+        "; ".join(breaches)
+        + f". These limits hold for {api_root}; they are lifted only for a local simulator "
+        "(a loopback --base-url) or with --allow-unsafe-limits (INSIGHT_IMPORT_ALLOW_UNSAFE_LIMITS"
+        "=1, or allow-unsafe-limits = true in the config file)"
+    )
 
 
 def _job_from_options(
@@ -256,9 +333,13 @@ def _job_from_options(
         max_resubmits=opts["max_resubmits"],
         parse_processes=opts["parse_processes"],
     )
+    auto_region = opts["region"] == "auto"
     client = ClientSettings.from_env(
-        base_url=opts["base_url"], region=opts["region"], request_timeout=opts["request_timeout"]
+        base_url=opts["base_url"],
+        region="r1" if auto_region else opts["region"],
+        request_timeout=opts["request_timeout"],
     )
+    _check_api_limits(settings, client.api_root, allow_unsafe=bool(opts["allow_unsafe_limits"]))
     if inputs.count("-") > 1:
         raise ConfigError("standard input (-) can be given only once")
     replayed = Path(replay).resolve() if replay is not None else None
@@ -290,6 +371,8 @@ def _job_from_options(
         fresh=bool(opts["fresh"]),
         progress=progress,
         replay=replayed,
+        auto_region=auto_region,
+        progress_interval=opts["progress_interval"],
     )
 
 
@@ -584,10 +667,15 @@ async def _execute_async(job: _Job) -> int:
             return _fail(str(error), EXIT_USAGE)
         except OSError as error:
             return _fail(f"cannot read {job.replay}: {error.strerror or error}", EXIT_USAGE)
-    stats = RunStats()
+    stats = RunStats(input_bytes=await anyio.to_thread.run_sync(_input_bytes, job.inputs))
     result: ImportResult | None = None
     interrupted = False
     code: int | None = None
+    try:
+        # before reading any input: a wrong password or host is told in a second
+        job = replace(job, client=await _first_contact(job))
+    except OrchestratorError as error:
+        return _fail(_explain(error), EXIT_ABORTED)
     async with AsyncExitStack() as stack:
         try:
             journal = await stack.enter_async_context(SqliteJournal(job.journal))
@@ -603,7 +691,7 @@ async def _execute_async(job: _Job) -> int:
             print(f"insight-import: {note}", flush=True)
         orchestrator = Orchestrator(InsightClient(job.client), settings=job.settings)
         await stack.enter_async_context(orchestrator)
-        display = ProgressDisplay(stats, enabled=job.progress)
+        display = ProgressDisplay(stats, live=job.progress, log_every=job.progress_interval)
         await stack.enter_async_context(display)
         async with anyio.create_task_group() as tg:
 
@@ -692,6 +780,50 @@ async def _result_so_far(journal: SqliteJournal, started: float) -> ImportResult
     )
 
 
+def _input_bytes(inputs: tuple[str, ...]) -> int | None:
+    """The inputs' total size, when every one is a plain file (not gzip, not stdin)."""
+    total = 0
+    for origin in inputs:
+        if origin == "-":
+            return None
+        try:
+            with open(origin, "rb") as handle:
+                if handle.read(2) == b"\x1f\x8b":  # gzip: its size says little of its lines
+                    return None
+                total += os.fstat(handle.fileno()).st_size
+        except OSError:
+            return None
+    return total
+
+
+async def _first_contact(job: _Job) -> ClientSettings:
+    """One cheap call before reading any input: the credentials, the host and the region.
+
+    Returns the client settings to run with (``--region auto`` takes the account's own root).
+    """
+    root = job.client.api_root
+    async with InsightClient(job.client) as client:
+        endpoint = await client.check_access()
+    if same_api_root(endpoint, root):
+        return job.client
+    if job.auto_region:
+        log.info("run.region_found", api_root=endpoint)
+        return replace(job.client, base_url=endpoint)
+    region = region_of(endpoint)
+    if region is not None:
+        use = f"--region {region}" + (" (without --base-url)" if job.client.base_url else "")
+    else:
+        use = f"--base-url {endpoint}"
+    raise _WrongRegion(
+        f"the account lives at {endpoint}, not {root} (imports there answer 403): use {use}, "
+        "or --region auto to take the account's own API root"
+    )
+
+
+class _WrongRegion(OrchestratorError):
+    """The account-info call named another API root than the one configured."""
+
+
 def _report(
     result: ImportResult,
     job: _Job,
@@ -737,16 +869,20 @@ def _print_summary(
     read = counters.get("records_read", 0)
     imported = counters.get("records_imported", 0)
     print(
-        f"Imported {imported:,} of {read:,} records into collection {result.collection!r} "
-        f"in {result.duration_s:.1f} s, with {len(result.imports)} imports."
+        f"Imported {imported:,} of {_count(read, 'record')} into collection "
+        f"{result.collection!r} in {result.duration_s:.1f} s, with "
+        f"{_count(len(result.imports), 'import')}."
     )
     superseded = counters.get("records_superseded", 0)
     if superseded:
-        print(f"  {superseded:,} records were replaced by a later record with the same key.")
+        print(
+            f"  {_count(superseded, 'record')} {'was' if superseded == 1 else 'were'} replaced "
+            "by a later record with the same key."
+        )
     if result.dead_letters or carried:
         reasons = result.reasons()
         total = len(result.dead_letters) + carried
-        print(f"  {total:,} records not imported, listed in {job.dead_letter}:")
+        print(f"  {_count(total, 'record')} not imported, listed in {job.dead_letter}:")
         for reason, count in reasons.items():
             print(f"    {count:>8,}  {reason}")
     if without_record:
@@ -772,6 +908,11 @@ def _print_summary(
     if job.report is not None:
         print(f"  Report: {job.report}")
     print(f"  Journal: {job.journal}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 record``, ``2 records``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 # --------------------------------------------------------------------------- demo
@@ -803,6 +944,7 @@ def _main_simulator(args: argparse.Namespace) -> int:
         jitter=args.jitter,
         max_active_imports=args.max_active_imports,
         max_body_bytes=args.max_body_bytes,
+        api_endpoint=args.api_endpoint,
         seed=args.seed,
     )
     if username:
@@ -818,8 +960,17 @@ def _main_simulator(args: argparse.Namespace) -> int:
             print(f"  password: {config.password}", flush=True)
         print(f"  inspect: {base_url}/_simulator/stats  (Ctrl-C to stop)", flush=True)
 
-    with suppress(KeyboardInterrupt):
-        anyio.run(lambda: serve(config, host=args.host, port=args.port, on_started=started))
+    try:
+        with suppress(KeyboardInterrupt):
+            anyio.run(lambda: serve(config, host=args.host, port=args.port, on_started=started))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return _fail(
+                f"port {args.port} on {args.host} is already in use: stop what listens there, "
+                "or pick another with --port (0 takes a free one)",
+                EXIT_USAGE,
+            )
+        return _fail(f"cannot listen on {args.host}:{args.port}: {error.strerror}", EXIT_USAGE)
     return EXIT_OK
 
 

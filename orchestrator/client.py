@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import ipaddress
 import math
 import os
 import time
@@ -27,13 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import anyio
 import orjson
 import stamina
-import structlog
 from aiohttp import payload as aiohttp_payload
 from aiohttp.abc import AbstractStreamWriter
 
@@ -51,6 +51,7 @@ from orchestrator.errors import (
     TransientError,
     TransportError,
 )
+from orchestrator.logs import get_logger
 from orchestrator.settings import Duration, seconds
 from orchestrator.wire import ImportStatus, SubmitReceipt, _parse_status, parse_error_body
 
@@ -61,9 +62,12 @@ __all__ = [
     "ClientSettings",
     "InsightClient",
     "RetryPolicy",
+    "is_loopback_url",
+    "region_of",
+    "same_api_root",
 ]
 
-_log = structlog.get_logger()
+_log = get_logger("orchestrator.client")
 
 #: The regional API hosts; an account lives in exactly one of them.
 REGIONS: Final[Mapping[str, str]] = MappingProxyType(
@@ -81,6 +85,81 @@ _USER_AGENT: Final = "insight-orchestrator"
 _EPOCH_THRESHOLD: Final = 10**6
 # An API description is short prose; cap what goes into a message anyway.
 _MAX_DESCRIPTION_CHARS: Final = 300
+
+
+def _url_host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this machine (``localhost``, 127.0.0.0/8, ``::1``): a local
+    simulator, where the API's published limits do not apply.
+
+    Args:
+        url: an API root such as ``http://127.0.0.1:8787``.
+    """
+    host = _url_host(url)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def region_of(url: str) -> str | None:
+    """The region (``r1``...) whose API host ``url`` names, or ``None`` for any other host.
+
+    Args:
+        url: an API root such as ``https://r2-api.dotdigital.com``.
+    """
+    host = _url_host(url)
+    for region, root in REGIONS.items():
+        if host == _url_host(root):
+            return region
+    return None
+
+
+def same_api_root(a: str, b: str) -> bool:
+    """True when two API roots name the same server (scheme, host and port; loopback names
+    count as one host).
+
+    Args:
+        a: an API root.
+        b: another one.
+    """
+
+    def key(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        host = "loopback" if is_loopback_url(url) else (parts.hostname or "").lower()
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        except ValueError:
+            port = None
+        return scheme, host, port
+
+    return key(a) == key(b)
+
+
+def _connection_cause(exc: BaseException) -> tuple[str, bool]:
+    """What went wrong on the way to the server, and whether the server was never reached."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "DNS lookup failed (no such host?)", True
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed", True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused", True
+        return "cannot connect", True
+    if isinstance(exc, TimeoutError):
+        return "timeout", False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection", False
+    return "connection", False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,6 +391,8 @@ class _CallState:
     lost_responses: int = 0
     last_reason: str = ""
     rate_limit_wait: float | None = None
+    # the last failure never reached the server (DNS, refused, TLS)
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +433,7 @@ class InsightClient:
         if settings.integration_token:
             headers["x-ddg-integration-token"] = settings.integration_token
         self._headers: Mapping[str, str] = MappingProxyType(headers)
+        self._host = urlsplit(settings.api_root).netloc or settings.api_root
 
     def __repr__(self) -> str:
         return f"InsightClient(api_root={self.settings.api_root!r}, calls={self.calls})"
@@ -445,7 +527,27 @@ class InsightClient:
 
         Call it on any region's host to learn which region the account lives in.
         """
-        answer, _ = await self._call("GET", ACCOUNT_INFO_PATH)
+        return await self._account_endpoint(first_contact=False)
+
+    async def check_access(self) -> str:
+        """Check the host and the credentials with one cheap call; return the account's API root.
+
+        One ``GET /v2/account-info`` (any region's host answers it): call it before any work, so
+        a wrong password or host is found in a second rather than after reading the input. A host
+        that cannot be reached (DNS, connection refused, TLS) fails at once instead of using the
+        retry budget, which is for an API that was up; a 5xx or a timeout is retried, and a rate
+        limit waited out, as for any call.
+        Compare the answer with :func:`same_api_root`: another root means the account lives in
+        another region (:func:`region_of` names it), where imports answer 403.
+
+        Raises:
+            AuthenticationError: the API user or password was refused.
+            TransientError: the host cannot be reached, or is unwell.
+        """
+        return await self._account_endpoint(first_contact=True)
+
+    async def _account_endpoint(self, *, first_contact: bool) -> str:
+        answer, _ = await self._call("GET", ACCOUNT_INFO_PATH, first_contact=first_contact)
         data = answer.data
         properties = data.get("properties") if isinstance(data, dict) else None
         if isinstance(properties, list):
@@ -467,6 +569,7 @@ class InsightClient:
         *,
         body: bytes | bytearray | None = None,
         attempts: int | None = None,
+        first_contact: bool = False,
     ) -> tuple[_Answer, _CallState]:
         policy = self.settings.retry
         state = _CallState()
@@ -480,6 +583,8 @@ class InsightClient:
                     return True
                 # Sleeping past the budget only to fail is worse than telling the caller now.
                 return wait if wait <= deadline - clock() else False
+            if first_contact and state.unreachable:
+                return False  # the host was never reached: retrying will not make it exist
             return isinstance(exc, TransientError)
 
         try:
@@ -492,26 +597,16 @@ class InsightClient:
                 wait_jitter=policy.wait_jitter,
             ):
                 with attempt:
+                    # Each failed attempt was logged once, as api.call_failed (or
+                    # api.rate_limited), with its reason: a retry adds no line of its own.
                     state.attempts = attempt.num
-                    if attempt.num > 1:
-                        _log.info(
-                            "api.retrying",
-                            method=method,
-                            path=path,
-                            attempt=attempt.num,
-                            reason=state.last_reason,
-                        )
-                        if body is not None:
-                            _log.info(
-                                "import.put_retry", attempt=attempt.num, reason=state.last_reason
-                            )
                     await self._wait_out_rate_limit(state, deadline - clock())
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
         except ServerError as exc:
             raise _counted(
                 ServerError(
-                    _exhausted(method, path, state, policy, exc),
+                    _exhausted(method, self._host + path, state, policy, exc),
                     status=exc.status,
                     error_code=exc.error_code,
                     description=exc.description,
@@ -520,7 +615,12 @@ class InsightClient:
                 state,
             ) from exc
         except TransportError as exc:
-            raise TransportError(_exhausted(method, path, state, policy, exc)) from exc
+            if first_contact and state.unreachable:
+                raise TransportError(
+                    f"cannot reach the API at {self._host}: {state.last_reason}; check the base "
+                    "URL or region, and the network"
+                ) from exc
+            raise TransportError(_exhausted(method, self._host + path, state, policy, exc)) from exc
         except RateLimitedError as exc:
             raise _counted(
                 RateLimitedError(
@@ -559,6 +659,7 @@ class InsightClient:
         state: _CallState,
         remaining: float,
     ) -> _Answer:
+        state.unreachable = False
         session = self._ensure_session()
         timeout = aiohttp.ClientTimeout(
             total=min(self.settings.request_timeout, remaining),
@@ -581,8 +682,8 @@ class InsightClient:
                 status = resp.status
                 headers = resp.headers
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            kind = "timeout" if isinstance(exc, TimeoutError) else "connection"
-            reason = f"{kind} ({type(exc).__name__})"
+            cause, state.unreachable = _connection_cause(exc)
+            reason = f"{cause} ({type(exc).__name__})"
             self._count_sends(tracker, state, body)
             if body is not None and _fully_sent(tracker):
                 state.lost_responses += 1
@@ -598,7 +699,7 @@ class InsightClient:
                 attempt=state.attempts,
                 reason=reason,
             )
-            raise TransportError(f"{method} {path}: {reason}") from exc
+            raise TransportError(f"{method} {self._host}{path}: {reason}") from exc
         self._count_sends(tracker, state, body)
         if 200 <= status < 300:
             try:
@@ -610,14 +711,15 @@ class InsightClient:
                     status=status,
                 ) from None
         error = self._error_for(method, path, status, headers, raw, state, put=body is not None)
-        _log.warning(
-            "api.call_failed",
-            method=method,
-            path=path,
-            status=status,
-            error_code=error.error_code,
-            attempt=state.attempts,
-        )
+        if not isinstance(error, RateLimitedError):  # api.rate_limited has said it
+            _log.warning(
+                "api.call_failed",
+                method=method,
+                path=path,
+                status=status,
+                error_code=error.error_code,
+                attempt=state.attempts,
+            )
         raise error
 
     def _count_sends(

@@ -62,7 +62,10 @@ async def run_demo(
 
     await anyio.to_thread.run_sync(write_sample)
     config = SimulatorConfig(records_per_second=4_000.0, jitter=0.3, seed=7)
-    faults = Faults(server_errors=1, resets_after_accept=1, failed_imports=1)
+    # The first import accepted loses its response, so whatever it ends with is never seen: its
+    # batch is sent again. The second fault of failed_imports therefore lands on an import whose
+    # answer arrives: that is the Failed import the run sees and resubmits.
+    faults = Faults(server_errors=1, resets_after_accept=1, failed_imports=2)
     async with Simulator(config, faults=faults) as sim:
         print(f"Demo: {records:,} sample orders in {sample}")
         print(f"Demo: the bundled Insight API simulator listens on {sim.base_url}")

@@ -41,6 +41,7 @@ from orchestrator.lifecycle import (
     OutcomeSink,
     identity_hashes,
 )
+from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, ImportResult, RunStats
 from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.polling import CallBudget, PollPlanner
@@ -51,7 +52,7 @@ from orchestrator.slots import LocalSlotGate
 
 __all__ = ["Orchestrator"]
 
-log = structlog.get_logger("orchestrator.engine")
+log = get_logger("orchestrator.engine")
 
 #: Called with each outcome as it happens; a plain function or a coroutine function.
 OutcomeHandler = Callable[[ImportOutcome], Any]
@@ -257,7 +258,9 @@ class Orchestrator:
         if state.complete:
             log.info("run.nothing_to_do", collection=collection.name)
             return await _result(journal, collection, started, nothing_to_do=True)
-        if not state.fresh:
+        # (a journal the caller opened already counts as fresh while it holds no progress)
+        if state.unfinished or any(progress.lines for progress in state.inputs):
+            stats.resume(await journal.counters())
             log.info(
                 "run.resumed",
                 collection=collection.name,
@@ -304,6 +307,7 @@ class Orchestrator:
                     async with send:
                         await _resume(state, journal, in_flight, capacity, send)
                         await producer.produce(sources, state.inputs)
+                        stats.reading_done = True
                 finally:
                     with anyio.CancelScope(shield=True):
                         for source in sources:

@@ -57,6 +57,8 @@ class Chunk:
     last_line: int
     digest_through: Callable[[int], str]
     run: RecordRun | None = None
+    #: bytes of input the chunk's lines took (decompressed); 0 for records from an iterable
+    size: int = 0
 
     @property
     def read(self) -> int:
@@ -169,6 +171,7 @@ class FileInput:
             encoded.records(
                 line_chunk.data, self.origin, contact_scope=contact_scope, segment=segment
             ),
+            size=len(line_chunk.data),
         )
 
     async def aclose(self) -> None:

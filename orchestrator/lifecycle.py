@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -41,6 +40,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.journal import BatchPhase, DeadLetter, Journal, NewBatch, StoredBatch
+from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.records import Collection
@@ -51,7 +51,7 @@ from orchestrator.wire import ImportState, ImportStatus, SubmitReceipt
 
 __all__ = ["BatchTask", "ByteBudget", "Downstream", "InFlight", "OutcomeSink", "identity_hashes"]
 
-log = structlog.get_logger("orchestrator.lifecycle")
+log = get_logger("orchestrator.lifecycle")
 
 #: Where outcomes go as batches end (and as local rejects are recorded).
 OutcomeSink = Callable[[ImportOutcome], Awaitable[None]]

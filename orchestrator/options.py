@@ -7,6 +7,7 @@ Every option of ``insight-import run`` can also be set by an environment variabl
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,9 +17,13 @@ from typing import Any
 
 from orchestrator.errors import ConfigError
 
-__all__ = ["OPTIONS", "Option", "resolve_options"]
+__all__ = ["OPTIONS", "Option", "resolve_options", "unknown_environment"]
 
 ENV_PREFIX = "INSIGHT_IMPORT_"
+#: ``INSIGHT_IMPORT_*`` variables that are not ``run`` options but are read elsewhere.
+OTHER_ENV_NAMES = frozenset(
+    {ENV_PREFIX + "CONFIG", ENV_PREFIX + "DATABASE", ENV_PREFIX + "ACCOUNTS"}
+)
 
 
 def _bool(value: str) -> bool:
@@ -45,6 +50,11 @@ class Option:
         return self.name.replace("-", "_")
 
     @property
+    def is_flag(self) -> bool:
+        """A switch: given on the command line without a value."""
+        return self.parse is _bool
+
+    @property
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
@@ -58,12 +68,18 @@ OPTIONS: tuple[Option, ...] = (
         "region",
         str,
         "r1",
-        "Dotdigital region: r1 Europe, r2 North America, r3 Asia Pacific",
-        ("r1", "r2", "r3"),
+        "Dotdigital region: r1 Europe, r2 North America, r3 Asia Pacific; auto takes the "
+        "region the account-info call names",
+        ("r1", "r2", "r3", "auto"),
     ),
-    Option("max-concurrent", int, 5, "bulk imports in flight per account"),
+    Option("max-concurrent", int, 5, "bulk imports in flight per account (the API allows 5)"),
     Option("max-body-bytes", int, 50_000_000, "hard cap on one request body, in bytes as sent"),
-    Option("poll-min", float, 5.0, "seconds: least time between two status polls of one import"),
+    Option(
+        "poll-min",
+        float,
+        5.0,
+        "seconds: least time between two status polls of one import (the API asks for >= 5)",
+    ),
     Option("poll-max", float, 30.0, "seconds: most time between two status polls of one import"),
     Option("max-resubmits", int, 2, "times a Failed import is sent again before dead-lettering"),
     Option("request-timeout", float, 120.0, "seconds allowed for one API call"),
@@ -74,9 +90,27 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("report", str, None, "write a JSON summary of the run here"),
     Option("fresh", _bool, False, "forget what the journal holds and start over"),
+    Option(
+        "allow-unsafe-limits",
+        _bool,
+        False,
+        "let --max-concurrent and --poll-min go beyond the API's published limits on a "
+        "non-local host (the account may be throttled or blocked)",
+    ),
     Option("progress", str, "auto", "live progress display on stderr", ("auto", "on", "off")),
     Option(
-        "log-level", str, "info", "lowest log level shown", ("debug", "info", "warning", "error")
+        "log-level",
+        str,
+        "auto",
+        "lowest log level shown; auto: info, but warning on a terminal (the progress display "
+        "tells the rest)",
+        ("auto", "debug", "info", "warning", "error"),
+    ),
+    Option(
+        "progress-interval",
+        float,
+        10.0,
+        "seconds between two run.progress log lines when the live display is off; 0: none",
     ),
     Option(
         "log-format",
@@ -160,3 +194,21 @@ def _convert(option: Option, value: Any, origin: str) -> Any:
             f"{origin}: {converted!r} is not one of {', '.join(option.choices)} for {option.name}"
         )
     return converted
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``INSIGHT_IMPORT_*`` variables that name no option, with the closest name.
+
+    Args:
+        environ: the environment (``os.environ`` when omitted).
+    """
+    environ = os.environ if environ is None else environ
+    known = sorted({option.env for option in OPTIONS} | OTHER_ENV_NAMES)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
+        warnings.append(f"the environment variable {name} names no option, it is ignored{hint}")
+    return warnings

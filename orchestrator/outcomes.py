@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,21 @@ class RunStats:
     """Live counters of a run, updated by the engine as it goes (read them for a progress display).
 
     Plain integers on one event loop: reading them from the same loop is always consistent.
+    After a resume the record counts include what earlier runs of the journal did.
+
+    Args:
+        records_read: records read (valid or not), earlier runs of the journal included.
+        records_rejected: records that broke a local rule.
+        batches_sealed: batches sealed by this run.
+        imports_in_flight: imports holding a slot now.
+        imports_finished: batches of this run that reached their end.
+        records_imported: records the API stored.
+        records_failed: records the API refused (or whose import failed for good).
+        bytes_read: bytes of input read by this run (decompressed; files only).
+        input_bytes: the inputs' total size when known (plain files), set by the caller.
+        reading_done: every input was read to its end.
+        resumed: the run continues an earlier one (its records were not read again).
+        started: ``time.monotonic()`` at the start.
     """
 
     records_read: int = 0
@@ -225,9 +241,28 @@ class RunStats:
     imports_finished: int = 0
     records_imported: int = 0
     records_failed: int = 0
+    bytes_read: int = 0
+    input_bytes: int | None = None
+    reading_done: bool = False
+    resumed: bool = False
     started: float = field(default_factory=time.monotonic)
+    _read_before: int = 0
+
+    def resume(self, counters: Mapping[str, int]) -> None:
+        """Count on from what earlier runs of the same journal did (the journal's counters).
+
+        Args:
+            counters: the journal's totals.
+        """
+        self.resumed = True
+        self._read_before = counters.get("records_read", 0)
+        self.records_read += self._read_before
+        self.records_rejected += counters.get("records_rejected", 0)
+        self.records_imported += counters.get("records_imported", 0)
+        self.records_failed += counters.get("records_failed", 0)
 
     def rate(self) -> float:
-        """Records read per second since the start."""
+        """Records read per second by this run since its start."""
         elapsed = time.monotonic() - self.started
-        return self.records_read / elapsed if elapsed > 0 else 0.0
+        read = self.records_read - self._read_before
+        return read / elapsed if elapsed > 0 else 0.0

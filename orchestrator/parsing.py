@@ -33,16 +33,16 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import anyio.to_thread
-import structlog
 
 from orchestrator import parse_worker
 from orchestrator.chunks import EncodedLines, encode_chunk
 from orchestrator.errors import OrchestratorError
+from orchestrator.logs import get_logger
 from orchestrator.sources import LineChunk
 
 __all__ = ["PROCESS_AFTER", "ChunkParser", "ParsePool", "default_processes"]
 
-log = structlog.get_logger("orchestrator.parsing")
+log = get_logger("orchestrator.parsing")
 
 #: Bytes of each input parsed in a worker thread before worker processes are used for it.
 PROCESS_AFTER = 8 << 20

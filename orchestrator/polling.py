@@ -26,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
-import structlog
+
+from orchestrator.logs import get_logger
 
 __all__ = ["CallBudget", "PollPlanner", "PollTrack"]
 
-log = structlog.get_logger("orchestrator.polling")
+log = get_logger("orchestrator.polling")
 
 Clock = Callable[[], float]
 

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from orchestrator import failpoints
@@ -32,6 +31,7 @@ from orchestrator.errors import JournalMismatchError, RecordError
 from orchestrator.inputs import Chunk, RecordInput
 from orchestrator.journal import DeadLetter, InputProgress, Journal, NewBatch, StoredBatch
 from orchestrator.lifecycle import BatchTask, InFlight, OutcomeSink
+from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.records import Collection, EncodedRecord, RejectedRecord
 from orchestrator.settings import Settings
@@ -39,7 +39,7 @@ from orchestrator.slots import SlotGate
 
 __all__ = ["Producer"]
 
-log = structlog.get_logger("orchestrator.producer")
+log = get_logger("orchestrator.producer")
 
 # How often a lingering batch looks again for a free slot while every slot is busy.
 _SLOT_RECHECK = 0.25
@@ -169,6 +169,7 @@ class Producer:
                 failpoints.hit("read")
                 await self._add_chunk(index, chunk)
                 self._stats.records_read += chunk.read
+                self._stats.bytes_read += chunk.size
         end = _progress_after(index, last) if last is not None else InputProgress(index, 0, "")
         self._finished_inputs.append(
             InputProgress(index=end.index, lines=end.lines, digest=end.digest, done=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from orchestrator.errors import ConfigError
 
-__all__ = ["Duration", "Settings", "seconds"]
+__all__ = ["Duration", "Settings", "api_limit_breaches", "seconds"]
 
 #: What a duration setting accepts: seconds as a number, or a timedelta.
 Duration: TypeAlias = float | timedelta
@@ -217,3 +217,27 @@ class Settings:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)  # type: ignore[arg-type]
+
+
+def api_limit_breaches(settings: Settings) -> list[str]:
+    """The settings that break the API's published limits, each said with the rule it breaks.
+
+    The engine runs with any valid settings (tests and the simulator need short intervals); a
+    program that talks to Dotdigital itself checks these before it starts.
+
+    Args:
+        settings: the settings to check.
+    """
+    breaches = []
+    if settings.max_concurrent > API_MAX_CONCURRENT:
+        breaches.append(
+            f"max_concurrent {settings.max_concurrent} puts more than {API_MAX_CONCURRENT} "
+            f"imports in flight; Dotdigital allows {API_MAX_CONCURRENT} concurrent bulk imports "
+            "per account"
+        )
+    if settings.poll_min < API_MIN_POLL:
+        breaches.append(
+            f"poll_min {settings.poll_min:g} s polls an import more often than every "
+            f"{API_MIN_POLL:g} s; Dotdigital asks for status polls 5–30 s apart"
+        )
+    return breaches

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-import structlog
 
 from orchestrator.errors import ApiError, ApiErrorDetail
+from orchestrator.logs import get_logger
 
 __all__ = [
     "ImportState",
@@ -23,7 +23,7 @@ __all__ = [
     "parse_error_body",
 ]
 
-_log = structlog.get_logger()
+_log = get_logger("orchestrator.wire")
 
 _SUCCESS_WORDS: Final = frozenset({"Finished", "Complete"})
 _FAILURE_WORDS: Final = frozenset(

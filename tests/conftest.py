@@ -80,10 +80,22 @@ class SimulatorProcess:
 
 
 @contextlib.contextmanager
-def serve_simulator(*options: str) -> Iterator[SimulatorProcess]:
-    """`insight-import simulator OPTIONS` on a free loopback port, stopped on exit."""
+def serve_simulator(*extra: str) -> Iterator[SimulatorProcess]:
+    """`insight-import simulator EXTRA...` on a free loopback port, stopped on leaving."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "simulator", "--port", "0", *options],
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "simulator",
+            "--port",
+            "0",
+            "--records-per-second",
+            "4000",
+            "--jitter",
+            "0.5",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -103,20 +115,27 @@ def serve_simulator(*options: str) -> Iterator[SimulatorProcess]:
 @pytest.fixture(scope="module")
 def simulator_process() -> Iterator[SimulatorProcess]:
     """`insight-import simulator` on a free loopback port, for tests that run the real command."""
-    with serve_simulator("--records-per-second", "4000", "--jitter", "0.5") as sim:
+    with serve_simulator() as sim:
         yield sim
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    """Run `python -m orchestrator ARGS` as a user would, with the simulator's credentials."""
+def run_env() -> dict[str, str]:
+    """The environment of a command run by a test: no INSIGHT_IMPORT_* or DOTDIGITAL_* from the
+    caller, the simulator's credentials."""
     environ = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("INSIGHT_IMPORT_", "DOTDIGITAL_"))
     }
     environ.update(DOTDIGITAL_API_USER=SIM_USER, DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    return environ
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m orchestrator ARGS` as a user would, with the simulator's credentials."""
+    environ = run_env()
     environ.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import pty
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from tests.conftest import (
     SimulatorProcess,
     fast_run_args,
     run_cli,
+    run_env,
     serve_simulator,
 )
 
@@ -255,12 +259,16 @@ def test_a_signal_saves_state_exits_130_and_the_rerun_finishes(
 
 
 def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
-    """`insight-import demo` imports its sample into the in-process simulator and explains it."""
+    """`insight-import demo` imports its sample into the simulator, through the faults it names."""
     done = run_cli("demo", "--records", "3000", "--output", str(tmp_path / "demo"), timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert b"Imported" in done.stdout
-    assert (tmp_path / "demo" / "report.json").exists()
+    report = orjson.loads((tmp_path / "demo" / "report.json").read_bytes())
     assert read_jsonl(tmp_path / "demo" / "dead-letter.jsonl")
+    # the faults it announces happen on the way: a lost response, a Failed import resubmitted
+    assert report["lost_responses"] == 1
+    assert report["resubmits"] >= 1
+    assert b"failed imports re-sent: " in done.stdout
 
 
 def test_status_prints_an_import_as_json(
@@ -600,3 +608,296 @@ def test_a_journal_of_another_run_hints_at_fresh_and_journal(
     assert b"hint: --fresh starts over" in done.stderr  # and the command's flags
     assert b"--journal PATH" in done.stderr
     assert simulator_process.records("CliOther") == []
+
+
+# --------------------------------------------------------------------------- API limits
+
+
+@pytest.mark.parametrize(
+    ("flags", "rule"),
+    [
+        (["--max-concurrent", "8"], "5 concurrent bulk imports"),
+        (["--poll-min", "1"], "5–30 s apart"),
+    ],
+)
+def test_settings_beyond_the_api_limits_are_refused_on_a_dotdigital_host(
+    tmp_path: Path, flags: list[str], rule: str
+) -> None:
+    """--max-concurrent 8 or --poll-min 1 on Dotdigital exit 2, naming the rule and the override."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", *flags, "--journal", str(tmp_path / "j.sqlite")
+    )
+    assert done.returncode == 2, done.stderr.decode()
+    err = done.stderr.decode()
+    assert rule in err
+    assert "--allow-unsafe-limits" in err
+    assert "r1-api.dotdigital.com" in err
+    assert not (tmp_path / "j.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        (["--allow-unsafe-limits"], {}),
+        ([], {"INSIGHT_IMPORT_ALLOW_UNSAFE_LIMITS": "1"}),
+    ],
+    ids=["flag", "env"],
+)
+def test_the_override_lifts_the_api_limits_with_a_warning(
+    tmp_path: Path, flags: list[str], env: dict[str, str]
+) -> None:
+    """With the override the limits pass (with a warning): the run gets as far as its journal."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the journal's folder should be")
+    journal = str(blocker / "j.sqlite")
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", "--max-concurrent", "8", *flags,
+        "--journal", journal, env=env,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert "warning: max_concurrent 8" in err
+    assert journal in err  # it stopped at the journal, past the limit check
+
+
+def test_a_mistyped_environment_variable_is_named_with_the_closest_option(tmp_path: Path) -> None:
+    """INSIGHT_IMPORT_MAX_CONCURENT is not ignored silently: a warning names the right variable."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    done = run_cli("run", str(data), env={"INSIGHT_IMPORT_MAX_CONCURENT": "3"})
+    err = done.stderr.decode()
+    assert "INSIGHT_IMPORT_MAX_CONCURENT" in err
+    assert "did you mean INSIGHT_IMPORT_MAX_CONCURRENT?" in err
+
+
+# --------------------------------------------------------------------------- first contact
+
+
+def test_a_wrong_password_is_found_before_the_input_is_read(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A wrong password exits 3 at once, while standard input is still open and unread."""
+    args = fast_run_args(simulator_process, tmp_path, "CliFirstAuth")
+    env = {**run_env(), "DOTDIGITAL_API_PASSWORD": "wrong-password"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 3, err.decode()
+    assert b"DOTDIGITAL_API_PASSWORD" in err
+
+
+def test_an_unreachable_host_fails_fast_naming_host_and_cause(tmp_path: Path) -> None:
+    """A refused first contact exits 3 within seconds and names the host and the cause."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    started = time.monotonic()
+    done = run_cli(
+        "run", str(data), "--collection", "Cc", "--base-url", f"http://127.0.0.1:{port}",
+        "--journal", str(tmp_path / "j.sqlite"), "--progress", "off", timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr.decode()
+    assert time.monotonic() - started < 10
+    assert f"127.0.0.1:{port}".encode() in done.stderr
+    assert b"connection refused" in done.stderr
+
+
+def test_an_account_of_another_region_is_told_which_region_to_use(tmp_path: Path) -> None:
+    """When account-info names another region's host, the run exits 3 saying --region r2."""
+    with serve_simulator("--api-endpoint", "https://r2-api.dotdigital.com") as sim:
+        data = write_jsonl(tmp_path / "in.jsonl", orders(3))
+        done = run_cli("run", str(data), *fast_run_args(sim, tmp_path, "CliRegion"))
+        assert done.returncode == 3, done.stderr.decode()
+        assert b"--region r2" in done.stderr
+        assert b"--region auto" in done.stderr
+        assert sim.records("CliRegion") == []
+
+
+def test_region_auto_takes_the_account_api_endpoint(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """--region auto imports into the API root that account-info names."""
+    with serve_simulator("--api-endpoint", simulator_process.base_url) as first:
+        data = write_jsonl(tmp_path / "in.jsonl", orders(4))
+        args = fast_run_args(first, tmp_path, "CliAuto")
+        done = run_cli("run", str(data), *args, "--scope", "contact", "--region", "auto")
+        assert done.returncode == 0, done.stderr.decode()
+        assert first.records("CliAuto") == []
+    assert len(simulator_process.records("CliAuto")) == 4
+
+
+# --------------------------------------------------------------------------- the command itself
+
+
+def test_version_and_help_show_defaults_and_exit_codes() -> None:
+    """--version prints the version; run --help shows each default and the exit codes."""
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.decode().startswith("insight-import ")
+    helped = run_cli("run", "--help").stdout.decode()
+    assert "(default: 5)" in helped
+    assert "(default: 50000000)" in helped
+    assert "exit status:" in helped
+    assert "130" in helped
+
+
+def test_simulator_on_a_taken_port_says_so_in_one_line() -> None:
+    """`simulator --port N` with N taken exits 2 with one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("simulator", "--port", str(port), timeout=30)
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert f"port {port}".encode() in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_summary_says_1_record_not_1_records(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """One record makes `1 record` and `1 import` in the summary."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1))
+    args = fast_run_args(simulator_process, tmp_path, "CliOne")
+    done = run_cli("run", str(data), *args, "--scope", "contact")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Imported 1 of 1 record into" in done.stdout
+    assert b"with 1 import." in done.stdout
+
+
+# --------------------------------------------------------------------------- what a person sees
+
+
+def json_events(stderr: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+
+
+def test_without_a_terminal_progress_is_a_periodic_run_progress_event(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """stderr not a terminal: run.progress events say records, bytes, percent, rates, imports."""
+    simulator_process.post("/_simulator/faults", {"slow_responses": 20, "slow_delay_s": 0.1})
+    data = write_jsonl(tmp_path / "in.jsonl", orders(2000))
+    args = fast_run_args(simulator_process, tmp_path, "CliProgress")
+    done = run_cli(
+        "run", str(data), *args, "--scope", "contact", "--max-body-bytes", "20000",
+        "--progress-interval", "0.2",
+    )  # fmt: skip
+    simulator_process.post("/_simulator/faults", {"slow_responses": 0})
+    assert done.returncode == 0, done.stderr.decode()
+    progress = [e for e in json_events(done.stderr) if e["event"] == "run.progress"]
+    assert len(progress) >= 2
+    last = progress[-1]
+    size = data.stat().st_size
+    assert (last["bytes_read"], last["input_bytes"], last["percent"]) == (size, size, 100.0)
+    assert (last["records_read"], last["records_imported"]) == (2000, 2000)
+    assert last["imports_in_flight"] == 0
+    assert last["elapsed_s"] > 0
+    for key in ("records_per_s", "bytes_per_s", "eta_s", "imports_finished", "records_invalid"):
+        assert key in last
+
+
+def test_on_a_terminal_the_output_is_calm(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """On a terminal at the default level: the live line, no log line per import."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300))
+    args = fast_run_args(simulator_process, tmp_path, "CliCalm")
+    for flag in ("--progress", "--log-format"):  # leave both to their terminal defaults
+        del args[args.index(flag) : args.index(flag) + 2]
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(data), *args, "--scope", "contact",
+         "--max-body-bytes", "8000"],
+        env={**run_env(), "COLUMNS": "200", "TERM": "xterm"},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary,
+    )  # fmt: skip
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            piece = os.read(primary, 65536)
+        except OSError:  # the other end closed: the command ended
+            break
+        if not piece:
+            break
+        screen += piece
+    out, _ = process.communicate(timeout=60)
+    os.close(primary)
+    assert process.returncode == 0, screen.decode(errors="replace")
+    assert b"Imported 300 of 300 records" in out
+    assert b"imports:" in screen
+    assert b"MB" in screen
+    for noisy in (b"import.finished", b"import.submitted", b"batch.sealed"):
+        assert noisy not in screen
+
+
+def test_a_resumed_run_counts_what_earlier_runs_did(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """After an interrupted run, the resumed run's progress counts the records read before too."""
+    simulator_process.post("/_simulator/faults", {"slow_responses": 100_000, "slow_delay_s": 0.1})
+    data = write_jsonl(tmp_path / "in.jsonl", orders(3000))
+    args = [*fast_run_args(simulator_process, tmp_path, "CliResumeCounts"), "--scope", "contact"]
+    args += ["--max-body-bytes", "8000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(data), *args],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    finished = 0
+    for line in process.stderr:
+        finished += b'"import.finished"' in line
+        if finished == 3:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    simulator_process.post("/_simulator/faults", {"slow_responses": 0})
+    assert process.returncode == 130, err.decode()
+    done = run_cli("run", str(data), *args)
+    assert done.returncode == 0, done.stderr.decode()
+    last = [e for e in json_events(done.stderr) if e["event"] == "run.progress"][-1]
+    assert last["resumed"] is True
+    assert last["records_read"] == last["records_imported"] == 3000
+
+
+def test_each_retry_is_logged_once(simulator_process: SimulatorProcess, tmp_path: Path) -> None:
+    """Two 5xx answers make two log lines, not two or three per retry."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(5))
+    args = fast_run_args(simulator_process, tmp_path, "CliRetryLines")
+    # the first contact is not retried by the faults: they start once it passed
+    simulator_process.post("/_simulator/faults", {"server_errors": 0})
+    before = simulator_process.get("/_simulator/stats")["requests"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-", *args, "--scope", "contact"],
+        env=run_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while simulator_process.get("/_simulator/stats")["requests"] == before:  # the first contact
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # its answer is on the way; the run now waits for standard input
+    simulator_process.post("/_simulator/faults", {"server_errors": 2})
+    _, err = process.communicate(data.read_bytes(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    events = [e["event"] for e in json_events(err)]
+    retries = [e for e in events if "retr" in e or e == "api.call_failed"]
+    assert retries == ["api.call_failed", "api.call_failed"], events

@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
-from structlog.testing import capture_logs
 
 from orchestrator.client import (
     REGIONS,
@@ -25,6 +24,9 @@ from orchestrator.client import (
     InsightClient,
     RetryPolicy,
     _rate_limit_wait,
+    is_loopback_url,
+    region_of,
+    same_api_root,
 )
 from orchestrator.errors import (
     AccountFullError,
@@ -41,6 +43,7 @@ from orchestrator.errors import (
     TransientError,
     TransportError,
 )
+from orchestrator.logs import capture_events
 from orchestrator.simulator import Simulator, SimulatorConfig
 from orchestrator.wire import ImportState, ImportStatus, import_state, parse_error_body
 from tests.conftest import sim_client_settings
@@ -175,7 +178,7 @@ def test_status_words_fold_into_states(word: str, state: ImportState) -> None:
 def test_unknown_status_word_is_running_and_logged_once() -> None:
     """An unknown status word counts as running and is logged once per process."""
     word = f"Pondering{uuid.uuid4().hex}"
-    with capture_logs() as logs:
+    with capture_events() as logs:
         assert import_state(word) is ImportState.RUNNING
         assert import_state(word) is ImportState.RUNNING
     events = [entry for entry in logs if entry["event"] == "status.unknown_word"]
@@ -256,7 +259,7 @@ async def test_slow_put_counts_a_lost_response(sim: Simulator) -> None:
 async def test_lost_response_is_retried_and_counted(sim: Simulator) -> None:
     """A dropped 202 is re-sent once, counted, logged, and leaves two imports in the simulator."""
     sim.faults.resets_after_accept = 1
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim)) as client:
             receipt = await client.submit_import(body_of(account_records(3)))
             assert (client.calls, client.lost_responses) == (2, 1)
@@ -264,9 +267,9 @@ async def test_lost_response_is_retried_and_counted(sim: Simulator) -> None:
     assert len(sim.stats.imports) == 2
     assert [s.lost_response for s in sim.stats.imports.values()] == [True, False]
     assert not sim.stats.imports[receipt.import_id].lost_response
-    retries = [entry for entry in logs if entry["event"] == "import.put_retry"]
-    assert len(retries) == 1
-    assert "lost response" in retries[0]["reason"]
+    failed = [entry for entry in logs if entry["event"] == "api.call_failed"]
+    assert len(failed) == 1
+    assert "lost response" in failed[0]["reason"]
 
 
 # --- 429: account full and rate limits -----------------------------------------------------
@@ -290,7 +293,7 @@ async def test_account_full_raises_at_once(sim: Simulator) -> None:
 async def test_rate_limit_waits_retry_after_then_succeeds(sim: Simulator) -> None:
     """A rate limit waits the Retry-After the API sends, then the call succeeds."""
     sim.faults.rate_limit_calls, sim.faults.rate_limit_reset_s = 1, 0.15
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim)) as client:
             started = time.monotonic()
             receipt = await client.submit_import(body_of(account_records(1)))
@@ -397,7 +400,7 @@ async def test_rate_limit_beyond_the_attempts_raises(sim: Simulator) -> None:
 async def test_wrong_password_raises_authentication_error(sim: Simulator) -> None:
     """A 401 names the environment variables and never the password, in messages or logs."""
     wrong = "not-the-Pa55word"
-    with capture_logs() as logs:
+    with capture_events() as logs:
         async with InsightClient(settings_for(sim, password=wrong)) as client:
             with pytest.raises(AuthenticationError) as caught:
                 await client.submit_import(body_of(account_records(1)))
@@ -788,3 +791,84 @@ def test_immediate_policy_has_no_waits() -> None:
         0.0,
         0.0,
     )
+
+
+# --- first contact -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_check_access_returns_the_account_api_root(sim: Simulator) -> None:
+    """check_access answers the account's own API root in one call."""
+    async with InsightClient(settings_for(sim)) as client:
+        assert await client.check_access() == sim.base_url
+        assert client.calls == 1
+
+
+@pytest.mark.anyio
+async def test_check_access_refuses_a_wrong_password_in_one_call(sim: Simulator) -> None:
+    """A wrong password is an AuthenticationError on the first call, before any import."""
+    async with InsightClient(settings_for(sim, password="wrong-one")) as client:
+        with pytest.raises(AuthenticationError):
+            await client.check_access()
+        assert client.calls == 1
+    assert sim.stats.imports == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("scheme", "cause"), [("http", "connection refused"), ("https", "TLS handshake failed")]
+)
+async def test_an_unreachable_first_contact_fails_at_once_naming_host_and_cause(
+    sim: Simulator, scheme: str, cause: str
+) -> None:
+    """Refused or TLS-failed first contact: one attempt, the host and the cause in the message."""
+    if scheme == "http":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            host = f"127.0.0.1:{probe.getsockname()[1]}"
+    else:  # TLS spoken to a plain HTTP server
+        host = sim.base_url.removeprefix("http://")
+    settings = settings_for(sim, base_url=f"{scheme}://{host}", retry=RetryPolicy(timeout=60.0))
+    async with InsightClient(settings) as client:
+        started = time.monotonic()
+        with pytest.raises(TransientError) as caught:
+            await client.check_access()
+        assert time.monotonic() - started < 2.0
+        assert client.calls == 1
+    assert f"cannot reach the API at {host}: {cause}" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_call_that_outlives_its_retries_names_the_host(sim: Simulator) -> None:
+    """The give-up message of a call names the API host, not only the path."""
+    sim.faults.server_errors = 10
+    settings = settings_for(sim, retry=RetryPolicy.immediate(attempts=2))
+    async with InsightClient(settings) as client:
+        with pytest.raises(TransientError) as caught:
+            await client.import_status(str(uuid.uuid4()))
+    assert sim.base_url.removeprefix("http://") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback", "region"),
+    [
+        ("http://127.0.0.1:8787", True, None),
+        ("http://localhost:1", True, None),
+        ("http://[::1]:9", True, None),
+        ("https://r2-api.dotdigital.com", False, "r2"),
+        ("https://R3-API.dotdigital.com/", False, "r3"),
+        ("https://proxy.example.com", False, None),
+    ],
+)
+def test_hosts_are_told_apart(url: str, loopback: bool, region: str | None) -> None:
+    """Loopback hosts and regional hosts are recognised from the URL."""
+    assert is_loopback_url(url) is loopback
+    assert region_of(url) == region
+
+
+def test_same_api_root_ignores_case_slashes_and_loopback_names() -> None:
+    """The same server written two ways is the same root; another port or host is not."""
+    assert same_api_root("https://r1-api.dotdigital.com/", "https://R1-api.dotdigital.com")
+    assert same_api_root("http://localhost:8787", "http://127.0.0.1:8787")
+    assert not same_api_root("http://127.0.0.1:8787", "http://127.0.0.1:8788")
+    assert not same_api_root("https://r1-api.dotdigital.com", "https://r2-api.dotdigital.com")

@@ -13,7 +13,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from structlog.testing import capture_logs
 
 from orchestrator import (
     AuthenticationError,
@@ -28,6 +27,7 @@ from orchestrator import (
     inputs,
     parsing,
 )
+from orchestrator.logs import capture_events
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -132,7 +132,7 @@ async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator
     # Time scaled by 0.01: the budget's minute is 0.6 s.
     settings = Settings.scaled(0.01, max_body_bytes=20_000, status_calls_per_minute=6)
     async with Orchestrator(client_for(sim), settings=settings) as orch:
-        with capture_logs() as logs:
+        with capture_events() as logs:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(orch.import_records, Collection("BudgetA", "contact"), orders(300))
                 tg.start_soon(orch.import_records, Collection("BudgetB", "contact"), orders(300))

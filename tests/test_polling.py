@@ -10,8 +10,8 @@ import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from structlog.testing import capture_logs
 
+from orchestrator.logs import capture_events
 from orchestrator.polling import CallBudget, PollPlanner, PollTrack
 
 intervals = st.tuples(
@@ -320,7 +320,7 @@ async def test_a_stretch_by_the_budget_is_logged_once_per_import() -> None:
     planner = PollPlanner(poll_min=0.01, poll_max=0.02)
     budget = CallBudget(calls_per_minute=1, window=0.1)
     track = planner.track(records=10, submitted=anyio.current_time())
-    with capture_logs() as logs:
+    with capture_events() as logs:
         sent = []
         for _ in range(3):
             sent.append(await track.wait(budget))

@@ -22,7 +22,6 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.to_thread
 import orjson
-import structlog
 
 from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
@@ -41,11 +40,12 @@ from orchestrator.journal.base import (
     progress_list,
     redirected,
 )
+from orchestrator.logs import get_logger
 from orchestrator.refs import RecordRef, RecordRefs
 
 __all__ = ["SqliteJournal"]
 
-_log = structlog.get_logger()
+_log = get_logger("orchestrator.journal")
 
 _T = TypeVar("_T")
 

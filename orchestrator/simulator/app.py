@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
-import structlog
 from aiohttp import web
+
+from orchestrator.logs import get_logger
 
 from .rules import (
     BodyError,
@@ -50,7 +51,7 @@ __all__ = [
     "serve",
 ]
 
-logger = structlog.get_logger()
+logger = get_logger("orchestrator.simulator")
 
 NOT_STARTED = "NotStarted"
 PROCESSING = "Processing"
@@ -99,6 +100,8 @@ class SimulatorConfig:
         max_active_imports: imports that may be active at once on the account.
         max_body_bytes: largest request body accepted; larger answers 413.
         region: the region this account lives in; a Host naming another region answers 403.
+        api_endpoint: the ``ApiEndpoint`` account-info answers (the account's own API root);
+            the simulator's own URL when unset.
         seed: random seed for processing jitter and import ids, for deterministic runs.
     """
 
@@ -111,6 +114,7 @@ class SimulatorConfig:
     max_active_imports: int = 5
     max_body_bytes: int = 50_000_000
     region: str = "r1"
+    api_endpoint: str | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -664,7 +668,7 @@ async def _get_import(request: web.Request) -> web.StreamResponse:
 
 async def _account_info(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    base_url = state.base_url or f"{request.scheme}://{request.host}"
+    base_url = state.config.api_endpoint or state.base_url or f"{request.scheme}://{request.host}"
     return _json(
         200,
         {
