@@ -3,13 +3,14 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator import errors
+from orchestrator import InsightClient, Orchestrator, Settings, errors
 from orchestrator.records import (
     COLLECTION_TYPES,
     RULES,
@@ -23,6 +24,8 @@ from orchestrator.records import (
     encode_record,
     oversized_line,
 )
+from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.conftest import sim_client_settings
 
 ACCOUNT = Collection("Orders")
 CONTACT = Collection("Orders", scope=Scope.CONTACT, type="orders")
@@ -648,3 +651,46 @@ def test_the_json_member_goes_out_byte_for_byte(
     quoted = key if key.startswith(b'"') else b'"' + key + b'"'
     assert b'"key"' + space + b":" + quoted in record.data
     assert orjson.loads(record.data) == {"key": orjson.loads(quoted), "json": orjson.loads(json)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_the_simulator_receives_every_number_exactly(tmp_path: Path, processes: int) -> None:
+    """End to end, from a file and from Python records: the bodies hold the exact digits."""
+    json = b'{"big": ' + BIG + b', "long": ' + LONG + b"}"
+    lines = [
+        b'{"key": "clean", "json": ' + json + b"}",
+        b'{"key": ' + BIG + b', "json": ' + json + b"}",
+        b'{"key": "dropped", "contactIdentity": {"identifier": "email", "value": "a@b.io"}, '
+        b'"json": ' + json + b"}",
+        b'{"key": "twice", "json": {}, "key": "twice"}',
+    ]
+    data = tmp_path / "numbers.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    collection = Collection("Numbers")
+    async with Simulator(SimulatorConfig(keep_bodies=True, seed=1)) as sim:
+        client = InsightClient(sim_client_settings(sim))
+        async with Orchestrator(client, Settings.scaled(0.01, parse_processes=processes)) as orch:
+            result = await orch.import_files(collection, [str(data)])
+            python = await orch.import_records(
+                Collection("Decimals"),
+                [{"key": 1 << 70, "json": {"d": Decimal(LONG.decode()), "i": 10**30}}],
+            )
+        bodies = b"".join(sim.stats.bodies.values())
+    assert [(d.source, d.reason) for d in result.dead_letters] == [
+        (f"{data}:4", "record-duplicate-field")
+    ]
+    assert python.ok
+    for record in (
+        lines[0],
+        b'{"key": "' + BIG + b'", "json": ' + json + b"}",
+        b'{"key": "dropped", "json": ' + json + b"}",
+        b'{"key":"1180591620717411303424","json":{"d":'
+        + LONG
+        + b',"i":'
+        + b"1"
+        + b"0" * 30
+        + b"}}",
+    ):
+        assert record in bodies
+    assert b"e+29" not in bodies
