@@ -238,9 +238,14 @@ class Orchestrator:
         processes = self.settings.parse_processes
         if processes is None:
             processes = default_processes()
+        # A line longer than the largest record a body can hold is dropped as it is read.
+        longest = self.settings.max_body_bytes - sum(map(len, collection.envelope()))
         return await self._run(
             collection,
-            lambda tg: [FileInput(path, processes=processes) for path in paths],
+            lambda tg: [
+                FileInput(path, processes=processes, max_line_bytes=max(longest, 1))
+                for path in paths
+            ],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,

@@ -31,7 +31,7 @@ from orchestrator.records import (
     encode_line,
     encode_record,
 )
-from orchestrator.sources import JsonLinesReader, LineChunk
+from orchestrator.sources import DEFAULT_MAX_LINE_BYTES, JsonLinesReader, LineChunk
 
 __all__ = ["Chunk", "FileInput", "IterableInput", "RecordInput"]
 
@@ -81,10 +81,15 @@ class FileInput:
     Args:
         path: the path as given, or ``"-"``.
         processes: worker processes for parsing (see ``parsing``); 0 parses in a thread.
+        max_line_bytes: the longest line read whole (see ``sources.JsonLinesReader``).
     """
 
-    def __init__(self, path: str, *, processes: int = 0) -> None:
-        self._reader = JsonLinesReader(path, chunk_bytes=_CHUNK_BYTES)
+    def __init__(
+        self, path: str, *, processes: int = 0, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    ) -> None:
+        self._reader = JsonLinesReader(
+            path, chunk_bytes=_CHUNK_BYTES, max_line_bytes=max_line_bytes
+        )
         self._processes = processes
         self.origin = self._reader.origin
         # Chunks are read unnumbered and counted by their parser; they are numbered here, in

@@ -52,6 +52,7 @@ from orchestrator import errors
 
 __all__ = [
     "COLLECTION_TYPES",
+    "OVERSIZED_LINE_START",
     "RULES",
     "Collection",
     "EncodedLines",
@@ -585,15 +586,17 @@ def _encode_line(raw: bytes, contact_scope: bool, source: Source) -> EncodedReco
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        if raw.startswith(_OVERSIZED):
-            raise _fail("record-too-large", _oversized(raw)[0], None, source) from None
+        if raw.startswith(_OVERSIZED) and (found := _oversized(raw))[1] is not raw:
+            raise _fail("record-too-large", found[0], None, source) from None
         raise _json_syntax(source) from None
     return _encode_parsed(obj, raw, contact_scope, source)
 
 
 # A line too long for any body is not kept: the reader (``sources``) puts this line in its place,
 # which no JSON text can be (it starts with a NUL byte), so the parser rejects it wherever it runs.
-_OVERSIZED = b"\x00record-too-large\x00"
+OVERSIZED_LINE_START = b"\x00record-too-large\x00"
+"""How every line ``oversized_line`` makes starts."""
+_OVERSIZED = OVERSIZED_LINE_START
 
 
 def oversized_line(size: int, limit: int, prefix: bytes) -> bytes:
@@ -611,8 +614,12 @@ def oversized_line(size: int, limit: int, prefix: bytes) -> bytes:
 
 
 def _oversized(raw: bytes) -> tuple[str, bytes]:
-    """The message and kept prefix of a line ``oversized_line`` made."""
-    size, limit, prefix = raw[len(_OVERSIZED) :].split(b"\x00", 2)
+    """The message and kept prefix of a line ``oversized_line`` made (or a json-syntax one's)."""
+    try:
+        size, limit, prefix = raw[len(_OVERSIZED) :].split(b"\x00", 2)
+        int(size), int(limit)
+    except ValueError:  # a line that only looks like one: it is not JSON
+        return _JSON_SYNTAX_MESSAGE, raw
     message = (
         f"the line is {int(size)} bytes, longer than the largest record a request body can hold"
         f" ({int(limit)} bytes); it was skipped as it was read, and only its first"
@@ -1057,9 +1064,8 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         if obj is _UNPARSABLE:
             if raw is None:
                 raw = data[start:end]
-            if raw.startswith(_OVERSIZED):
-                message, prefix = _oversized(raw)
-                rejects.append((number, "record-too-large", message, None, prefix))
+            if raw.startswith(_OVERSIZED) and (found := _oversized(raw))[1] is not raw:
+                rejects.append((number, "record-too-large", found[0], None, found[1]))
             else:
                 rejects.append((number, "json-syntax", _JSON_SYNTAX_MESSAGE, None, raw))
             if run_start >= 0:

@@ -10,6 +10,11 @@ journal notice that an input changed between a crash and the re-run that resumes
 Lines are numbered from 1; a final line without a newline counts; ``\\r\\n`` endings are stripped;
 a UTF-8 byte order mark at the start of the input is dropped. gzip is recognised by its magic bytes,
 whatever the file is called.
+
+Memory stays bounded whatever the input: a line longer than ``max_line_bytes`` (no body could hold
+it) is not kept. Once it grows past the limit the rest of it is read and dropped; in its place the
+chunk holds ``records.oversized_line`` (its length and first ``KEPT_PREFIX_BYTES`` bytes), which the
+parser rejects as ``record-too-large``; the next line is read as usual.
 """
 
 from __future__ import annotations
@@ -27,8 +32,22 @@ import anyio.to_thread
 import xxhash
 
 from orchestrator import errors
+from orchestrator.records import OVERSIZED_LINE_START, oversized_line
 
-__all__ = ["JsonLinesReader", "LineChunk", "check_inputs", "validate_inputs"]
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "KEPT_PREFIX_BYTES",
+    "JsonLinesReader",
+    "LineChunk",
+    "check_inputs",
+    "validate_inputs",
+]
+
+DEFAULT_MAX_LINE_BYTES = 50_000_000
+"""The longest line read whole by default: the API's cap on a request body."""
+
+KEPT_PREFIX_BYTES = 1024
+"""How much of a line longer than the limit is kept (for its dead letter)."""
 
 STDIN = "-"
 STDIN_ORIGIN = "<stdin>"
@@ -205,14 +224,25 @@ class JsonLinesReader:
     Args:
         path: the input path as given, or ``"-"`` for standard input.
         chunk_bytes: about how many bytes to read per hop to the worker thread.
+        max_line_bytes: the longest line kept whole; a longer one is dropped as it is read and
+            rejected as ``record-too-large`` (see the module's docstring).
     """
 
-    def __init__(self, path: str, *, chunk_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        chunk_bytes: int = 1 << 20,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
         if chunk_bytes < 1:
             raise errors.ConfigError(f"chunk_bytes must be at least 1, not {chunk_bytes}")
+        if max_line_bytes < 1:
+            raise errors.ConfigError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
         self.path = path
         self.origin = _display(path)
         self._chunk_bytes = chunk_bytes
+        self._max_line_bytes = max_line_bytes
         self._opened: _Opened | None = None
         self._tail: list[bytes | memoryview] = []
         self._next_line = 1
@@ -246,6 +276,8 @@ class JsonLinesReader:
         if self._eof:
             return None
         parts = self._tail
+        held = sum(map(len, parts))  # the bytes of the line being read (the tail has no newline)
+        limit = self._max_line_bytes
         while True:
             block = self._read(self._chunk_bytes)
             if not block:
@@ -257,12 +289,21 @@ class JsonLinesReader:
                 break
             cut = block.rfind(b"\n") + 1
             if cut:
+                if held + block.index(b"\n") > limit:
+                    data = self._after_oversized(parts, held, block)
+                    break
                 # one copy: the tail of the last read and this block up to its last newline
                 parts.append(memoryview(block)[:cut] if cut < len(block) else block)
                 data = b"".join(parts) if len(parts) > 1 or cut < len(block) else block
                 self._tail = [block[cut:]] if cut < len(block) else []
                 break
+            held += len(block)
             parts.append(block)
+            if held > limit:
+                data = self._drop_oversized(parts, held)
+                break
+        if len(data) > limit + 1:  # a line inside it may be too long (only when limit < chunk)
+            data = self._replace_long_lines(data)
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         if not self._started and data.startswith(_BOM):
@@ -276,6 +317,63 @@ class JsonLinesReader:
         chunk = LineChunk(self.origin, self._next_line, data, count, start, self._hash.hexdigest())
         self._next_line += count
         return chunk
+
+    def _prefix(self, parts: list[bytes | memoryview]) -> bytes:
+        """The first ``KEPT_PREFIX_BYTES`` of a line that starts with ``parts``."""
+        want = KEPT_PREFIX_BYTES + (0 if self._started else len(_BOM))
+        prefix = b""
+        for part in parts:
+            prefix += part[: want - len(prefix)]
+            if len(prefix) >= want:
+                break
+        if not self._started and prefix.startswith(_BOM):
+            prefix = prefix[len(_BOM) :]
+        return prefix[:KEPT_PREFIX_BYTES]
+
+    def _replace_long_lines(self, data: bytes) -> bytes:
+        """``data`` with each line longer than the limit replaced by its stand-in."""
+        limit = self._max_line_bytes
+        parts: list[bytes | memoryview] = []
+        view = memoryview(data)
+        start = done = 0
+        while (end := data.find(b"\n", start)) != -1:
+            if end - start > limit and not data.startswith(OVERSIZED_LINE_START, start):
+                parts += (view[done:start], self._stand_in(view[start:end], end - start))
+                done = end
+            start = end + 1
+        if not parts:
+            return data
+        parts.append(view[done:])
+        return b"".join(parts)
+
+    def _stand_in(self, start: bytes | memoryview, size: int) -> bytes:
+        return oversized_line(size, self._max_line_bytes, self._prefix([start]))
+
+    def _after_oversized(self, parts: list[bytes | memoryview], size: int, block: bytes) -> bytes:
+        """The chunk when an over-long line, of ``size`` bytes before ``block`` and starting with
+        ``parts``, ends in ``block``: its stand-in, then the whole lines after it."""
+        end = block.index(b"\n")
+        line = oversized_line(size + end, self._max_line_bytes, self._prefix([*parts, block[:end]]))
+        cut = block.rfind(b"\n") + 1
+        self._tail = [block[cut:]] if cut < len(block) else []
+        return line + block[end:cut]
+
+    def _drop_oversized(self, parts: list[bytes | memoryview], size: int) -> bytes:
+        """Read the rest of an over-long line, keeping only its first bytes; return the chunk
+        that ends it (see ``_after_oversized``)."""
+        prefix = self._prefix(parts)
+        parts.clear()
+        while True:
+            block = self._read(self._chunk_bytes)
+            if not block:
+                self._eof = True
+                self._tail = []
+                return oversized_line(size, self._max_line_bytes, prefix) + b"\n"
+            if b"\n" in block:
+                return self._after_oversized([prefix], size, block)
+            if len(prefix) < KEPT_PREFIX_BYTES:
+                prefix = self._prefix([prefix, block])
+            size += len(block)
 
     async def skip(self, lines: int) -> str:
         """Consume the first ``lines`` lines (to resume) and return their fingerprint.

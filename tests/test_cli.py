@@ -288,3 +288,49 @@ def test_an_unusable_journal_is_a_clear_error_before_any_import(
     assert done.returncode == 2, done.stderr.decode()
     assert str(blocker).encode() in done.stderr
     assert simulator_process.records("CliJournal") == []
+
+
+def test_a_newline_free_gzip_bomb_is_dead_lettered_in_bounded_memory(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """400 MB of zeros in one line: peak memory stays far below it, the line is dead-lettered
+    as record-too-large with its file:line, the lines after it are imported."""
+    import time
+    import zlib
+
+    import psutil
+
+    data = tmp_path / "bomb.jsonl.gz"
+    squeeze = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    with data.open("wb") as out:
+        out.write(squeeze.compress(b'{"key": "first", "json": {}}\n{"key": "big", "json": "'))
+        for _ in range(400):
+            out.write(squeeze.compress(zeros))
+        out.write(squeeze.compress(b'"}\n{"key": "after", "json": {}}\n'))
+        out.write(squeeze.flush())
+    args = fast_run_args(simulator_process, tmp_path, "CliBomb")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHT_", "DOTDIGITAL_"))}
+    environ.update(DOTDIGITAL_API_USER="apiuser-demo@apiconnector.com")
+    environ.update(DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    command = [sys.executable, "-m", "orchestrator", "run", str(data), *args]
+    command += ["--max-body-bytes", "1000000"]
+    process = subprocess.Popen(
+        command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    watched = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [watched, *watched.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    assert process.returncode == 1
+    assert peak < 200_000_000, peak
+    [letter] = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert (letter["source"], letter["reason"]) == (f"{data.resolve()}:2", "record-too-large")
+    assert letter["record"].startswith('{"key": "big", "json": "\x00')
+    assert len(letter["record"]) == 1024
+    assert sorted(r["key"] for r in simulator_process.records("CliBomb")) == ["after", "first"]
