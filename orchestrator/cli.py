@@ -44,7 +44,7 @@ from orchestrator.outcomes import ImportResult, RunStats
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
 from orchestrator.settings import Settings
-from orchestrator.sources import validate_inputs
+from orchestrator.sources import is_stream, validate_inputs
 
 __all__ = ["main"]
 
@@ -214,7 +214,9 @@ def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
     if inputs.count("-") > 1:
         raise ConfigError("standard input (-) can be given only once")
     anyio.run(validate_inputs, list(inputs))
-    origins = tuple(i if i == "-" else str(Path(i).resolve()) for i in inputs)
+    # A pipe (like stdin) is named as given: /dev/fd/63 resolves to a "pipe:[inode]" that no run
+    # could open again, and the journal of the same command must be found again.
+    origins = tuple(i if is_stream(i) else str(Path(i).resolve()) for i in inputs)
     journal = (
         Path(opts["journal"]) if opts["journal"] else _default_journal(collection, origins, client)
     )

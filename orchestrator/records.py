@@ -506,6 +506,7 @@ def encode_record(
     if contact is not None:
         record["contactIdentity"] = {"identifier": contact[0], "value": contact[1]}
     record["json"] = obj["json"]
+    data: bytes | None
     try:
         data = orjson.dumps(record, default=_strict_default)
     except orjson.JSONEncodeError:
@@ -676,7 +677,6 @@ def _encode_parsed(
 # Editing a line in place needs where each top-level member starts and ends. The line already
 # parsed, so it is valid JSON: these patterns only have to skip over strings and brackets.
 
-_SPACE = re.compile(rb"[ \t\r\n]*")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _SCALAR = re.compile(rb"[^,}\] \t\r\n]+")
 _STRUCTURE = re.compile(rb'["\[\]{}]')
@@ -724,8 +724,8 @@ def _may_repeat(data: bytes, start: int, end: int, names: tuple[bytes, ...]) -> 
 
 def _members(data: bytes) -> list[_Member]:
     """The top-level members of the JSON object ``data`` (valid JSON), in order."""
-    space = _SPACE.match
-    position = space(data, 1).end()
+    space = _after_space
+    position = space(data, 1)
     members: list[_Member] = []
     if data[position] == _CLOSE_OBJECT:
         return members
@@ -734,13 +734,19 @@ def _members(data: bytes) -> list[_Member]:
         assert match is not None
         quoted = match.group()
         name = orjson.loads(quoted) if b"\\" in quoted else quoted[1:-1].decode()
-        value_start = space(data, space(data, match.end()).end() + 1).end()  # past the colon
+        value_start = space(data, space(data, match.end()) + 1)  # past the colon
         value_end = _value_end(data, value_start)
         members.append(_Member(name, position, value_start, value_end))
-        position = space(data, value_end).end()
+        position = space(data, value_end)
         if data[position] == _CLOSE_OBJECT:
             return members
-        position = space(data, position + 1).end()  # past the comma
+        position = space(data, position + 1)  # past the comma
+
+
+def _after_space(data: bytes, position: int) -> int:
+    while data[position] in _WHITESPACE:
+        position += 1
+    return position
 
 
 def _value_end(data: bytes, position: int) -> int:
@@ -797,7 +803,7 @@ def _without(members: list[_Member], name: str) -> tuple[int, int, bytes]:
 
 
 def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     position = 0
     for start, end, replacement in sorted(edits):
         parts += (data[position:start], replacement)
@@ -1009,22 +1015,19 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
             head = match_head(data, start, end)
             if head is not None:
                 json_value: Any = None
-                key = identifier = value = ""
+                strings: Any = ("", "", "")
                 try:
                     json_value = loads(view[head.end() : end - 1])
-                    if contact_scope:
-                        key, identifier, value = loads(b"[%b,%b,%b]" % head.groups())
-                    else:
-                        key = loads(head.group(1))
+                    strings = loads(b"[%b]" % b",".join(head.groups()))
                 except decode_error:
                     pass
                 if (
                     type(json_value) is dict
-                    and key
-                    and not key.isspace()
+                    and strings[0]
+                    and not strings[0].isspace()
                     and (
                         not contact_scope
-                        or (identifier in standard and 0 < len(value) <= _MAX_CONTACT_VALUE)
+                        or (strings[1] in standard and 0 < len(strings[2]) <= _MAX_CONTACT_VALUE)
                     )
                     and not (
                         _maybe_nested_array(data, start, end) and _has_nested_array(json_value)
@@ -1035,10 +1038,10 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                         run_start = start
                     size += end - start + 1
                     ends.append(size - 1)
-                    keys.append(key)
+                    keys.append(strings[0])
                     if contact_scope:
-                        identifiers.append(identifier)
-                        values.append(value)
+                        identifiers.append(strings[1])
+                        values.append(strings[2])
                     numbers.append(number)
                     continue
         # A line without whitespace around it is parsed in place (no copy of its bytes); others

@@ -11,6 +11,12 @@ Lines are numbered from 1; a final line without a newline counts; ``\\r\\n`` end
 a UTF-8 byte order mark at the start of the input is dropped. gzip is recognised by its magic bytes,
 whatever the file is called.
 
+Named pipes and process substitution (``<(cat file)``, a ``/dev/fd/N`` path) are read like
+standard input: opened once (never by ``check_inputs``), read as data arrives, and not seekable, so
+a resumed run cannot jump past what an earlier run read: it reads the pipe again from its start and
+skips the lines the journal holds when their fingerprint matches. A read waiting on a pipe gives up
+within ``_PIPE_POLL_S`` once the reader is closed, so a cancelled run does not wait for the writer.
+
 Memory stays bounded whatever the input: a line longer than ``max_line_bytes`` (no body could hold
 it) is not kept. Once it grows past the limit the rest of it is read and dropped; in its place the
 chunk holds ``records.oversized_line`` (its length and first ``KEPT_PREFIX_BYTES`` bytes), which the
@@ -20,15 +26,21 @@ parser rejects as ``record-too-large``; the next line is read as usual.
 from __future__ import annotations
 
 import gzip
+import io
+import os
+import select
+import stat
 import sys
+import threading
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.to_thread
+import structlog
 import xxhash
 
 from orchestrator import errors
@@ -40,8 +52,11 @@ __all__ = [
     "JsonLinesReader",
     "LineChunk",
     "check_inputs",
+    "is_stream",
     "validate_inputs",
 ]
+
+log = structlog.get_logger("orchestrator.sources")
 
 DEFAULT_MAX_LINE_BYTES = 50_000_000
 """The longest line read whole by default: the API's cap on a request body."""
@@ -171,19 +186,81 @@ def _corrupt_error(path: str) -> errors.InputError:
     )
 
 
+def is_stream(path: str) -> bool:
+    """Whether an input is read as a stream: standard input, a named pipe, ``/dev/fd/N``.
+
+    Such an input can be read only once and not seeked; a missing path is not a stream.
+
+    Args:
+        path: the input as given.
+    """
+    if path == STDIN:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+_PIPE_POLL_S = 0.1
+
+
+class _Stopped(Exception):
+    """A read from a pipe given up because its reader was closed."""
+
+
+class _Pipe(io.RawIOBase):
+    """A pipe read in a worker thread that waits for data in short polls, so closing the reader
+    ends a wait on a writer that is slow or gone quiet (a blocking read would hold the thread,
+    and the run with it, until the writer writes)."""
+
+    def __init__(self, path: str, stop: threading.Event) -> None:
+        super().__init__()
+        # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, out of reach of
+        # the stop flag. Until the first writer arrives, poll() reports nothing (no EOF).
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._stop = stop
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN | select.POLLPRI)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            if self._poll.poll(_PIPE_POLL_S * 1000):
+                try:
+                    return os.readv(self._fd, [buffer])
+                except BlockingIOError:
+                    continue
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class _Opened:
     """An open input: the raw stream and, for gzip, the decompressing reader on top of it."""
 
-    __slots__ = ("raw", "reader", "stdin")
+    __slots__ = ("pipe", "raw", "reader", "stdin")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stop: threading.Event) -> None:
         self.stdin = path == STDIN
+        self.pipe = self.stdin or is_stream(path)
         raw: BinaryIO
         if self.stdin:
             raw = sys.stdin.buffer
         else:
             try:
-                raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+                # closed by close()
+                raw = io.BufferedReader(_Pipe(path, stop)) if self.pipe else open(path, "rb")  # noqa: SIM115
             except OSError as error:
                 raise _open_error(path, error) from None
         self.raw = raw
@@ -251,16 +328,20 @@ class JsonLinesReader:
         self._eof = False
         self._closed = False
         self._pending: LineChunk | None = None
+        self._stop = threading.Event()  # ends a read waiting on a pipe (see _Pipe)
+        self._stream = is_stream(path)
 
     def __repr__(self) -> str:
         return f"JsonLinesReader({self.path!r}, chunk_bytes={self._chunk_bytes})"
 
     def _read(self, size: int) -> bytes:
         if self._opened is None:
-            self._opened = _Opened(self.path)
+            if self._stream:
+                log.info("input.opened", input=self.origin, kind="stream", resumable=False)
+            self._opened = _Opened(self.path, self._stop)
         opened = self._opened
         try:
-            if opened.stdin:
+            if opened.pipe:
                 # latency over throughput on a pipe: take what is there
                 return opened.reader.read1(size)  # type: ignore[attr-defined,no-any-return]
             return opened.reader.read(size)
@@ -433,11 +514,16 @@ class JsonLinesReader:
             yield chunk
 
     async def _next_chunk(self, numbered: bool = True) -> LineChunk | None:
-        return await anyio.to_thread.run_sync(self._read_chunk, numbered)
+        # A read from a pipe may wait on its writer for ever: on cancellation the task leaves at
+        # once, and aclose() makes the thread give up. A file read always ends soon: waited for.
+        return await anyio.to_thread.run_sync(
+            self._read_chunk, numbered, abandon_on_cancel=self._stream
+        )
 
     async def aclose(self) -> None:
         """Close the input (standard input itself stays open)."""
         self._closed = True
+        self._stop.set()
         opened, self._opened = self._opened, None
         if opened is not None:
             await anyio.to_thread.run_sync(opened.close)
@@ -474,7 +560,11 @@ def check_inputs(paths: Iterable[str]) -> None:
     for path in given:
         if path == STDIN:
             continue
-        opened = _Opened(path)
+        if is_stream(path):  # opening a pipe to look would take data from it (or end its writer)
+            if not os.access(path, os.R_OK):
+                raise _open_error(path, PermissionError())
+            continue
+        opened = _Opened(path, threading.Event())
         try:
             if opened.reader is not opened.raw:
                 opened.reader.read(1)  # checks the gzip header

@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 
 from orchestrator.errors import ConfigError
@@ -295,10 +298,6 @@ def test_a_newline_free_gzip_bomb_is_dead_lettered_in_bounded_memory(
 ) -> None:
     """400 MB of zeros in one line: peak memory stays far below it, the line is dead-lettered
     as record-too-large with its file:line, the lines after it are imported."""
-    import time
-    import zlib
-
-    import psutil
 
     data = tmp_path / "bomb.jsonl.gz"
     squeeze = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -334,3 +333,96 @@ def test_a_newline_free_gzip_bomb_is_dead_lettered_in_bounded_memory(
     assert letter["record"].startswith('{"key": "big", "json": "\x00')
     assert len(letter["record"]) == 1024
     assert sorted(r["key"] for r in simulator_process.records("CliBomb")) == ["after", "first"]
+
+
+def _cli_env() -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHT_", "DOTDIGITAL_"))}
+    environ.update(DOTDIGITAL_API_USER="apiuser-demo@apiconnector.com")
+    environ.update(DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    return environ
+
+
+def _fifo_writer(fifo: Path, data: bytes, *, then_sleep: float = 0.0) -> subprocess.Popen[bytes]:
+    """A process that writes ``data`` into the named pipe in small pieces, then waits."""
+    script = (
+        "import sys, time\n"
+        "data = sys.stdin.buffer.read()\n"
+        "with open(sys.argv[1], 'wb', buffering=0) as out:\n"
+        "    for i in range(0, len(data), 4096):\n"
+        "        out.write(data[i:i + 4096]); time.sleep(0.001)\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(fifo), str(then_sleep)], stdin=subprocess.PIPE
+    )
+    assert writer.stdin is not None
+    writer.stdin.write(data)
+    writer.stdin.close()
+    return writer
+
+
+def test_a_named_pipe_is_read_once_like_stdin(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A FIFO fed by a writer process imports every record: the up-front check leaves it alone."""
+    fifo = tmp_path / "orders.fifo"
+    os.mkfifo(fifo)
+    writer = _fifo_writer(
+        fifo, gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in orders(400)))
+    )
+    args = fast_run_args(simulator_process, tmp_path, "CliFifo")
+    done = run_cli("run", str(fifo), *args, "--scope", "contact", timeout=60)
+    assert writer.wait(timeout=10) == 0
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(simulator_process.records("CliFifo")) == 400
+    opened = [line for line in done.stderr.splitlines() if b'"input.opened"' in line]
+    assert opened
+    assert orjson.loads(opened[0])["resumable"] is False
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["records_read"] == 400
+
+
+def test_process_substitution_is_read_like_stdin(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """`run <(cat file)` (a /dev/fd/N path) imports the file; it is not refused as missing."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300, prefix="p"))
+    args = " ".join(fast_run_args(simulator_process, tmp_path, "CliProcSub"))
+    command = f'"{sys.executable}" -m orchestrator run <(cat "{data}") {args} --scope contact'
+    done = subprocess.run(
+        ["bash", "-c", command], env=_cli_env(), capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(simulator_process.records("CliProcSub")) == 300
+
+
+def test_sigterm_while_a_pipe_writer_is_slow_exits_130(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A run reading a FIFO whose writer has gone quiet stops on one SIGTERM, with exit 130."""
+    fifo = tmp_path / "slow.fifo"
+    os.mkfifo(fifo)
+    lines = b"".join(orjson.dumps(r) + b"\n" for r in orders(50, prefix="q"))
+    writer = _fifo_writer(fifo, lines, then_sleep=120)
+    args = [*fast_run_args(simulator_process, tmp_path, "CliFifoSlow"), "--scope", "contact"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(fifo), *args],
+        env=_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if b'"input.opened"' in line:  # reading; the writer goes quiet after its lines
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+        assert process.returncode == 130, err.decode()
+        assert b"interrupted" in err
+    finally:
+        process.kill()
+        process.communicate()
+        writer.kill()
+        writer.wait()

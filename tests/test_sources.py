@@ -8,6 +8,7 @@ import tracemalloc
 import zlib
 from pathlib import Path
 
+import anyio
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +21,7 @@ from orchestrator.sources import (
     JsonLinesReader,
     LineChunk,
     check_inputs,
+    is_stream,
     validate_inputs,
 )
 
@@ -441,3 +443,55 @@ async def test_a_newline_free_gzip_bomb_is_read_in_bounded_memory(tmp_path: Path
     assert lines[1].startswith(oversized_line(300 << 20, 4 << 20, b"\0" * 10)[:40])
     assert lines[2:] == [b'{"key": "after", "json": {}}', b'{"key": "last", "json": {}}']
     assert peak < 24 << 20, peak
+
+
+# --------------------------------------------------------------------------- pipes
+
+
+def test_a_named_pipe_is_checked_without_being_opened_and_read_once(tmp_path: Path) -> None:
+    """check_inputs leaves a FIFO's data in it; the reader then gets every line, gzip too."""
+    import subprocess
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    assert is_stream(str(fifo))
+    assert is_stream("-")
+    assert not is_stream(str(tmp_path))
+    assert not is_stream(str(tmp_path / "missing"))
+    payload = gzip.compress(b"".join(b'{"n": %d}\n' % i for i in range(1000)))
+    script = "import sys; open(sys.argv[1], 'wb').write(sys.stdin.buffer.read())"
+    writer = subprocess.Popen([sys.executable, "-c", script, str(fifo)], stdin=subprocess.PIPE)
+    assert writer.stdin is not None
+    writer.stdin.write(payload)
+    writer.stdin.close()
+    check_inputs([str(fifo)])
+    lines = flatten(anyio.run(read_all, str(fifo), 4096))
+    assert lines == [b'{"n": %d}' % i for i in range(1000)]
+    assert writer.wait(timeout=10) == 0
+
+
+def test_closing_a_reader_ends_a_wait_on_a_quiet_writer(tmp_path: Path) -> None:
+    """A read waiting on a FIFO whose writer is silent is given up when the read is cancelled."""
+    import subprocess
+    import time
+
+    fifo = tmp_path / "quiet.fifo"
+    os.mkfifo(fifo)
+    script = (
+        "import sys, time; f = open(sys.argv[1], 'wb'); f.write(b'1\\n'); f.flush(); time.sleep(60)"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(fifo)])
+
+    async def read_for_a_second() -> None:
+        with anyio.move_on_after(1.0):
+            async with JsonLinesReader(str(fifo)) as reader:
+                async for _ in reader.chunks():
+                    pass
+
+    try:
+        started = time.monotonic()
+        anyio.run(read_for_a_second)
+        assert time.monotonic() - started < 3
+    finally:
+        writer.kill()
+        writer.wait()
