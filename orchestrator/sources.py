@@ -14,8 +14,9 @@ whatever the file is called.
 Named pipes and process substitution (``<(cat file)``, a ``/dev/fd/N`` path) are read like
 standard input: opened once (never by ``check_inputs``), read as data arrives, and not seekable, so
 a resumed run cannot jump past what an earlier run read: it reads the pipe again from its start and
-skips the lines the journal holds when their fingerprint matches. A read waiting on a pipe gives up
-within ``_PIPE_POLL_S`` once the reader is closed, so a cancelled run does not wait for the writer.
+skips the lines the journal holds when their fingerprint matches. A read waiting on a pipe (stdin
+too, when it is one) gives up within ``_PIPE_POLL_S`` once the reader is closed, so a cancelled
+run does not wait for the writer.
 
 Memory stays bounded whatever the input: a line longer than ``max_line_bytes`` (no body could hold
 it) is not kept. Once it grows past the limit the rest of it is read and dropped; in its place the
@@ -215,11 +216,9 @@ class _Pipe(io.RawIOBase):
     ends a wait on a writer that is slow or gone quiet (a blocking read would hold the thread,
     and the run with it, until the writer writes)."""
 
-    def __init__(self, path: str, stop: threading.Event) -> None:
+    def __init__(self, fd: int, stop: threading.Event) -> None:
         super().__init__()
-        # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, out of reach of
-        # the stop flag. Until the first writer arrives, poll() reports nothing (no EOF).
-        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._fd = fd
         self._stop = stop
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN | select.POLLPRI)
@@ -249,20 +248,26 @@ class _Pipe(io.RawIOBase):
 class _Opened:
     """An open input: the raw stream and, for gzip, the decompressing reader on top of it."""
 
-    __slots__ = ("pipe", "raw", "reader", "stdin")
+    __slots__ = ("own", "pipe", "raw", "reader", "stdin")
 
     def __init__(self, path: str, stop: threading.Event) -> None:
         self.stdin = path == STDIN
         self.pipe = self.stdin or is_stream(path)
         raw: BinaryIO
-        if self.stdin:
-            raw = sys.stdin.buffer
-        else:
-            try:
-                # closed by close()
-                raw = io.BufferedReader(_Pipe(path, stop)) if self.pipe else open(path, "rb")  # noqa: SIM115
-            except OSError as error:
-                raise _open_error(path, error) from None
+        self.own = True  # whether close() closes raw
+        try:
+            if self.stdin:
+                raw = _stdin_pipe(stop) or sys.stdin.buffer
+                self.own = raw is not sys.stdin.buffer
+            elif self.pipe:
+                # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, out of
+                # reach of the stop flag. Until a writer comes, poll() reports nothing (no EOF).
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                raw = io.BufferedReader(_Pipe(fd, stop))
+            else:
+                raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as error:
+            raise _open_error(path, error) from None
         self.raw = raw
         self.reader: BinaryIO = raw
         try:
@@ -276,8 +281,21 @@ class _Opened:
     def close(self) -> None:
         if self.reader is not self.raw:
             self.reader.close()  # a GzipFile given a fileobj leaves it open
-        if not self.stdin:
+        if self.own:
             self.raw.close()
+
+
+def _stdin_pipe(stop: threading.Event) -> BinaryIO | None:
+    """Standard input read through a ``_Pipe`` when it is a pipe (else ``None``), so a wait on
+    its writer can be given up. A duplicate descriptor: closing it leaves stdin open, and it
+    stays blocking (poll() comes first), so the process's stdin is not changed."""
+    try:
+        fd = sys.stdin.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, OSError, ValueError):  # replaced, closed or not a real file
+        return None
+    return io.BufferedReader(_Pipe(os.dup(fd), stop))
 
 
 def _peek(raw: BinaryIO, size: int) -> bytes:

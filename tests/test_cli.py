@@ -396,33 +396,45 @@ def test_process_substitution_is_read_like_stdin(
     assert len(simulator_process.records("CliProcSub")) == 300
 
 
+@pytest.mark.parametrize("through", ["fifo", "stdin"])
 def test_sigterm_while_a_pipe_writer_is_slow_exits_130(
-    simulator_process: SimulatorProcess, tmp_path: Path
+    simulator_process: SimulatorProcess, tmp_path: Path, through: str
 ) -> None:
-    """A run reading a FIFO whose writer has gone quiet stops on one SIGTERM, with exit 130."""
-    fifo = tmp_path / "slow.fifo"
-    os.mkfifo(fifo)
+    """A run reading a FIFO or piped stdin whose writer has gone quiet stops on one SIGTERM
+    with exit 130, at once (it does not wait for the writer)."""
     lines = b"".join(orjson.dumps(r) + b"\n" for r in orders(50, prefix="q"))
-    writer = _fifo_writer(fifo, lines, then_sleep=120)
-    args = [*fast_run_args(simulator_process, tmp_path, "CliFifoSlow"), "--scope", "contact"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(fifo), *args],
-        env=_cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    args = [*fast_run_args(simulator_process, tmp_path, "CliQuiet"), "--scope", "contact"]
+    writer: subprocess.Popen[bytes] | None = None
+    target = "-"
+    if through == "fifo":
+        target = str(tmp_path / "slow.fifo")
+        os.mkfifo(target)
+        writer = _fifo_writer(Path(target), lines, then_sleep=120)
+    logs = tmp_path / "stderr.log"
+    with logs.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", target, *args],
+            env=_cli_env(),
+            stdin=None if writer else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if b'"input.opened"' in line:  # reading; the writer goes quiet after its lines
-                break
+        if process.stdin is not None:
+            process.stdin.write(lines)  # and left open: the writer is quiet, not gone
+            process.stdin.flush()
+        deadline = time.monotonic() + 30
+        while b'"input.opened"' not in logs.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=20)
-        assert process.returncode == 130, err.decode()
-        assert b"interrupted" in err
+        assert process.wait(timeout=20) == 130, logs.read_text()
+        assert b"interrupted" in logs.read_bytes()
     finally:
         process.kill()
-        process.communicate()
-        writer.kill()
-        writer.wait()
+        process.wait()
+        if process.stdin is not None:
+            process.stdin.close()
+        if writer is not None:
+            writer.kill()
+            writer.wait()
