@@ -18,9 +18,13 @@ import orjson
 from orchestrator import errors
 from orchestrator.provenance import Source
 from orchestrator.records import (
+    _ACCOUNT_HEAD,
+    _CLOSE_OBJECT,
+    _CONTACT_HEAD,
     _JSON_SYNTAX_MESSAGE,
     _MAX_CONTACT_VALUE,
     _NESTED_ARRAY_MESSAGE,
+    _OVERSIZED,
     _STANDARD_IDENTIFIERS,
     Collection,
     EncodedRecord,
@@ -30,6 +34,7 @@ from orchestrator.records import (
     _encoded,
     _has_nested_array,
     _maybe_nested_array,
+    _oversized,
     _source,
 )
 
@@ -225,6 +230,9 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
     run_start = -1  # where the open range of clean lines starts, -1 when none is open
     size = 0  # the segment's size so far
     find = data.find
+    count = data.count
+    match_head = (_CONTACT_HEAD if contact_scope else _ACCOUNT_HEAD).match
+    escapes = find(b"\\") != -1  # a field name could be spelled with escapes (memchr: cheap)
     view = memoryview(data)
     strip_bytes = _STRIPPED
     position = 0  # where the next line starts
@@ -232,6 +240,42 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         start = position
         position = end + 1
         number += 1
+        # The common layout, inline: "key" first, then "contactIdentity" (contact scope), "json"
+        # last. The head is matched, the json value parsed alone: that proves no field follows it
+        # (or appears twice) without scanning the line again. Anything else takes the paths below.
+        if end > start and data[end - 1] == _CLOSE_OBJECT:
+            head = match_head(data, start, end)
+            if head is not None:
+                json_value: Any = None
+                strings: Any = ("", "", "")
+                try:
+                    json_value = loads(view[head.end() : end - 1])
+                    strings = loads(b"[%b]" % b",".join(head.groups()))
+                except decode_error:
+                    pass
+                if (
+                    type(json_value) is dict
+                    and strings[0]
+                    and not strings[0].isspace()
+                    and (
+                        not contact_scope
+                        or (strings[1] in standard and 0 < len(strings[2]) <= _MAX_CONTACT_VALUE)
+                    )
+                    and not (
+                        _maybe_nested_array(data, start, end) and _has_nested_array(json_value)
+                    )
+                ):
+                    read += 1
+                    if run_start < 0:
+                        run_start = start
+                    size += end - start + 1
+                    ends.append(size - 1)
+                    keys.append(strings[0])
+                    if contact_scope:
+                        identifiers.append(strings[1])
+                        values.append(strings[2])
+                    numbers.append(number)
+                    continue
         # A line without whitespace around it is parsed in place (no copy of its bytes); others
         # are stripped first, as bytes.strip() does.
         if end > start and data[start] not in strip_bytes and data[end - 1] not in strip_bytes:
@@ -255,7 +299,10 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         if obj is _UNPARSABLE:
             if raw is None:
                 raw = data[start:end]
-            rejects.append((number, "json-syntax", _JSON_SYNTAX_MESSAGE, None, raw))
+            if raw.startswith(_OVERSIZED) and (found := _oversized(raw))[1] is not raw:
+                rejects.append((number, "record-too-large", found[0], None, found[1]))
+            else:
+                rejects.append((number, "json-syntax", _JSON_SYNTAX_MESSAGE, None, raw))
             if run_start >= 0:
                 pieces.append((run_start, start))
                 run_start = -1
@@ -281,6 +328,14 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                             key = None
                     else:
                         key = None
+                # A field named twice reaches the dict once: such lines take the full path.
+                if key is not None and (
+                    (escapes and find(b"\\", start, end) != -1 and find(b"\\u", start, end) != -1)
+                    or count(b'"key"', start, end) > 1
+                    or count(b'"json"', start, end) > 1
+                    or (contact_scope and count(b'"contactIdentity"', start, end) > 1)
+                ):
+                    key = None
                 if key is not None:
                     if _maybe_nested_array(data, start, end) and _has_nested_array(obj["json"]):
                         rejects.append(

@@ -55,7 +55,7 @@ from orchestrator.outcomes import ImportResult, RunStats, iso_time
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
 from orchestrator.settings import Settings, api_limit_breaches
-from orchestrator.sources import JsonLinesReader, validate_inputs
+from orchestrator.sources import JsonLinesReader, is_stream, validate_inputs
 
 __all__ = ["main"]
 
@@ -344,7 +344,9 @@ def _job_from_options(
         raise ConfigError("standard input (-) can be given only once")
     replayed = Path(replay).resolve() if replay is not None else None
     anyio.run(validate_inputs, [str(replayed)] if replayed is not None else list(inputs))
-    origins = tuple(i if i == "-" else str(Path(i).resolve()) for i in inputs)
+    # A pipe (like stdin) is named as given: /dev/fd/63 resolves to a "pipe:[inode]" that no run
+    # could open again, and the journal of the same command must be found again.
+    origins = tuple(i if is_stream(i) else str(Path(i).resolve()) for i in inputs)
     identity = (f"replay:{replayed}",) if replayed is not None else origins
     journal = (
         Path(opts["journal"]) if opts["journal"] else _default_journal(collection, identity, client)
@@ -437,11 +439,11 @@ async def _plan(job: _Job, journal: SqliteJournal) -> _Plan:
         return _Plan(spec, fresh=False)
     if recorded.spec != spec:
         return _Plan(spec, fresh=False, mismatch=mismatch_message(recorded.spec, spec))
-    if "-" in spec.inputs:
+    if any(map(is_stream, spec.inputs)):
         state = "finished" if recorded.complete else "unfinished"
         note = (
-            f"standard input cannot be read again, so a run from it is never resumed: "
-            f"starting a new run (the journal's {state} run is replaced)"
+            "standard input cannot be read again (nor can a pipe), so a run from it is never "
+            f"resumed: starting a new run (the journal's {state} run is replaced)"
         )
         return _Plan(spec, fresh=True, notes=(note,))
     if not recorded.complete:
@@ -752,10 +754,10 @@ async def _execute_async(job: _Job) -> int:
                 failed = _fail(str(error), EXIT_ABORTED)
                 code = failed if code in (EXIT_OK, EXIT_REJECTED) else code
     if interrupted:
-        if "-" in job.inputs:
+        if any(map(is_stream, job.inputs)):
             advice = (
-                "standard input cannot be resumed: run the command again with the whole input "
-                "(records already imported are sent again, harmlessly)"
+                "standard input (or a pipe) cannot be resumed: run the command again with the "
+                "whole input (records already imported are sent again, harmlessly)"
             )
         else:
             advice = "Run the same command again to resume."
@@ -784,7 +786,7 @@ def _input_bytes(inputs: tuple[str, ...]) -> int | None:
     """The inputs' total size, when every one is a plain file (not gzip, not stdin)."""
     total = 0
     for origin in inputs:
-        if origin == "-":
+        if is_stream(origin):  # never opened twice: its first read is the run's
             return None
         try:
             with open(origin, "rb") as handle:

@@ -194,9 +194,11 @@ class Orchestrator:
             stats: live counters to update (for a progress display).
         """
         pool = self._parse_pool
+        # A line longer than the largest record a body can hold is dropped as it is read.
+        longest = self.settings.max_body_bytes - sum(map(len, collection.envelope()))
         return await self._run(
             collection,
-            [FileInput(path, pool=pool) for path in paths],
+            [FileInput(path, pool=pool, max_line_bytes=max(longest, 1)) for path in paths],
             inputs=tuple(paths),
             journal=journal,
             fresh=fresh,

@@ -32,7 +32,7 @@ from orchestrator.records import (
     encode_line,
     encode_record,
 )
-from orchestrator.sources import JsonLinesReader, LineChunk
+from orchestrator.sources import DEFAULT_MAX_LINE_BYTES, JsonLinesReader, LineChunk
 
 __all__ = ["Chunk", "FileInput", "IterableInput", "RecordInput"]
 
@@ -93,10 +93,19 @@ class FileInput:
     Args:
         path: the path as given, or ``"-"``.
         pool: worker processes for parsing (see ``parsing``); ``None`` parses in a thread.
+        max_line_bytes: the longest line read whole (see ``sources.JsonLinesReader``).
     """
 
-    def __init__(self, path: str, *, pool: ParsePool | None = None) -> None:
-        self._reader = JsonLinesReader(path, chunk_bytes=_CHUNK_BYTES)
+    def __init__(
+        self,
+        path: str,
+        *,
+        pool: ParsePool | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self._reader = JsonLinesReader(
+            path, chunk_bytes=_CHUNK_BYTES, max_line_bytes=max_line_bytes
+        )
         self._pool = pool
         self.origin = self._reader.origin
         # Chunks are read unnumbered and counted by their parser; they are numbered here, in

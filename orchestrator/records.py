@@ -22,7 +22,18 @@ rule                        what is wrong
 ``contact-identifier``      identifier not email / mobileNumber / contactId / a custom name
 ``contact-value``           value not a non-empty string of at most 256 characters
 ``json-nested-array``       an array directly inside an array somewhere inside ``json``
+``record-duplicate-field``  a top-level field (``key``, ``json``, ...) appears twice in a line
+``record-too-large``        a line longer than the largest record a body can hold (the reader
+                            cuts it off as it streams; ``batching`` also applies it to records)
 =========================== ==========================================================
+
+Every record leaves exactly as given. A line keeps its own bytes; when it must change (an integer
+key becomes a string, an ignored ``contactIdentity`` is dropped) only those members' bytes are
+edited, so the ``json`` member is never parsed into floats and written back: a number such as
+``123456789012345678901234567890`` or ``0.1000000000000000055511151231257827`` goes out digit for
+digit. A Python record is written by orjson: strings, booleans, null, ``int`` (any size) and
+``float`` (the shortest text that reads back as the same float) are exact, and so is a finite
+``decimal.Decimal`` (written as ``str(value)``); other types are rejected.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, cast
 
 import orjson
@@ -40,6 +52,7 @@ from orchestrator.provenance import Source
 
 __all__ = [
     "COLLECTION_TYPES",
+    "OVERSIZED_LINE_START",
     "RULES",
     "Collection",
     "EncodedRecord",
@@ -47,6 +60,7 @@ __all__ = [
     "Scope",
     "encode_line",
     "encode_record",
+    "oversized_line",
 ]
 
 
@@ -88,9 +102,11 @@ RULES: frozenset[str] = frozenset(
         "contact-identifier",
         "contact-value",
         "json-nested-array",
+        "record-duplicate-field",
+        "record-too-large",
     }
 )
-"""The ids of the record rules above (``batching`` adds ``record-too-large``)."""
+"""The ids of the record rules above."""
 
 _COLLECTION_NAME = re.compile(r"[-A-Za-z_][-A-Za-z0-9_]{1,255}")
 _CUSTOM_IDENTIFIER = re.compile(r"[-A-Za-z0-9_]{1,50}")
@@ -268,6 +284,8 @@ def _lenient_default(value: object) -> object:
 def _strict_default(value: object) -> object:
     if isinstance(value, Mapping):
         return dict(value)
+    if isinstance(value, Decimal) and value.is_finite():
+        return orjson.Fragment(str(value))  # its digits, exactly
     raise TypeError
 
 
@@ -446,7 +464,9 @@ def encode_record(
 
     Integer keys are accepted and sent as their decimal string (the API wants string keys); floats,
     booleans, null and objects are rejected. For an account-scoped collection a ``contactIdentity``
-    is ignored (not sent).
+    is ignored (not sent). Numbers are written exactly: ``int`` of any size, ``float`` as the
+    shortest text that reads back as the same float, a finite ``decimal.Decimal`` as its digits;
+    NaN and infinities are rejected (``json-unserializable``).
 
     Args:
         obj: a mapping with ``key``, ``json`` and (contact scope) ``contactIdentity``.
@@ -463,19 +483,61 @@ def encode_record(
     if contact is not None:
         record["contactIdentity"] = {"identifier": contact[0], "value": contact[1]}
     record["json"] = obj["json"]
+    data: bytes | None
     try:
         data = orjson.dumps(record, default=_strict_default)
     except orjson.JSONEncodeError:
+        data = _dumps_big_integers(record)  # orjson writes integers up to 64 bits only
+    if data is None or (b"null" in data and _has_non_finite(record["json"])):
         raise _fail(
             "json-unserializable",
-            '"json" holds a value JSON cannot represent (e.g. a set, bytes, NaN keys, or an'
-            " integer beyond 64 bits); convert it to a string, number, list or object",
+            '"json" holds a value JSON cannot represent (e.g. a set, bytes, NaN or infinity);'
+            " convert it to a string, number, list or object",
             key,
             source,
-        ) from None
+        )
     if _maybe_nested_array(data) and _has_nested_array(orjson.loads(data)["json"]):
         raise _fail("json-nested-array", _NESTED_ARRAY_MESSAGE, key, source)
     return EncodedRecord(key, contact, data, source)
+
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def _dumps_big_integers(record: dict[str, Any]) -> bytes | None:
+    """Encode a record holding integers beyond 64 bits exactly (as their digits), or None."""
+
+    def exact(value: object) -> object:
+        if type(value) is int and not _INT64_MIN <= value <= _UINT64_MAX:
+            return orjson.Fragment(str(value))
+        if isinstance(value, Mapping):
+            return {name: exact(item) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [exact(item) for item in value]
+        return value
+
+    try:
+        return orjson.dumps(exact(record), default=_strict_default)
+    except (orjson.JSONEncodeError, ValueError):  # ValueError: more digits than str() allows
+        return None
+
+
+def _has_non_finite(value: object) -> bool:
+    """Whether a NaN or an infinity (which orjson writes as null) is somewhere in ``value``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if item != item or item in (_INFINITY, -_INFINITY):
+                return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+_INFINITY = float("inf")
 
 
 def encode_line(line: bytes, collection: Collection, *, source: Source) -> EncodedRecord:
@@ -483,8 +545,9 @@ def encode_line(line: bytes, collection: Collection, *, source: Source) -> Encod
 
     When the line already is exactly what the API wants (only the allowed fields, a string key), the
     record's ``data`` is the line's own bytes without surrounding whitespace: nothing is serialized
-    again. Otherwise the record is re-encoded with orjson (an integer key becomes a string, an
-    ignored ``contactIdentity`` is dropped in account scope).
+    again. Otherwise only the members that change are edited in the line's bytes (an integer key
+    becomes a string of the same digits, an ignored ``contactIdentity`` is dropped in account
+    scope): the ``json`` member always goes out byte for byte.
 
     Args:
         line: the line's bytes (a trailing newline or CR is allowed).
@@ -501,8 +564,46 @@ def _encode_line(raw: bytes, contact_scope: bool, source: Source) -> EncodedReco
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        if raw.startswith(_OVERSIZED) and (found := _oversized(raw))[1] is not raw:
+            raise _fail("record-too-large", found[0], None, source) from None
         raise _json_syntax(source) from None
     return _encode_parsed(obj, raw, contact_scope, source)
+
+
+# A line too long for any body is not kept: the reader (``sources``) puts this line in its place,
+# which no JSON text can be (it starts with a NUL byte), so the parser rejects it wherever it runs.
+OVERSIZED_LINE_START = b"\x00record-too-large\x00"
+"""How every line ``oversized_line`` makes starts."""
+_OVERSIZED = OVERSIZED_LINE_START
+
+
+def oversized_line(size: int, limit: int, prefix: bytes) -> bytes:
+    """The line a reader puts in place of a line of ``size`` bytes longer than ``limit``.
+
+    The parser rejects it with the rule ``record-too-large``, keeping ``prefix`` (the line's
+    first bytes, at most a few kilobytes) as the record of the dead letter.
+
+    Args:
+        size: the line's length in bytes.
+        limit: the longest line accepted.
+        prefix: the start of the line, without newlines.
+    """
+    return b"%s%d\x00%d\x00%s" % (_OVERSIZED, size, limit, prefix)
+
+
+def _oversized(raw: bytes) -> tuple[str, bytes]:
+    """The message and kept prefix of a line ``oversized_line`` made (or a json-syntax one's)."""
+    try:
+        size, limit, prefix = raw[len(_OVERSIZED) :].split(b"\x00", 2)
+        int(size), int(limit)
+    except ValueError:  # a line that only looks like one: it is not JSON
+        return _JSON_SYNTAX_MESSAGE, raw
+    message = (
+        f"the line is {int(size)} bytes, longer than the largest record a request body can hold"
+        f" ({int(limit)} bytes); it was skipped as it was read, and only its first"
+        f" {len(prefix)} bytes are kept in this dead letter"
+    )
+    return message, prefix
 
 
 _JSON_SYNTAX_MESSAGE = (
@@ -517,14 +618,172 @@ def _json_syntax(source: Source) -> errors.RecordError:
 def _encode_parsed(
     obj: object, raw: bytes, contact_scope: bool, source: Source | None
 ) -> EncodedRecord:
+    members: list[_Member] | None = None
+    integer_key: _Member | None = None
+    if type(obj) is dict:
+        if _may_repeat(raw, 0, len(raw), _ALL_NAMES):
+            members = _members(raw)
+            _check_unique(members, obj, source)
+        if type(obj.get("key")) in (int, float):
+            # An integer key is sent as the digits it is written with: orjson reads one beyond
+            # 64 bits as a float, and a float turned back into text would lose digits.
+            members = _members(raw) if members is None else members
+            integer_key = _member(members, "key")
+            text = raw[integer_key.value_start : integer_key.value_end]
+            if _INTEGER.fullmatch(text) is not None:
+                obj = {**obj, "key": text.decode()}
+            else:
+                integer_key = None
     key, contact, clean = _check(obj, contact_scope, source)
     assert isinstance(obj, Mapping)
-    if not clean:
-        record: dict[str, Any] = {"key": key}
-        if contact is not None:
-            record["contactIdentity"] = {"identifier": contact[0], "value": contact[1]}
-        record["json"] = obj["json"]
-        raw = orjson.dumps(record)
+    if integer_key is not None or not clean:
+        members = _members(raw) if members is None else members
+        edits: list[tuple[int, int, bytes]] = []
+        if integer_key is not None:
+            start, end = integer_key.value_start, integer_key.value_end
+            edits.append((start, end, b'"' + raw[start:end] + b'"'))
+        if not clean:  # account scope: the ignored contactIdentity is not sent
+            edits.append(_without(members, "contactIdentity"))
+        raw = _splice(raw, edits)
     if _maybe_nested_array(raw) and _has_nested_array(obj["json"]):
         raise _fail("json-nested-array", _NESTED_ARRAY_MESSAGE, key, source)
     return _encoded(key, contact, raw, source)
+
+
+# --------------------------------------------------------------------------- top-level members
+# Editing a line in place needs where each top-level member starts and ends. The line already
+# parsed, so it is valid JSON: these patterns only have to skip over strings and brackets.
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SCALAR = re.compile(rb"[^,}\] \t\r\n]+")
+_STRUCTURE = re.compile(rb'["\[\]{}]')
+_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
+_OPENING = frozenset(b"[{")
+_QUOTE, _CLOSE_OBJECT = ord('"'), ord("}")
+_ALL_NAMES = (b'"key"', b'"json"', b'"contactIdentity"')
+_WS = rb"[ \t\r\n]*"
+_STRING_GROUP = rb'("[^"\\]*(?:\\.[^"\\]*)*")'
+
+
+def _head(*parts: bytes) -> re.Pattern[bytes]:
+    """The start of a line, up to the value of its "json" member: ``S`` stands for a string
+    (captured), a space for optional whitespace."""
+    pattern = b"".join(parts).replace(b" ", _WS).replace(b"S", _STRING_GROUP)
+    return re.compile(pattern.replace(b"{", rb"\{").replace(b"}", rb"\}"))
+
+
+_ACCOUNT_HEAD = _head(b'{ "key" : S , "json" : ')
+_CONTACT_HEAD = _head(
+    b'{ "key" : S , "contactIdentity" : { "identifier" : S , "value" : S } , "json" : '
+)
+_ACCOUNT_NAMES = _ALL_NAMES[:2]
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    name: str
+    start: int  # where its name starts
+    value_start: int
+    value_end: int
+
+
+def _may_repeat(data: bytes, start: int, end: int, names: tuple[bytes, ...]) -> bool:
+    """Cheap pre-filter: could the object in ``data[start:end]`` name one of ``names`` twice?
+
+    A name spelled with escapes (``"k\\u0065y"``) is only possible where ``\\u`` appears; else
+    each name must appear literally at least twice.
+    """
+    if data.find(b"\\u", start, end) != -1:
+        return True
+    count = data.count
+    return any(count(name, start, end) > 1 for name in names)
+
+
+def _members(data: bytes) -> list[_Member]:
+    """The top-level members of the JSON object ``data`` (valid JSON), in order."""
+    space = _after_space
+    position = space(data, 1)
+    members: list[_Member] = []
+    if data[position] == _CLOSE_OBJECT:
+        return members
+    while True:
+        match = _STRING.match(data, position)
+        assert match is not None
+        quoted = match.group()
+        name = orjson.loads(quoted) if b"\\" in quoted else quoted[1:-1].decode()
+        value_start = space(data, space(data, match.end()) + 1)  # past the colon
+        value_end = _value_end(data, value_start)
+        members.append(_Member(name, position, value_start, value_end))
+        position = space(data, value_end)
+        if data[position] == _CLOSE_OBJECT:
+            return members
+        position = space(data, position + 1)  # past the comma
+
+
+def _after_space(data: bytes, position: int) -> int:
+    while data[position] in _WHITESPACE:
+        position += 1
+    return position
+
+
+def _value_end(data: bytes, position: int) -> int:
+    first = data[position]
+    if first == _QUOTE:
+        match = _STRING.match(data, position)
+    elif first in _OPENING:
+        depth = 0
+        search = _STRUCTURE.search
+        while True:
+            match = search(data, position)
+            assert match is not None
+            if data[match.start()] == _QUOTE:
+                match = _STRING.match(data, match.start())
+                assert match is not None
+                position = match.end()
+                continue
+            position = match.end()
+            depth += 1 if data[match.start()] in _OPENING else -1
+            if not depth:
+                return position
+    else:
+        match = _SCALAR.match(data, position)
+    assert match is not None
+    return match.end()
+
+
+def _member(members: list[_Member], name: str) -> _Member:
+    return next(member for member in members if member.name == name)
+
+
+def _check_unique(members: list[_Member], obj: Mapping[Any, Any], source: Source | None) -> None:
+    seen: set[str] = set()
+    for member in members:
+        if member.name in seen:
+            key = obj.get("key")
+            shown = member.name if len(member.name) <= 40 else "(a long name)"
+            raise _fail(
+                "record-duplicate-field",
+                f"the field {shown!r} appears more than once in the record; keep one (which"
+                " one counts would be up to whoever reads it)",
+                key if type(key) is str else None,
+                source,
+            )
+        seen.add(member.name)
+
+
+def _without(members: list[_Member], name: str) -> tuple[int, int, bytes]:
+    """The edit that removes member ``name``, with its comma (the object has other members)."""
+    index = next(i for i, member in enumerate(members) if member.name == name)
+    if index + 1 < len(members):
+        return members[index].start, members[index + 1].start, b""
+    return members[index - 1].value_end, members[index].value_end, b""
+
+
+def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    parts: list[bytes] = []
+    position = 0
+    for start, end, replacement in sorted(edits):
+        parts += (data[position:start], replacement)
+        position = end
+    parts.append(data[position:])
+    return b"".join(parts)

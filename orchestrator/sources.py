@@ -10,25 +10,60 @@ journal notice that an input changed between a crash and the re-run that resumes
 Lines are numbered from 1; a final line without a newline counts; ``\\r\\n`` endings are stripped;
 a UTF-8 byte order mark at the start of the input is dropped. gzip is recognised by its magic bytes,
 whatever the file is called.
+
+Named pipes and process substitution (``<(cat file)``, a ``/dev/fd/N`` path) are read like
+standard input: opened once (never by ``check_inputs``), read as data arrives, and not seekable, so
+a resumed run cannot jump past what an earlier run read: it reads the pipe again from its start and
+skips the lines the journal holds when their fingerprint matches. A read waiting on a pipe (stdin
+too, when it is one) gives up within ``_PIPE_POLL_S`` once the reader is closed, so a cancelled
+run does not wait for the writer.
+
+Memory stays bounded whatever the input: a line longer than ``max_line_bytes`` (no body could hold
+it) is not kept. Once it grows past the limit the rest of it is read and dropped; in its place the
+chunk holds ``records.oversized_line`` (its length and first ``KEPT_PREFIX_BYTES`` bytes), which the
+parser rejects as ``record-too-large``; the next line is read as usual.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
+import os
+import select
+import stat
 import sys
+import threading
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.to_thread
 import xxhash
 
 from orchestrator import errors
+from orchestrator.logs import get_logger
+from orchestrator.records import OVERSIZED_LINE_START, oversized_line
 
-__all__ = ["JsonLinesReader", "LineChunk", "check_inputs", "validate_inputs"]
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "KEPT_PREFIX_BYTES",
+    "JsonLinesReader",
+    "LineChunk",
+    "check_inputs",
+    "is_stream",
+    "validate_inputs",
+]
+
+log = get_logger("orchestrator.sources")
+
+DEFAULT_MAX_LINE_BYTES = 50_000_000
+"""The longest line read whole by default: the API's cap on a request body."""
+
+KEPT_PREFIX_BYTES = 1024
+"""How much of a line longer than the limit is kept (for its dead letter)."""
 
 STDIN = "-"
 STDIN_ORIGIN = "<stdin>"
@@ -152,21 +187,87 @@ def _corrupt_error(path: str) -> errors.InputError:
     )
 
 
+def is_stream(path: str) -> bool:
+    """Whether an input is read as a stream: standard input, a named pipe, ``/dev/fd/N``.
+
+    Such an input can be read only once and not seeked; a missing path is not a stream.
+
+    Args:
+        path: the input as given.
+    """
+    if path == STDIN:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+_PIPE_POLL_S = 0.1
+
+
+class _Stopped(Exception):
+    """A read from a pipe given up because its reader was closed."""
+
+
+class _Pipe(io.RawIOBase):
+    """A pipe read in a worker thread that waits for data in short polls, so closing the reader
+    ends a wait on a writer that is slow or gone quiet (a blocking read would hold the thread,
+    and the run with it, until the writer writes)."""
+
+    def __init__(self, fd: int, stop: threading.Event) -> None:
+        super().__init__()
+        self._fd = fd
+        self._stop = stop
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN | select.POLLPRI)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            if self._poll.poll(_PIPE_POLL_S * 1000):
+                try:
+                    return os.readv(self._fd, [buffer])
+                except BlockingIOError:
+                    continue
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class _Opened:
     """An open input: the raw stream and, for gzip, the decompressing reader on top of it."""
 
-    __slots__ = ("raw", "reader", "stdin")
+    __slots__ = ("own", "pipe", "raw", "reader", "stdin")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stop: threading.Event) -> None:
         self.stdin = path == STDIN
+        self.pipe = self.stdin or is_stream(path)
         raw: BinaryIO
-        if self.stdin:
-            raw = sys.stdin.buffer
-        else:
-            try:
+        self.own = True  # whether close() closes raw
+        try:
+            if self.stdin:
+                raw = _stdin_pipe(stop) or sys.stdin.buffer
+                self.own = raw is not sys.stdin.buffer
+            elif self.pipe:
+                # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, out of
+                # reach of the stop flag. Until a writer comes, poll() reports nothing (no EOF).
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                raw = io.BufferedReader(_Pipe(fd, stop))
+            else:
                 raw = open(path, "rb")  # noqa: SIM115 - closed by close()
-            except OSError as error:
-                raise _open_error(path, error) from None
+        except OSError as error:
+            raise _open_error(path, error) from None
         self.raw = raw
         self.reader: BinaryIO = raw
         try:
@@ -180,8 +281,21 @@ class _Opened:
     def close(self) -> None:
         if self.reader is not self.raw:
             self.reader.close()  # a GzipFile given a fileobj leaves it open
-        if not self.stdin:
+        if self.own:
             self.raw.close()
+
+
+def _stdin_pipe(stop: threading.Event) -> BinaryIO | None:
+    """Standard input read through a ``_Pipe`` when it is a pipe (else ``None``), so a wait on
+    its writer can be given up. A duplicate descriptor: closing it leaves stdin open, and it
+    stays blocking (poll() comes first), so the process's stdin is not changed."""
+    try:
+        fd = sys.stdin.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, OSError, ValueError):  # replaced, closed or not a real file
+        return None
+    return io.BufferedReader(_Pipe(os.dup(fd), stop))
 
 
 def _peek(raw: BinaryIO, size: int) -> bytes:
@@ -205,14 +319,25 @@ class JsonLinesReader:
     Args:
         path: the input path as given, or ``"-"`` for standard input.
         chunk_bytes: about how many bytes to read per hop to the worker thread.
+        max_line_bytes: the longest line kept whole; a longer one is dropped as it is read and
+            rejected as ``record-too-large`` (see the module's docstring).
     """
 
-    def __init__(self, path: str, *, chunk_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        chunk_bytes: int = 1 << 20,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
         if chunk_bytes < 1:
             raise errors.ConfigError(f"chunk_bytes must be at least 1, not {chunk_bytes}")
+        if max_line_bytes < 1:
+            raise errors.ConfigError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
         self.path = path
         self.origin = _display(path)
         self._chunk_bytes = chunk_bytes
+        self._max_line_bytes = max_line_bytes
         self._opened: _Opened | None = None
         self._tail: list[bytes | memoryview] = []
         self._next_line = 1
@@ -221,16 +346,20 @@ class JsonLinesReader:
         self._eof = False
         self._closed = False
         self._pending: LineChunk | None = None
+        self._stop = threading.Event()  # ends a read waiting on a pipe (see _Pipe)
+        self._stream = is_stream(path)
 
     def __repr__(self) -> str:
         return f"JsonLinesReader({self.path!r}, chunk_bytes={self._chunk_bytes})"
 
     def _read(self, size: int) -> bytes:
         if self._opened is None:
-            self._opened = _Opened(self.path)
+            if self._stream:
+                log.info("input.opened", input=self.origin, kind="stream", resumable=False)
+            self._opened = _Opened(self.path, self._stop)
         opened = self._opened
         try:
-            if opened.stdin:
+            if opened.pipe:
                 # latency over throughput on a pipe: take what is there
                 return opened.reader.read1(size)  # type: ignore[attr-defined,no-any-return]
             return opened.reader.read(size)
@@ -246,6 +375,8 @@ class JsonLinesReader:
         if self._eof:
             return None
         parts = self._tail
+        held = sum(map(len, parts))  # the bytes of the line being read (the tail has no newline)
+        limit = self._max_line_bytes
         while True:
             block = self._read(self._chunk_bytes)
             if not block:
@@ -257,12 +388,21 @@ class JsonLinesReader:
                 break
             cut = block.rfind(b"\n") + 1
             if cut:
+                if held + block.index(b"\n") > limit:
+                    data = self._after_oversized(parts, held, block)
+                    break
                 # one copy: the tail of the last read and this block up to its last newline
                 parts.append(memoryview(block)[:cut] if cut < len(block) else block)
                 data = b"".join(parts) if len(parts) > 1 or cut < len(block) else block
                 self._tail = [block[cut:]] if cut < len(block) else []
                 break
+            held += len(block)
             parts.append(block)
+            if held > limit:
+                data = self._drop_oversized(parts, held)
+                break
+        if len(data) > limit + 1:  # a line inside it may be too long (only when limit < chunk)
+            data = self._replace_long_lines(data)
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         if not self._started and data.startswith(_BOM):
@@ -276,6 +416,63 @@ class JsonLinesReader:
         chunk = LineChunk(self.origin, self._next_line, data, count, start, self._hash.hexdigest())
         self._next_line += count
         return chunk
+
+    def _prefix(self, parts: list[bytes | memoryview]) -> bytes:
+        """The first ``KEPT_PREFIX_BYTES`` of a line that starts with ``parts``."""
+        want = KEPT_PREFIX_BYTES + (0 if self._started else len(_BOM))
+        prefix = b""
+        for part in parts:
+            prefix += part[: want - len(prefix)]
+            if len(prefix) >= want:
+                break
+        if not self._started and prefix.startswith(_BOM):
+            prefix = prefix[len(_BOM) :]
+        return prefix[:KEPT_PREFIX_BYTES]
+
+    def _replace_long_lines(self, data: bytes) -> bytes:
+        """``data`` with each line longer than the limit replaced by its stand-in."""
+        limit = self._max_line_bytes
+        parts: list[bytes | memoryview] = []
+        view = memoryview(data)
+        start = done = 0
+        while (end := data.find(b"\n", start)) != -1:
+            if end - start > limit and not data.startswith(OVERSIZED_LINE_START, start):
+                parts += (view[done:start], self._stand_in(view[start:end], end - start))
+                done = end
+            start = end + 1
+        if not parts:
+            return data
+        parts.append(view[done:])
+        return b"".join(parts)
+
+    def _stand_in(self, start: bytes | memoryview, size: int) -> bytes:
+        return oversized_line(size, self._max_line_bytes, self._prefix([start]))
+
+    def _after_oversized(self, parts: list[bytes | memoryview], size: int, block: bytes) -> bytes:
+        """The chunk when an over-long line, of ``size`` bytes before ``block`` and starting with
+        ``parts``, ends in ``block``: its stand-in, then the whole lines after it."""
+        end = block.index(b"\n")
+        line = oversized_line(size + end, self._max_line_bytes, self._prefix([*parts, block[:end]]))
+        cut = block.rfind(b"\n") + 1
+        self._tail = [block[cut:]] if cut < len(block) else []
+        return line + block[end:cut]
+
+    def _drop_oversized(self, parts: list[bytes | memoryview], size: int) -> bytes:
+        """Read the rest of an over-long line, keeping only its first bytes; return the chunk
+        that ends it (see ``_after_oversized``)."""
+        prefix = self._prefix(parts)
+        parts.clear()
+        while True:
+            block = self._read(self._chunk_bytes)
+            if not block:
+                self._eof = True
+                self._tail = []
+                return oversized_line(size, self._max_line_bytes, prefix) + b"\n"
+            if b"\n" in block:
+                return self._after_oversized([prefix], size, block)
+            if len(prefix) < KEPT_PREFIX_BYTES:
+                prefix = self._prefix([prefix, block])
+            size += len(block)
 
     async def skip(self, lines: int) -> str:
         """Consume the first ``lines`` lines (to resume) and return their fingerprint.
@@ -335,11 +532,16 @@ class JsonLinesReader:
             yield chunk
 
     async def _next_chunk(self, numbered: bool = True) -> LineChunk | None:
-        return await anyio.to_thread.run_sync(self._read_chunk, numbered)
+        # A read from a pipe may wait on its writer for ever: on cancellation the task leaves at
+        # once, and aclose() makes the thread give up. A file read always ends soon: waited for.
+        return await anyio.to_thread.run_sync(
+            self._read_chunk, numbered, abandon_on_cancel=self._stream
+        )
 
     async def aclose(self) -> None:
         """Close the input (standard input itself stays open)."""
         self._closed = True
+        self._stop.set()
         opened, self._opened = self._opened, None
         if opened is not None:
             await anyio.to_thread.run_sync(opened.close)
@@ -376,7 +578,11 @@ def check_inputs(paths: Iterable[str]) -> None:
     for path in given:
         if path == STDIN:
             continue
-        opened = _Opened(path)
+        if is_stream(path):  # opening a pipe to look would take data from it (or end its writer)
+            if not os.access(path, os.R_OK):
+                raise _open_error(path, PermissionError())
+            continue
+        opened = _Opened(path, threading.Event())
         try:
             if opened.reader is not opened.raw:
                 opened.reader.read(1)  # checks the gzip header

@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 
 from orchestrator.errors import ConfigError
@@ -901,3 +903,150 @@ def test_each_retry_is_logged_once(simulator_process: SimulatorProcess, tmp_path
     events = [e["event"] for e in json_events(err)]
     retries = [e for e in events if "retr" in e or e == "api.call_failed"]
     assert retries == ["api.call_failed", "api.call_failed"], events
+
+
+def test_a_newline_free_gzip_bomb_is_dead_lettered_in_bounded_memory(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """400 MB of zeros in one line: peak memory stays far below it, the line is dead-lettered
+    as record-too-large with its file:line, the lines after it are imported."""
+
+    data = tmp_path / "bomb.jsonl.gz"
+    squeeze = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    with data.open("wb") as out:
+        out.write(squeeze.compress(b'{"key": "first", "json": {}}\n{"key": "big", "json": "'))
+        for _ in range(400):
+            out.write(squeeze.compress(zeros))
+        out.write(squeeze.compress(b'"}\n{"key": "after", "json": {}}\n'))
+        out.write(squeeze.flush())
+    args = fast_run_args(simulator_process, tmp_path, "CliBomb")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHT_", "DOTDIGITAL_"))}
+    environ.update(DOTDIGITAL_API_USER="apiuser-demo@apiconnector.com")
+    environ.update(DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    command = [sys.executable, "-m", "orchestrator", "run", str(data), *args]
+    command += ["--max-body-bytes", "1000000"]
+    process = subprocess.Popen(
+        command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    watched = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [watched, *watched.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    assert process.returncode == 1
+    assert peak < 200_000_000, peak
+    [letter] = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert (letter["source"], letter["reason"]) == (f"{data.resolve()}:2", "record-too-large")
+    assert letter["record"].startswith('{"key": "big", "json": "\x00')
+    assert len(letter["record"]) == 1024
+    assert sorted(r["key"] for r in simulator_process.records("CliBomb")) == ["after", "first"]
+
+
+def _cli_env() -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHT_", "DOTDIGITAL_"))}
+    environ.update(DOTDIGITAL_API_USER="apiuser-demo@apiconnector.com")
+    environ.update(DOTDIGITAL_API_PASSWORD=SIM_PASSWORD)
+    return environ
+
+
+def _fifo_writer(fifo: Path, data: bytes, *, then_sleep: float = 0.0) -> subprocess.Popen[bytes]:
+    """A process that writes ``data`` into the named pipe in small pieces, then waits."""
+    script = (
+        "import sys, time\n"
+        "data = sys.stdin.buffer.read()\n"
+        "with open(sys.argv[1], 'wb', buffering=0) as out:\n"
+        "    for i in range(0, len(data), 4096):\n"
+        "        out.write(data[i:i + 4096]); time.sleep(0.001)\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(fifo), str(then_sleep)], stdin=subprocess.PIPE
+    )
+    assert writer.stdin is not None
+    writer.stdin.write(data)
+    writer.stdin.close()
+    return writer
+
+
+def test_a_named_pipe_is_read_once_like_stdin(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A FIFO fed by a writer process imports every record: the up-front check leaves it alone."""
+    fifo = tmp_path / "orders.fifo"
+    os.mkfifo(fifo)
+    writer = _fifo_writer(
+        fifo, gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in orders(400)))
+    )
+    args = fast_run_args(simulator_process, tmp_path, "CliFifo")
+    done = run_cli("run", str(fifo), *args, "--scope", "contact", timeout=60)
+    assert writer.wait(timeout=10) == 0
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(simulator_process.records("CliFifo")) == 400
+    opened = [line for line in done.stderr.splitlines() if b'"input.opened"' in line]
+    assert opened
+    assert orjson.loads(opened[0])["resumable"] is False
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["records_read"] == 400
+
+
+def test_process_substitution_is_read_like_stdin(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """`run <(cat file)` (a /dev/fd/N path) imports the file; it is not refused as missing."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300, prefix="p"))
+    args = " ".join(fast_run_args(simulator_process, tmp_path, "CliProcSub"))
+    command = f'"{sys.executable}" -m orchestrator run <(cat "{data}") {args} --scope contact'
+    done = subprocess.run(
+        ["bash", "-c", command], env=_cli_env(), capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(simulator_process.records("CliProcSub")) == 300
+
+
+@pytest.mark.parametrize("through", ["fifo", "stdin"])
+def test_sigterm_while_a_pipe_writer_is_slow_exits_130(
+    simulator_process: SimulatorProcess, tmp_path: Path, through: str
+) -> None:
+    """A run reading a FIFO or piped stdin whose writer has gone quiet stops on one SIGTERM
+    with exit 130, at once (it does not wait for the writer)."""
+    lines = b"".join(orjson.dumps(r) + b"\n" for r in orders(50, prefix="q"))
+    args = [*fast_run_args(simulator_process, tmp_path, "CliQuiet"), "--scope", "contact"]
+    writer: subprocess.Popen[bytes] | None = None
+    target = "-"
+    if through == "fifo":
+        target = str(tmp_path / "slow.fifo")
+        os.mkfifo(target)
+        writer = _fifo_writer(Path(target), lines, then_sleep=120)
+    logs = tmp_path / "stderr.log"
+    with logs.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", target, *args],
+            env=_cli_env(),
+            stdin=None if writer else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        if process.stdin is not None:
+            process.stdin.write(lines)  # and left open: the writer is quiet, not gone
+            process.stdin.flush()
+        deadline = time.monotonic() + 30
+        while b'"input.opened"' not in logs.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 130, logs.read_text()
+        assert b"interrupted" in logs.read_bytes()
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdin is not None:
+            process.stdin.close()
+        if writer is not None:
+            writer.kill()
+            writer.wait()

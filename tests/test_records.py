@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator import errors
+from orchestrator import InsightClient, Orchestrator, Settings, errors
 from orchestrator.chunks import encode_lines
 from orchestrator.provenance import Source
 from orchestrator.records import (
@@ -20,7 +22,10 @@ from orchestrator.records import (
     Scope,
     encode_line,
     encode_record,
+    oversized_line,
 )
+from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.conftest import sim_client_settings
 
 ACCOUNT = Collection("Orders")
 CONTACT = Collection("Orders", scope=Scope.CONTACT, type="orders")
@@ -98,6 +103,21 @@ BAD_LINES: list[tuple[Collection, bytes, str]] = [
     (ACCOUNT, b'{"key":"a","json":{"m":[1,[2]]}}', "json-nested-array"),
     (ACCOUNT, b'{"key":"a","json":{"m":[1 ,\t [2]]}}', "json-nested-array"),
     (ACCOUNT, b'{"key":"a","json":{"m":[{"x":[{"y":[[]]}]}]}}', "json-nested-array"),
+    (ACCOUNT, b'{"key": "a", "key": "b", "json": {}}', "record-duplicate-field"),
+    (ACCOUNT, b'{"key": "a", "json": {}, "json": {"n": 1}}', "record-duplicate-field"),
+    (ACCOUNT, b'{"key": "a", "k\\u0065y": "b", "json": {}}', "record-duplicate-field"),
+    (ACCOUNT, b'{"key": 1, "json": {}, "key": 2}', "record-duplicate-field"),
+    (
+        ACCOUNT,
+        b'{"key":"a","json":{},"contactIdentity":{},"contactIdentity":{}}',
+        "record-duplicate-field",
+    ),
+    (
+        CONTACT,
+        b'{"key":"a","contactIdentity":{"identifier":"email","value":"a@b.io"},"json":{},'
+        b'"contactIdentity":{"identifier":"email","value":"misplaced@b.io"}}',
+        "record-duplicate-field",
+    ),
 ]
 
 
@@ -137,7 +157,7 @@ def test_every_rule_is_in_the_corpus() -> None:
         for line in (records.__doc__ or "").splitlines()
         if line.startswith("``") and line.split("``")[1] in RULES
     }
-    covered = {rule for _, _, rule in BAD_LINES} | {"json-unserializable"}
+    covered = {rule for _, _, rule in BAD_LINES} | {"json-unserializable", "record-too-large"}
     assert documented == covered == RULES
 
 
@@ -266,7 +286,11 @@ def test_encode_record_accepts_any_mapping() -> None:
     ("obj", "rule"),
     [
         ({"key": "k", "json": {"s": {1, 2}}}, "json-unserializable"),
-        ({"key": "k", "json": {"n": 1 << 70}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": [float("nan")]}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": {"m": float("-inf")}}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": Decimal("NaN")}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": 1 << 70, "s": {1}}}, "json-unserializable"),
+        ({"key": "k", "json": {"n": 10**5000}}, "json-unserializable"),
         ({"key": "k", "json": {"m": [(1, 2)]}}, "json-nested-array"),
         ({"key": False, "json": {}}, "key-type"),
         (["k", {}], "not-object"),
@@ -455,6 +479,9 @@ _LINE_PARTS = [
     b'{"key":"","json":{}}',
     b'{"json":{}}',
     b'{"key":"g","json":{},"extra":1}',
+    b'{"key":"i","json":{},"key":"i"}',
+    b'{"key":"j","contactIdentity":{"identifier":"email","value":"x@y.io"},"json":{},"json":{}}',
+    b'{"key":12345678901234567890123,"contactIdentity":{"identifier":"email","value":"x"},"json":{}}',
     b'[{"key":"h"}]',
     b"{not json",
     b'"just a string"',
@@ -496,3 +523,176 @@ def test_a_chunk_encodes_each_line_as_encode_line_does(
         for result in results
     ]
     assert got == expected
+
+
+# --------------------------------------------------------------------------- exactness
+
+BIG = b"123456789012345678901234567890"
+LONG = b"0.1000000000000000055511151231257827"
+
+
+def test_re_encoded_line_keeps_its_numbers_exactly() -> None:
+    """An integer key and a dropped contactIdentity are edited in place: json's numbers stay."""
+    json = b'{"big": ' + BIG + b', "long": ' + LONG + b', "list": [1e-400, -0.0, 1.5e308]}'
+    line = (
+        b'{"key": ' + BIG + b', "contactIdentity": {"identifier": "email"},  "json": ' + json + b"}"
+    )
+    expected = b'{"key": "' + BIG + b'", "json": ' + json + b"}"
+    record = encode_line(line, ACCOUNT, source=SRC)
+    assert (record.key, record.data) == (BIG.decode(), expected)
+    [chunked] = encode_lines([line], ACCOUNT, origin="in.jsonl", first_line=7)
+    assert chunked == record
+
+
+def test_contact_line_with_an_integer_key_keeps_its_identity_and_numbers() -> None:
+    """In contact scope an integer key is quoted where it stands; nothing else changes."""
+    line = (
+        b'{"json":{"n":'
+        + LONG
+        + b'},"contactIdentity":{"identifier":"email","value":"a@b.io"},"key":-0}'
+    )
+    record = encode_line(line, CONTACT, source=SRC)
+    assert record.data == line.replace(b'"key":-0', b'"key":"-0"')
+    assert record.identity == ("email", "a@b.io", "-0")
+
+
+def test_last_member_is_dropped_with_its_comma() -> None:
+    """A contactIdentity dropped from the end of a line takes the comma before it along."""
+    line = b'{"key":"k","json":{"n":' + BIG + b'} , "contactIdentity" : {"value": "x"} }'
+    assert encode_line(line, ACCOUNT, source=SRC).data == b'{"key":"k","json":{"n":' + BIG + b"} }"
+
+
+def test_a_float_key_is_still_a_key_type_error() -> None:
+    """Only integer literals are keys: 1.0 and 1e3 stay key-type errors, escaped names work."""
+    for text in (b"1.0", b"1e3", b"12345678901234567890123.5"):
+        with pytest.raises(errors.RecordError, match="key-type"):
+            encode_line(b'{"key": ' + text + b', "json": {}}', ACCOUNT, source=SRC)
+    line = b'{"k\\u0065y": "a", "json": {"s": "\\u00e9 \\"key\\" [\\\\"}}'
+    assert encode_line(line, ACCOUNT, source=SRC).data == line
+
+
+def test_encode_record_writes_big_integers_and_decimals_exactly() -> None:
+    """Python ints beyond 64 bits and finite Decimals go out as their digits."""
+    obj = {"key": 10**30, "json": {"i": [1 << 70, -(1 << 64)], "d": Decimal(LONG.decode())}}
+    record = encode_record(obj, ACCOUNT)
+    assert record.key == str(10**30)
+    assert record.data == (
+        b'{"key":"1000000000000000000000000000000","json":{"i":[1180591620717411303424,'
+        b'-18446744073709551616],"d":' + LONG + b"}}"
+    )
+
+
+def test_oversized_line_marker_is_rejected_with_its_prefix() -> None:
+    """The reader's stand-in for an over-long line is rejected as record-too-large, prefix kept."""
+    marker = oversized_line(10**9, 49_999_000, b'{"key": "a", "json": {"x": "000')
+    [rejected] = encode_lines([b"{}", marker], ACCOUNT, origin="in.jsonl", first_line=1)[1:]
+    assert isinstance(rejected, RejectedRecord)
+    assert rejected.error.rule == "record-too-large"
+    assert rejected.raw == b'{"key": "a", "json": {"x": "000'
+    assert "1000000000 bytes" in rejected.error.message
+    assert "49999000" in rejected.error.message
+    with pytest.raises(errors.RecordError, match="record-too-large"):
+        encode_line(marker, ACCOUNT, source=SRC)
+
+
+_NUMBERS = st.one_of(
+    st.integers(min_value=2**64, max_value=10**60).map(lambda n: str(n).encode()),
+    st.integers(-(10**20), 10**20).map(lambda n: str(n).encode()),
+    st.tuples(st.integers(-(10**20), 10**20), st.integers(0, 10**40), st.integers(-400, 280)).map(
+        lambda t: b"%d.%de%d" % t
+    ),
+    st.decimals(-(10**30), 10**30, allow_nan=False, allow_infinity=False).map(
+        lambda d: str(d).encode()
+    ),
+)
+_TEXT = st.text(max_size=8).map(lambda t: orjson.dumps(t))
+_VALUES = st.recursive(
+    _NUMBERS | _TEXT | st.sampled_from([b"true", b"false", b"null"]),
+    lambda children: (
+        st.lists(st.tuples(_TEXT, children), max_size=3).map(
+            lambda items: b"{" + b",".join(name + b": " + value for name, value in items) + b"}"
+        )
+        | st.lists(st.tuples(_TEXT, children), max_size=3).map(
+            lambda items: b"[" + b" , ".join(b"{" + n + b":" + v + b"}" for n, v in items) + b"]"
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    json=st.lists(st.tuples(_TEXT, _VALUES), max_size=5).map(
+        lambda items: b"{" + b",".join(name + b":" + value for name, value in items) + b"}"
+    ),
+    key=st.one_of(
+        st.integers(min_value=-(10**40), max_value=10**40).map(lambda n: str(n).encode()),
+        st.text(min_size=1).filter(str.strip).map(lambda t: orjson.dumps(t)),
+    ),
+    contact=st.booleans(),
+    order=st.permutations(range(3)),
+    space=st.sampled_from([b"", b" ", b"\t ", b" \r\t"]),
+)
+def test_the_json_member_goes_out_byte_for_byte(
+    json: bytes, key: bytes, contact: bool, order: list[int], space: bytes
+) -> None:
+    """For any record with big integers and long decimals, the data holds the json member's
+    bytes exactly, on the per-line and the chunk path, and parses to the same record."""
+    members = [
+        b'"key"' + space + b":" + key,
+        b'"json":' + space + json,
+        b'"contactIdentity": {"identifier": "email", "value": "a@b.io"}',
+    ]
+    line = b"{" + space + (b"," + space).join(members[i] for i in order if contact or i < 2) + b"}"
+    record = encode_line(line, ACCOUNT, source=SRC)
+    [chunked] = encode_lines([line], ACCOUNT, origin="in.jsonl", first_line=7)
+    assert chunked == record
+    assert b'"json":' + space + json in record.data
+    assert b'"contactIdentity"' not in record.data
+    quoted = key if key.startswith(b'"') else b'"' + key + b'"'
+    assert b'"key"' + space + b":" + quoted in record.data
+    assert orjson.loads(record.data) == {"key": orjson.loads(quoted), "json": orjson.loads(json)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_the_simulator_receives_every_number_exactly(tmp_path: Path, processes: int) -> None:
+    """End to end, from a file and from Python records: the bodies hold the exact digits."""
+    json = b'{"big": ' + BIG + b', "long": ' + LONG + b"}"
+    lines = [
+        b'{"key": "clean", "json": ' + json + b"}",
+        b'{"key": ' + BIG + b', "json": ' + json + b"}",
+        b'{"key": "dropped", "contactIdentity": {"identifier": "email", "value": "a@b.io"}, '
+        b'"json": ' + json + b"}",
+        b'{"key": "twice", "json": {}, "key": "twice"}',
+    ]
+    data = tmp_path / "numbers.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    collection = Collection("Numbers")
+    async with Simulator(SimulatorConfig(keep_bodies=True, seed=1)) as sim:
+        client = InsightClient(sim_client_settings(sim))
+        async with Orchestrator(
+            client, settings=Settings.scaled(0.01, parse_processes=processes)
+        ) as orch:
+            result = await orch.import_files(collection, [str(data)])
+            python = await orch.import_records(
+                Collection("Decimals"),
+                [{"key": 1 << 70, "json": {"d": Decimal(LONG.decode()), "i": 10**30}}],
+            )
+        bodies = b"".join(sim.stats.bodies.values())
+    assert [(d.source, d.reason) for d in result.dead_letters] == [
+        (f"{data}:4", "record-duplicate-field")
+    ]
+    assert python.ok
+    for record in (
+        lines[0],
+        b'{"key": "' + BIG + b'", "json": ' + json + b"}",
+        b'{"key": "dropped", "json": ' + json + b"}",
+        b'{"key":"1180591620717411303424","json":{"d":'
+        + LONG
+        + b',"i":'
+        + b"1"
+        + b"0" * 30
+        + b"}}",
+    ):
+        assert record in bodies
+    assert b"e+29" not in bodies

@@ -4,15 +4,26 @@ import gzip
 import io
 import os
 import sys
+import tracemalloc
+import zlib
 from pathlib import Path
 
+import anyio
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
-from orchestrator.sources import JsonLinesReader, LineChunk, check_inputs, validate_inputs
+from orchestrator.records import oversized_line
+from orchestrator.sources import (
+    KEPT_PREFIX_BYTES,
+    JsonLinesReader,
+    LineChunk,
+    check_inputs,
+    is_stream,
+    validate_inputs,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -340,3 +351,147 @@ async def test_unnumbered_chunks_number_to_the_same(tmp_path: Path) -> None:
         )
         for lines in {0, 1, count // 2, count}:
             assert made.digest_through(lines) == expected.digest_through(lines)
+
+
+# --------------------------------------------------------------------------- over-long lines
+
+
+def stand_in(line: bytes, limit: int) -> bytes:
+    return oversized_line(len(line), limit, line[:KEPT_PREFIX_BYTES])
+
+
+async def read_limited(path: str, chunk_bytes: int, limit: int) -> list[LineChunk]:
+    async with JsonLinesReader(path, chunk_bytes=chunk_bytes, max_line_bytes=limit) as reader:
+        return [chunk async for chunk in reader.chunks()]
+
+
+@given(
+    lines=st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))),
+    chunk_bytes=st.integers(1, 80),
+    limit=st.integers(1, 40),
+    trailing_newline=st.booleans(),
+)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_line_longer_than_the_limit_gets_its_stand_in(
+    tmp_path: Path, lines: list[bytes], chunk_bytes: int, limit: int, trailing_newline: bool
+) -> None:
+    """Whatever the chunk size, each line over the limit is replaced by its stand-in, the
+    others are kept, and the line numbers and fingerprints follow the lines as read."""
+    import anyio
+
+    if lines and lines[0].startswith((b"\xef\xbb\xbf", b"\x1f\x8b")):
+        lines[0] = lines[0][3:]
+    data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+    if lines and lines[-1] == b"" and not trailing_newline:
+        lines = lines[:-1]
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(data)
+    expected = [stand_in(line, limit) if len(line) > limit else line for line in lines]
+    chunks = anyio.run(read_limited, str(path), chunk_bytes, limit)
+    assert flatten(chunks) == expected
+    if chunks:
+        assert chunks[-1].end_digest == fingerprint(expected)
+
+
+async def test_a_long_line_keeps_only_its_prefix_and_resumes_the_same(tmp_path: Path) -> None:
+    """A 5 MB line is dropped as read (1 KiB kept); skip() over it gives the same fingerprint."""
+    long = b'{"key": "big", "json": {"x": "' + b"0" * 5_000_000 + b'"}}'
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 1}\r\n' + long + b'\r\n{"b": 2}\r\n{"c": 3}')
+    chunks = await read_limited(str(path), 64 * 1024, 1_000_000)
+    lines = flatten(chunks)
+    assert lines == [b'{"a": 1}', stand_in(long + b"\r", 1_000_000), b'{"b": 2}', b'{"c": 3}']
+    assert len(lines[1]) < KEPT_PREFIX_BYTES + 100
+    async with JsonLinesReader(str(path), chunk_bytes=4096, max_line_bytes=1_000_000) as reader:
+        assert await reader.skip(2) == fingerprint(lines[:2])
+        assert [line async for chunk in reader.chunks() for line in chunk.lines] == lines[2:]
+    with pytest.raises(errors.ConfigError, match="max_line_bytes"):
+        JsonLinesReader(str(path), max_line_bytes=0)
+
+
+def _zeros_gzip(path: Path, megabytes: int) -> None:
+    """A valid line, then ``megabytes`` MB of zeros without a newline, then two valid lines."""
+    squeeze = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    zeros = bytes(1 << 20)
+    with path.open("wb") as out:
+        out.write(squeeze.compress(b'{"key": "first", "json": {}}\n'))
+        for _ in range(megabytes):
+            out.write(squeeze.compress(zeros))
+        out.write(
+            squeeze.compress(b'\n{"key": "after", "json": {}}\n{"key": "last", "json": {}}\n')
+        )
+        out.write(squeeze.flush())
+
+
+async def test_a_newline_free_gzip_bomb_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """300 MB of zeros in one line (a 300 KB gzip) cost a few MB: the line is dropped as read."""
+    path = tmp_path / "bomb.jsonl.gz"
+    _zeros_gzip(path, 300)
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        lines = []
+        async with JsonLinesReader(
+            str(path), chunk_bytes=1 << 20, max_line_bytes=4 << 20
+        ) as reader:
+            async for chunk in reader.chunks():
+                lines.extend(chunk.lines)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines[0] == b'{"key": "first", "json": {}}'
+    assert lines[1].startswith(oversized_line(300 << 20, 4 << 20, b"\0" * 10)[:40])
+    assert lines[2:] == [b'{"key": "after", "json": {}}', b'{"key": "last", "json": {}}']
+    assert peak < 24 << 20, peak
+
+
+# --------------------------------------------------------------------------- pipes
+
+
+def test_a_named_pipe_is_checked_without_being_opened_and_read_once(tmp_path: Path) -> None:
+    """check_inputs leaves a FIFO's data in it; the reader then gets every line, gzip too."""
+    import subprocess
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    assert is_stream(str(fifo))
+    assert is_stream("-")
+    assert not is_stream(str(tmp_path))
+    assert not is_stream(str(tmp_path / "missing"))
+    payload = gzip.compress(b"".join(b'{"n": %d}\n' % i for i in range(1000)))
+    script = "import sys; open(sys.argv[1], 'wb').write(sys.stdin.buffer.read())"
+    writer = subprocess.Popen([sys.executable, "-c", script, str(fifo)], stdin=subprocess.PIPE)
+    assert writer.stdin is not None
+    writer.stdin.write(payload)
+    writer.stdin.close()
+    check_inputs([str(fifo)])
+    lines = flatten(anyio.run(read_all, str(fifo), 4096))
+    assert lines == [b'{"n": %d}' % i for i in range(1000)]
+    assert writer.wait(timeout=10) == 0
+
+
+def test_closing_a_reader_ends_a_wait_on_a_quiet_writer(tmp_path: Path) -> None:
+    """A read waiting on a FIFO whose writer is silent is given up when the read is cancelled."""
+    import subprocess
+    import time
+
+    fifo = tmp_path / "quiet.fifo"
+    os.mkfifo(fifo)
+    script = (
+        "import sys, time; f = open(sys.argv[1], 'wb'); f.write(b'1\\n'); f.flush(); time.sleep(60)"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(fifo)])
+
+    async def read_for_a_second() -> None:
+        with anyio.move_on_after(1.0):
+            async with JsonLinesReader(str(fifo)) as reader:
+                async for _ in reader.chunks():
+                    pass
+
+    try:
+        started = time.monotonic()
+        anyio.run(read_for_a_second)
+        assert time.monotonic() - started < 3
+    finally:
+        writer.kill()
+        writer.wait()

@@ -103,6 +103,9 @@ class SimulatorConfig:
         api_endpoint: the ``ApiEndpoint`` account-info answers (the account's own API root);
             the simulator's own URL when unset.
         seed: random seed for processing jitter and import ids, for deterministic runs.
+        keep_bodies: keep every accepted body as received in ``SimulatorStats.bodies`` (the
+            stored records are parsed, so numbers beyond double precision read back rounded;
+            the bodies show exactly what was sent).
     """
 
     username: str = "apiuser-demo@apiconnector.com"
@@ -116,6 +119,7 @@ class SimulatorConfig:
     region: str = "r1"
     api_endpoint: str | None = None
     seed: int | None = None
+    keep_bodies: bool = False
 
     def __post_init__(self) -> None:
         if self.records_per_second <= 0:
@@ -209,6 +213,8 @@ class SimulatorStats:
         calls: requests received by kind: ``"PUT import"``, ``"GET import"``, ``"GET account-info"``
             or ``"other"``.
         lost_responses: responses dropped by the ``resets_after_accept`` fault.
+        bodies: every accepted body as received, by import id (``keep_bodies`` only; not in
+            ``to_dict``).
     """
 
     imports: dict[str, ImportStats] = field(default_factory=dict)
@@ -220,6 +226,7 @@ class SimulatorStats:
     requests: int = 0
     calls: dict[str, int] = field(default_factory=dict)
     lost_responses: int = 0
+    bodies: dict[str, bytes] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the stats as JSON-friendly data (status codes become string keys)."""
@@ -625,6 +632,7 @@ async def _put_import(request: web.Request) -> web.StreamResponse:
         return _error(
             400, "insightData:badJson", "The request body is not valid.", details=exc.details
         )
+    kept = bytes(body) if state.config.keep_bodies else None
     del body
     name, scope, collection_type, records = parsed
     # No await from here to the accept, so the slot check and the slot taking are atomic.
@@ -640,6 +648,8 @@ async def _put_import(request: web.Request) -> web.StreamResponse:
     stats = state.accept(
         name=name, scope=scope, collection_type=collection_type, records=records, body_bytes=size
     )
+    if kept is not None:
+        state.stats.bodies[stats.import_id] = kept
     response = _json(202, {"importId": stats.import_id})
     if faults.resets_after_accept > 0:
         faults.resets_after_accept -= 1
