@@ -3,6 +3,10 @@
 Exit status: 0 every record imported; 1 finished, some records in the dead-letter file; 2 usage,
 configuration or input error before any import; 3 aborted (credentials, region, or an error that
 retrying cannot fix); 130 interrupted with the state saved.
+
+Every command imports what it needs when it runs: ``--help`` and the parser need none of the
+HTTP client, the engine or the journal; ``run`` loads rich only to show its progress display,
+and never the simulator (aiohttp.web) nor the demo.
 """
 
 from __future__ import annotations
@@ -18,15 +22,11 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
-import platformdirs
-import structlog
 
-from orchestrator.client import ClientSettings, InsightClient
-from orchestrator.engine import Orchestrator
 from orchestrator.errors import (
     ApiError,
     AuthenticationError,
@@ -37,20 +37,18 @@ from orchestrator.errors import (
     JournalMismatch,
     OrchestratorError,
 )
-from orchestrator.journal import SqliteJournal
-from orchestrator.logs import configure_logging
 from orchestrator.options import OPTIONS, resolve_options
-from orchestrator.outcomes import ImportResult, RunStats
-from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
 from orchestrator.settings import Settings
-from orchestrator.sources import validate_inputs
+
+if TYPE_CHECKING:
+    from orchestrator.client import ClientSettings
+    from orchestrator.journal import SqliteJournal
+    from orchestrator.outcomes import ImportResult
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-log = structlog.get_logger("orchestrator.cli")
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -121,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(50_000, 20, 100)
     _tune_malloc()
     args = _parser().parse_args(argv)
+    _import_structlog_without_rich()
     # What is loaded by now lives as long as the process: keep full collections off it.
     gc.freeze()
     command = args.command
@@ -162,6 +161,22 @@ def _tune_malloc() -> None:
     libc.mallopt(m_arena_max, 1)
 
 
+def _import_structlog_without_rich() -> None:
+    """Import structlog with rich kept out of it, unless one of them is loaded already.
+
+    structlog imports rich when it is installed (~80 ms of the command's start-up), only to
+    draw tracebacks on a console: the command's logs carry none (the library never logs one),
+    and the progress display imports rich for itself when it is shown.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # makes `import rich` fail
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
 def _fail(message: str, code: int) -> int:
     print(f"insight-import: error: {message}", file=sys.stderr)
     return code
@@ -186,6 +201,8 @@ class _Job:
 
 
 def _main_run(args: argparse.Namespace) -> int:
+    from orchestrator.logs import configure_logging
+
     flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
     try:
         opts = resolve_options(flags, config_path=args.config)
@@ -197,6 +214,9 @@ def _main_run(args: argparse.Namespace) -> int:
 
 
 def _job_from_options(inputs: tuple[str, ...], opts: dict[str, Any]) -> _Job:
+    from orchestrator.client import ClientSettings
+    from orchestrator.sources import validate_inputs
+
     if not opts["collection"]:
         raise ConfigError("--collection is required (or INSIGHT_IMPORT_COLLECTION)")
     collection = Collection(opts["collection"], opts["scope"], opts["type"])
@@ -239,6 +259,8 @@ def _default_journal(
     collection: Collection, inputs: tuple[str, ...], client: ClientSettings
 ) -> Path:
     """One journal per command: the same command finds its journal again and resumes."""
+    import platformdirs
+
     identity = orjson.dumps([collection.name, str(collection.scope), inputs, client.api_root])
     digest = hashlib.sha256(identity).hexdigest()[:12]
     state = Path(platformdirs.user_state_dir("insight-orchestrator", appauthor=False))
@@ -253,6 +275,14 @@ def _execute(job: _Job) -> int:
 
 
 async def _execute_async(job: _Job) -> int:
+    import structlog
+
+    from orchestrator.client import InsightClient
+    from orchestrator.engine import Orchestrator
+    from orchestrator.journal import SqliteJournal
+    from orchestrator.outcomes import RunStats
+
+    log = structlog.get_logger("orchestrator.cli")
     stats = RunStats()
     result: ImportResult | None = None
     interrupted = False
@@ -263,8 +293,11 @@ async def _execute_async(job: _Job) -> int:
             return _fail(str(error), EXIT_USAGE)
         orchestrator = Orchestrator(InsightClient(job.client), job.settings)
         await stack.enter_async_context(orchestrator)
-        display = ProgressDisplay(stats, enabled=job.progress)
-        await stack.enter_async_context(display)
+        display = None
+        if job.progress:
+            from orchestrator.progress import ProgressDisplay  # rich: only when it is shown
+
+            display = await stack.enter_async_context(ProgressDisplay(stats, enabled=True))
         code: int | None = None
         async with anyio.create_task_group() as tg:
 
@@ -298,7 +331,8 @@ async def _execute_async(job: _Job) -> int:
                     code = _fail(f"{error}; re-run the same command to resume", EXIT_ABORTED)
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await display.stop()
+                        if display is not None:
+                            await display.stop()
                         await _write_dead_letters(journal, job.dead_letter)
             tg.cancel_scope.cancel()
     if code is not None:
@@ -389,8 +423,10 @@ def _print_summary(result: ImportResult, job: _Job) -> None:
 
 
 def _main_demo(args: argparse.Namespace) -> int:
-    configure_logging(level=args.log_level, fmt=args.log_format)
     from orchestrator.demo import run_demo
+    from orchestrator.logs import configure_logging
+
+    configure_logging(level=args.log_level, fmt=args.log_format)
 
     progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     try:
@@ -403,6 +439,7 @@ def _main_demo(args: argparse.Namespace) -> int:
 
 
 def _main_simulator(args: argparse.Namespace) -> int:
+    from orchestrator.logs import configure_logging
     from orchestrator.simulator import SimulatorConfig, serve
 
     configure_logging(level="info", fmt="auto")
@@ -435,6 +472,9 @@ def _main_simulator(args: argparse.Namespace) -> int:
 
 
 def _main_status(args: argparse.Namespace) -> int:
+    from orchestrator.client import ClientSettings, InsightClient
+    from orchestrator.logs import configure_logging
+
     configure_logging(level="warning", fmt="auto")
     try:
         settings = ClientSettings.from_env(base_url=args.base_url, region=args.region or "r1")
