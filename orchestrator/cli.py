@@ -282,6 +282,7 @@ async def _execute_async(job: _Job) -> int:
     from orchestrator.journal import SqliteJournal
     from orchestrator.outcomes import RunStats
 
+    gc.freeze()  # as in main: the modules a run needs are loaded now, for good
     log = structlog.get_logger("orchestrator.cli")
     stats = RunStats()
     result: ImportResult | None = None
