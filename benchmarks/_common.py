@@ -49,6 +49,25 @@ def simulator_process(
     *, records_per_second: float, min_processing: float = 0.0, jitter: float = 0.0, seed: int = 1
 ) -> Iterator[str]:
     """Run the bundled simulator in a child process on a free loopback port; yield its base URL."""
+    with simulator_child(
+        records_per_second=records_per_second,
+        min_processing=min_processing,
+        jitter=jitter,
+        seed=seed,
+    ) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def simulator_child(
+    *,
+    records_per_second: float,
+    min_processing: float = 0.0,
+    jitter: float = 0.0,
+    seed: int = 1,
+    extra: Sequence[str] = (),
+) -> Iterator[tuple[str, int]]:
+    """Like ``simulator_process``, yielding ``(base_url, pid)``; ``extra`` are more flags."""
     command = [
         sys.executable,
         "-m",
@@ -66,6 +85,7 @@ def simulator_process(
         str(jitter),
         "--seed",
         str(seed),
+        *extra,
     ]
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=credentials_env()
@@ -87,7 +107,7 @@ def simulator_process(
         # keep draining its stdout so the child never blocks on a full pipe
         drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
         proc.stdout.close()
-        yield base_url
+        yield base_url, proc.pid
     finally:
         proc.terminate()
         try:

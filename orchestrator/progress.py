@@ -12,16 +12,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
 
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import RunStats
+
+if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.text import Text
 
 __all__ = ["ProgressDisplay", "RateWindow", "progress_fields", "progress_line"]
 
@@ -169,6 +170,10 @@ class ProgressDisplay:
         self._logging = anyio.CancelScope()
         self._stopped = False
         if live:
+            # rich is loaded only for a live display (most runs are not on a terminal)
+            from rich.console import Console
+            from rich.live import Live
+
             # rich refreshes from its own thread, reading plain ints: the event loop never waits.
             self._live = Live(
                 get_renderable=self._render,
@@ -186,6 +191,8 @@ class ProgressDisplay:
         return progress_fields(self._stats, self._window, now, self._read_ended)
 
     def _render(self) -> Text:
+        from rich.text import Text
+
         return Text(progress_line(self._fields()))
 
     async def _log_periodically(self, every: float) -> None:

@@ -213,6 +213,43 @@ def test_debug_logs_hold_no_credentials_nor_record_contents(
         assert secret not in logs
 
 
+def imported_modules(stderr: bytes) -> set[str]:
+    """The modules a process loaded, from its PYTHONPROFILEIMPORTTIME report on stderr."""
+    return {
+        line.rsplit(b"|", 1)[1].strip().decode()
+        for line in stderr.splitlines()
+        if line.startswith(b"import time:")
+    }
+
+
+def test_run_help_loads_no_client_engine_journal_or_logging() -> None:
+    """`run --help` imports the parser's needs only: no HTTP client, engine, journal, structlog."""
+    done = run_cli("run", "--help", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr.decode()
+    modules = imported_modules(done.stderr)
+    assert "orchestrator.options" in modules
+    heavy = {"aiohttp", "structlog", "rich.console", "orchestrator.engine", "orchestrator.journal"}
+    assert not heavy & modules
+
+
+@pytest.mark.parametrize("progress", ["off", "on"])
+def test_a_run_loads_rich_only_for_its_progress_display(
+    simulator_process: SimulatorProcess, tmp_path: Path, progress: str
+) -> None:
+    """A run imports rich only to show progress, and never the simulator, the demo or samples."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(20))
+    args = fast_run_args(simulator_process, tmp_path, f"CliImports{progress}")
+    args[args.index("--progress") + 1] = progress
+    done = run_cli("run", str(data), *args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr.decode()
+    modules = imported_modules(done.stderr)
+    assert {"aiohttp", "orchestrator.engine", "structlog"} <= modules
+    never = {"aiohttp.web", "orchestrator.simulator", "orchestrator.demo", "orchestrator.sample"}
+    assert not never & modules
+    # (an import that was tried and refused is listed too: rich's own modules show it loaded)
+    assert ("rich.console" in modules) == (progress == "on")
+
+
 @pytest.mark.parametrize(
     "signals",
     [[signal.SIGINT], [signal.SIGTERM], [signal.SIGTERM, signal.SIGINT]],

@@ -557,6 +557,68 @@ async def test_mark_complete_gives_dropped_bodies_back(path: Path) -> None:
         assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
 
 
+async def test_mark_complete_does_not_rewrite_the_dropped_bodies(path: Path) -> None:
+    """Giving dropped bodies back writes about the pages kept, not the pages freed."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        batches = [
+            await journal.seal_batch(
+                body=os.urandom(1_000_000),
+                refs=make_refs(1, first_line=i + 1),
+                depends_on=(),
+                progress=None,
+                dead_letters=(),
+                counters={},
+            )
+            for i in range(4)
+        ]
+        for batch in batches:
+            await journal.mark_finished(
+                batch, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
+            )
+        assert journal._conn is not None
+        journal._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        await journal.mark_complete()
+        assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert journal._conn.execute("PRAGMA page_count").fetchone()[0] < 20
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal < 400_000, f"{wal:,} bytes written to the WAL to give 4 MB back"
+        assert (await journal.batches())[3].status == "Finished"
+
+
+async def test_mark_complete_keeps_many_dead_letters_and_frees_the_rest(path: Path) -> None:
+    """With more kept than freed, completing still gives every freed page back, keeping all."""
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        letters = [
+            DeadLetter(
+                source=f"/data/orders.jsonl:{i}",
+                key=f"k{i}",
+                reason="invalid_record",
+                message="m",
+                details=(),
+                record=os.urandom(2_000),
+            )
+            for i in range(1_000)
+        ]
+        batch = await journal.seal_batch(
+            body=os.urandom(400_000),
+            refs=make_refs(1),
+            depends_on=(),
+            progress=None,
+            dead_letters=letters,
+            counters={},
+        )
+        await journal.mark_finished(
+            batch, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
+        )
+        assert journal._conn is not None
+        assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] > 50
+        await journal.mark_complete()
+        assert journal._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert await journal.dead_letters() == letters
+
+
 async def test_disk_full_raises_and_keeps_the_previous_state(path: Path) -> None:
     """SQLITE_FULL in a transaction raises JournalError and rolls back all of it."""
     async with SqliteJournal(path) as journal:

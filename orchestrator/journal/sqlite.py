@@ -672,8 +672,17 @@ class SqliteJournal(SealOne):
     @staticmethod
     def _vacuum(conn: sqlite3.Connection) -> None:
         try:
-            # executescript steps the pragma to the end; execute() frees only one page.
-            conn.executescript("PRAGMA incremental_vacuum;")
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            kept = conn.execute("PRAGMA page_count").fetchone()[0] - free
+            if free > kept:
+                # The usual end of a run: the dropped bodies are most of the file. VACUUM writes
+                # only the pages kept (a few, unless many dead letters); incremental_vacuum
+                # would write every freed page into the WAL first: 200 MB of dropped bodies
+                # took 2-5 s, on the way to the command's exit.
+                conn.execute("VACUUM")
+            elif free:
+                # executescript steps the pragma to the end; execute() frees only one page.
+                conn.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
             # The run is already recorded complete; a file larger than needed is no failure.
             _log.warning("journal.vacuum_failed", error=str(exc))

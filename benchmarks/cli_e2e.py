@@ -1,0 +1,414 @@
+"""Whole-process makespan: ``insight-import run`` from exec to exit, against its lower bound.
+
+The command runs as users start it (the venv's console script, a fresh process per run) against
+the bundled simulator in a process of its own (a fresh one per run), with a journal in a
+temporary directory and fast polls (the simulator is local). For each case (input MB x body cap
+MB) the makespan from exec to exit is set against the lower bound:
+
+    ceil(batches / 5) x processing + produce(first body) + upload(first body)
+
+- processing: the simulator's own processing time of its longest batch in that run
+  (``planned_finish_at - accepted_at``, jitter 0);
+- produce: the library's pipeline in this process (``FileInput`` -> ``BatchAssembler``, parse
+  processes as the CLI uses them, pool started beforehand) from opening the file to the first
+  body sealed, best of ``--repeat``;
+- upload: ``InsightClient.submit_import`` of that very body to a fresh simulator, from the call
+  to the 202 (the simulator reads and checks the body before it answers), best of ``--repeat``.
+
+Beside it: the simulator's CPU time during the run (psutil on its pid), the command's CPU time
+(its parse workers included), and where the time beyond the bound went, from the simulator's
+clock and the command's own JSON logs: start-up (exec -> journal opened), the first body (journal
+opened -> first import accepted, less produce + upload), the rounds (first accepted -> last
+finished, less the rounds' processing) and the tail (last finished -> exit).
+
+    python -m benchmarks.cli_e2e [--cases 10x5,10x50,40x5,40x50,200x5,200x50] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from benchmarks._common import (
+    DATA_DIR,
+    SIM_PASSWORD,
+    SIM_USER,
+    credentials_env,
+    quiet_logs,
+    sim_stats,
+    simulator_child,
+)
+from benchmarks._data import record_section, write_orders_jsonl
+from orchestrator.batching import BatchAssembler
+from orchestrator.client import ClientSettings, InsightClient
+from orchestrator.inputs import FileInput
+from orchestrator.journal import NewBatch, RunSpec, SqliteJournal
+from orchestrator.parsing import _start_pool, default_processes
+from orchestrator.records import Collection, Scope
+
+TITLE = "Whole process: `insight-import run` from exec to exit (benchmarks.cli_e2e)"
+COLLECTION = Collection("Orders", scope=Scope.CONTACT, type="orders")
+MAX_CONCURRENT = 5
+DEFAULT_CASES = "10x5,10x50,40x5,40x50,200x5,200x50"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One input size and body cap."""
+
+    mb: int
+    cap_mb: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mb} MB @ {self.cap_mb} MB"
+
+    @property
+    def cap(self) -> int:
+        return self.cap_mb * 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One exec of the command: its makespan and the moments that split it (s after exec)."""
+
+    makespan: float
+    batches: int
+    processing: float
+    opened: float
+    first_sealed: float
+    first_accepted: float
+    last_finished: float
+    last_seen: float
+    closed: float
+    command_cpu: float
+    simulator_cpu: float
+
+
+def parse_cases(text: str) -> list[Case]:
+    """``10x5,40x50`` -> cases of 10 MB at a 5 MB cap and 40 MB at a 50 MB cap."""
+    cases = []
+    for item in text.split(","):
+        mb, _, cap = item.strip().partition("x")
+        cases.append(Case(int(mb), int(cap)))
+    return cases
+
+
+def input_file(mb: int) -> Path:
+    """The cached sample input of ``mb`` MB (written on first use)."""
+    DATA_DIR.mkdir(exist_ok=True)
+    path = DATA_DIR / f"cli-e2e-{mb}mb.jsonl"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        write_orders_jsonl(partial, mb=mb, seed=7)
+        partial.rename(path)
+    return path
+
+
+def command() -> list[str]:
+    """The console script of this venv, as users start it (``python -m`` when it is missing)."""
+    script = Path(sys.executable).with_name("insight-import")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator"]
+
+
+async def first_body(path: Path, cap: int) -> tuple[float, bytes]:
+    """Seconds from opening ``path`` to its first sealed body (the CLI's pipeline), and the body."""
+    # Leaving the input early drops the chunks still in the parse workers (their spool is gone):
+    # their failures are expected, not worth a traceback each.
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(
+        lambda loop, context: (
+            None
+            if "never retrieved" in context.get("message", "")
+            else loop.default_exception_handler(context)
+        )
+    )
+    started = time.perf_counter()
+    assembler = BatchAssembler(COLLECTION, max_body_bytes=cap)
+    source = FileInput(str(path), processes=default_processes())
+    batch = None
+    try:
+        async for chunk in source.chunks(COLLECTION):
+            assert chunk is not None
+            assert chunk.run is not None
+            run, position = chunk.run, 0
+            while position < len(run) and batch is None:
+                stop = assembler.add_run(run, position)
+                if stop == position:
+                    batch = assembler.seal()
+                position = stop
+            if batch is not None:
+                break
+    finally:
+        await source.aclose()
+    if batch is None:
+        batch = assembler.seal()
+    assert batch is not None
+    return time.perf_counter() - started, bytes(batch.body)
+
+
+async def upload(base_url: str, body: bytes) -> float:
+    """Seconds from ``submit_import`` to the simulator's 202, on a fresh client."""
+    settings = ClientSettings(username=SIM_USER, password=SIM_PASSWORD, base_url=base_url)
+    async with InsightClient(settings) as client:
+        started = time.perf_counter()
+        await client.submit_import(body)
+        return time.perf_counter() - started
+
+
+async def journal_round_trip(body: bytes) -> float:
+    """Seconds the engine's journal takes to store a body, then read it back to send it."""
+    spec = RunSpec(COLLECTION.name, str(COLLECTION.scope), COLLECTION.type, ("x",), "bench")
+    with tempfile.TemporaryDirectory(prefix="cli-e2e-journal-") as tmp:
+        async with SqliteJournal(Path(tmp) / "journal.sqlite") as journal:
+            await journal.open(spec)
+            started = time.perf_counter()
+            [batch_id] = await journal.seal_batches(
+                batches=[NewBatch(body, [])], progress=None, dead_letters=(), counters={}
+            )
+            await journal.load_body(batch_id)
+            await journal.mark_submitting(batch_id)
+            return time.perf_counter() - started
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """The first body's terms, each the best of ``--repeat``: produce and upload (the bound's)
+    and the journal's round trip (not in the bound: a cost of the engine's design)."""
+
+    produce: float
+    upload: float
+    journal: float
+
+
+def calibrate(case: Case, path: Path, args: argparse.Namespace) -> Calibration:
+    """Measure the first body's terms for ``case``."""
+    produce, body = math.inf, b""
+    for _ in range(args.repeat):
+        seconds, body = asyncio.run(first_body(path, case.cap))
+        produce = min(produce, seconds)
+    journal = min(asyncio.run(journal_round_trip(body)) for _ in range(args.repeat))
+    best_upload = math.inf
+    with simulator_child(
+        records_per_second=args.records_per_second,
+        min_processing=args.min_processing,
+        extra=("--max-active-imports", str(args.repeat + 1)),
+    ) as (base_url, _):
+        for _ in range(args.repeat):
+            best_upload = min(best_upload, asyncio.run(upload(base_url, body)))
+    return Calibration(produce, best_upload, journal)
+
+
+def _events(stderr: Path, offset: float) -> list[tuple[float, dict[str, Any]]]:
+    """The command's JSON log lines as (monotonic time, event), oldest first."""
+    events = []
+    for line in stderr.read_bytes().splitlines():
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        wall = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+        events.append((wall - offset, event))
+    return events
+
+
+def run_once(case: Case, path: Path, args: argparse.Namespace) -> Run:
+    """Exec the command once against a fresh simulator and time it."""
+    with (
+        simulator_child(
+            records_per_second=args.records_per_second, min_processing=args.min_processing
+        ) as (base_url, pid),
+        tempfile.TemporaryDirectory(prefix="cli-e2e-") as tmp,
+    ):
+        journal, stderr = Path(tmp) / "journal.sqlite", Path(tmp) / "stderr.jsonl"
+        argv = [
+            *command(),
+            "run",
+            str(path),
+            "--collection",
+            COLLECTION.name,
+            "--scope",
+            str(COLLECTION.scope),
+            "--type",
+            COLLECTION.type,
+            "--base-url",
+            base_url,
+            "--max-body-bytes",
+            str(case.cap),
+            "--poll-min",
+            str(args.poll_min),
+            "--poll-max",
+            str(args.poll_max),
+            "--journal",
+            str(journal),
+            "--progress",
+            "off",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",  # debug adds journal.closed, and nothing per record
+        ]
+        simulator = psutil.Process(pid)
+        sim_before = sum(simulator.cpu_times()[:2])
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        offset = time.time() - time.monotonic()
+        with stderr.open("wb") as err:
+            started = time.monotonic()
+            proc = subprocess.run(
+                argv, stdout=subprocess.DEVNULL, stderr=err, env=credentials_env(), check=False
+            )
+            ended = time.monotonic()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sim_cpu = sum(simulator.cpu_times()[:2]) - sim_before
+        if proc.returncode != 0:
+            sys.stderr.write(stderr.read_text(errors="replace")[-3000:])
+            raise SystemExit(f"{case.name}: the command exited {proc.returncode}")
+        stats = sim_stats(base_url)
+        events = _events(stderr, offset)
+
+    def first(name: str) -> float:
+        return min(t for t, e in events if e["event"] == name) - started
+
+    def last(name: str) -> float:
+        return max(t for t, e in events if e["event"] == name) - started
+
+    imports = [i for i in stats["imports"] if i["collection"] == COLLECTION.name]
+    return Run(
+        makespan=ended - started,
+        batches=len(imports),
+        processing=max(i["planned_finish_at"] - i["accepted_at"] for i in imports),
+        opened=first("journal.opened"),
+        first_sealed=first("batch.sealed"),
+        first_accepted=min(i["accepted_at"] for i in imports) - started,
+        last_finished=max(i["finished_at"] for i in imports) - started,
+        last_seen=last("import.finished"),
+        closed=last("journal.closed"),
+        command_cpu=(children.ru_utime - children_before.ru_utime)
+        + (children.ru_stime - children_before.ru_stime),
+        simulator_cpu=sim_cpu,
+    )
+
+
+def _row(case: Case, runs: list[Run], cal: Calibration) -> list[str]:
+    best = min(runs, key=lambda r: r.makespan)
+    rounds = math.ceil(best.batches / MAX_CONCURRENT)
+    bound = rounds * best.processing + cal.produce + cal.upload
+    median = statistics.median(r.makespan for r in runs)
+    to_sealed = best.first_sealed - best.opened - cal.produce
+    to_accepted = best.first_accepted - best.first_sealed - cal.upload
+    rounds_extra = best.last_finished - best.first_accepted - rounds * best.processing
+    tail = best.makespan - best.last_finished
+    return [
+        case.name,
+        f"{best.batches}",
+        f"{rounds} x {best.processing:.2f} + {cal.produce:.2f} + {cal.upload:.2f} = {bound:.2f}",
+        f"{best.makespan:.2f} ({median:.2f})",
+        f"**{best.makespan / bound:.2f}x** ({median / bound:.2f}x)",
+        f"{best.opened:.2f}",
+        f"{to_sealed:+.2f}",
+        f"{to_accepted:+.2f}",
+        f"{cal.journal:.2f}",
+        f"{rounds_extra:+.2f}",
+        f"{tail:.2f} ({best.last_seen - best.last_finished:.2f} / "
+        f"{best.closed - best.last_seen:.2f} / {best.makespan - best.closed:.2f})",
+        f"{best.command_cpu:.2f}",
+        f"{best.simulator_cpu:.2f}",
+    ]
+
+
+ANALYSIS = """\
+How to read it: start-up is exec to `journal.opened` (imports, options, the input check, the
+journal's file); the first body is split at its `batch.sealed` log (written once the journal
+holds it): to there, beyond the produce term, is the parse pool's start (the first 8 MB of an
+input are parsed in a thread, the pool starts when a chunk crosses 8 MB, blocking the producer
+for ~0.3 s on an idle core, seconds on a busy one) and the journal's write; from there to the
+simulator's 202, beyond the upload term, is the journal's read-back and the `submitting` intent
+(the round trip timed alone is its own column). The rounds column is everything between the
+first import accepted and the last one finished beyond `rounds x processing`; the tail is the
+last finish to exit: seen (the poll that sees it, and the journal dropping that body), closed
+(completing the run, the results, the dead-letter file, closing the journal), exit (the
+summary and the interpreter's exit).
+
+Where the time beyond the bound goes, on this 2-core machine shared with other work (load 4-7
+while it ran, so every figure moves by tens of percent from run to run):
+
+- **The machine's CPU, in the rounds.** The simulator parses every record it is sent (5-7 CPU
+  seconds per 200 MB) on the same two cores as the command (4.5-6 CPU seconds per 200 MB, parse
+  workers included). The bound counts only the simulator's modelled processing (0.21 s per 5 MB
+  batch), so for 200 MB the rounds are bounded by CPU, not by the 5 slots.
+- **The journal's body round trip, in the rounds and the first body.** Every body is written
+  into SQLite and read back before it is sent, then deleted when its import ends: alone, a
+  50 MB body takes 0.6-0.9 s to store (~70 MB/s, 4 KB pages; `dd` with `fdatasync` writes
+  560 MB/s on this disk) and 0.3-0.7 s to delete (SQLite walks the body's overflow chain page by
+  page); 5 MB bodies take ~0.05 s and ~0.04 s. That is 4-6 s of a 200 MB run on the journal's
+  one thread; the delete of the last body is in the tail's "seen". With 64 KB pages, set before
+  the first table, the same body took 0.47 s to store and 0.3 s to delete.
+- **Start-up, 0.5-1.5 s.** The imports of a run are ~0.44 s of CPU (aiohttp's client, the
+  engine, structlog, anyio); the rest is the busy machine (a bare `python -c pass` is 30 ms).
+- **The parse pool's start** at the 8 MB mark, in the first body (50 MB cap) or in the first
+  round (5 MB cap: the second batch waits for it).
+- **The tail** is now 0.2-0.9 s, most of it the last poll and the delete of the last body;
+  completing the run took 0.35-1.8 s more before the journal's end-of-run vacuum changed (see
+  "What the figures changed (start-up and exit)")."""
+
+HEADER = (
+    "| case | batches | bound s: rounds x processing + produce + upload | makespan s, best"
+    " (median) | makespan / bound | start-up s | to first sealed, beyond produce |"
+    " sealed to accepted, beyond upload | journal round trip of a body (alone) |"
+    " rounds, beyond processing | tail s (seen / closed / exit) | command CPU s |"
+    " simulator CPU s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the cases and record their section of RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="INPUT_MBxCAP_MB, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (best is shown)")
+    parser.add_argument("--records-per-second", type=float, default=20_000.0)
+    parser.add_argument("--min-processing", type=float, default=0.0, help="seconds per import")
+    parser.add_argument("--poll-min", type=float, default=0.05)
+    parser.add_argument("--poll-max", type=float, default=0.5)
+    parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    args = parser.parse_args(argv)
+    quiet_logs()
+    _start_pool(default_processes())  # once per process: not part of producing a body
+
+    rows = []
+    for case in parse_cases(args.cases):
+        path = input_file(case.mb)
+        calibration = calibrate(case, path, args)
+        runs = [run_once(case, path, args) for _ in range(args.repeat)]
+        rows.append(_row(case, runs, calibration))
+        print(" | ".join(rows[-1]), flush=True)
+
+    table = HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    setup = (
+        f"`{' '.join(Path(c).name for c in command())} run` in a fresh process per run, against a "
+        f"fresh simulator process ({args.records_per_second:,.0f} records/s, min processing "
+        f"{args.min_processing} s, jitter 0); polls {args.poll_min}-{args.poll_max} s, parse "
+        f"processes as by default ({default_processes()}), journal in a temporary directory, "
+        f"`--progress off --log-format json --log-level debug`. Best of {args.repeat} runs per "
+        "case (median in brackets). Contact-scoped sample orders (~1.2 KB each)."
+    )
+    if not args.no_record:
+        record_section(TITLE, setup + "\n\n" + table + "\n\n" + ANALYSIS)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
