@@ -40,7 +40,7 @@ from orchestrator.errors import (
     RateLimitedError,
     TransientError,
 )
-from orchestrator.journal import BatchPhase, DeadLetter, Journal, NewBatch, StoredBatch
+from orchestrator.journal import BatchPhase, BatchStore, DeadLetter, NewBatch, StoredBatch
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import PollPlanner
 from orchestrator.records import Collection
@@ -186,7 +186,7 @@ class Downstream:
 
     Args:
         client: the account's API client.
-        journal: the run's journal.
+        journal: where the batches' state lives: the run's journal, or the worker's outbox.
         settings: slot, polling and resubmit settings.
         collection: the collection the bodies are for (to split one).
         slots: the account's slot gate.
@@ -199,7 +199,7 @@ class Downstream:
     """
 
     client: InsightClient
-    journal: Journal
+    journal: BatchStore
     settings: Settings
     collection: Collection
     slots: SlotGate

@@ -34,6 +34,7 @@ from orchestrator.outbox.base import (
     ClaimConflict,
     ClaimedRow,
     Finished,
+    ImportPart,
     ImportPhase,
     OutboxError,
     OutboxQueue,
@@ -107,6 +108,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             body BLOB NOT NULL
         )""",
     ),
+    ("ALTER TABLE insight_import ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version the migrations of this release lead to."""
@@ -121,7 +123,7 @@ _PAGE_ROWS = 1000
 _QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
 _IMPORT_COLUMNS = (
     "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
-    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends"
+    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits"
 )
 _DEAD_LETTER_COLUMNS = (
     "id, account, collection, scope, collection_type, record, reason, message, details, key, "
@@ -450,6 +452,100 @@ class SqliteOutbox:
             _check_changed(conn, changed, ref, "mark it submitted", "submitting")
 
         await self._write(write, "record an import id")
+
+    async def mark_refused(self, ref: int) -> None:
+        """See ``OutboxStore.mark_refused``."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'sealed', import_id = NULL "
+                "WHERE id = ? AND phase = 'submitting'",
+                (ref,),
+            ).rowcount
+            _check_changed(conn, changed, ref, "mark it refused", "submitting")
+
+        await self._write(write, "record a refused submit")
+
+    async def mark_resubmit(self, ref: int) -> None:
+        """See ``OutboxStore.mark_resubmit``."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'sealed', import_id = NULL, "
+                "resubmits = resubmits + 1 WHERE id = ? AND phase = 'submitted'",
+                (ref,),
+            ).rowcount
+            _check_changed(conn, changed, ref, "send it again", "submitted")
+
+        await self._write(write, "record a resubmit")
+
+    async def split(self, ref: int, parts: Sequence[ImportPart]) -> list[StoredImport]:
+        """See ``OutboxStore.split``."""
+        if not parts:
+            raise ValueError("an import is split into at least one part")
+        for part in parts:
+            if not part.row_ids or len(part.ends) != len(part.row_ids):
+                raise ValueError("each part holds rows, with one end offset per row")
+        sealed_at = time.time()
+
+        def write(conn: sqlite3.Connection) -> list[StoredImport]:
+            row = conn.execute(
+                f"SELECT {_IMPORT_COLUMNS} FROM insight_import WHERE id = ?", (ref,)
+            ).fetchone()
+            if row is None:
+                raise OutboxError(f"cannot split: import {ref} is not held by the outbox store")
+            old = _stored_import(conn, row)
+            if old.phase is ImportPhase.SUBMITTED:
+                raise OutboxError(f"cannot split: import {ref} is submitted")
+            given = [row_id for part in parts for row_id in part.row_ids]
+            if sorted(given) != sorted(old.row_ids):
+                raise OutboxError(f"cannot split: the parts do not hold exactly the rows of {ref}")
+            values = _queue_values(old.queue)
+            new_refs = []
+            for part in parts:
+                cursor = conn.execute(
+                    "INSERT INTO insight_import (account, collection, scope, collection_type,"
+                    " phase, body_bytes, depends_on, sealed_at, row_ids, ends, body, attempts,"
+                    " in_doubt) VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, ?, 0, 0)",
+                    (
+                        *values,
+                        len(part.body),
+                        orjson.dumps(list(old.depends_on)).decode(),
+                        sealed_at,
+                        array("q", part.row_ids).tobytes(),
+                        array("q", part.ends).tobytes(),
+                        part.body,
+                    ),
+                )
+                new = cursor.lastrowid
+                assert new is not None
+                new_refs.append(new)
+                conn.executemany(
+                    "UPDATE insight_outbox SET held_by = ? WHERE id = ? AND held_by = ?",
+                    ((new, row_id, ref) for row_id in part.row_ids),
+                )
+            for other, depends in conn.execute(
+                "SELECT id, depends_on FROM insight_import WHERE depends_on LIKE '%' || ? || '%'",
+                (str(ref),),
+            ).fetchall():
+                listed = orjson.loads(depends)
+                if ref in listed:
+                    redirected = sorted({*(d for d in listed if d != ref), *new_refs})
+                    conn.execute(
+                        "UPDATE insight_import SET depends_on = ? WHERE id = ?",
+                        (orjson.dumps(redirected).decode(), other),
+                    )
+            conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+            return [
+                _stored_import(conn, found)
+                for found in conn.execute(
+                    f"SELECT {_IMPORT_COLUMNS} FROM insight_import WHERE id IN "
+                    f"({', '.join('?' * len(new_refs))}) ORDER BY id",
+                    new_refs,
+                )
+            ]
+
+        return await self._write(write, "split an import")
 
     async def finish(
         self,
@@ -837,7 +933,7 @@ def _key_of_record(text: str) -> str | None:
 
 def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImport:
     (ref, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on,
-     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob) = row  # fmt: skip
+     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob, resubmits) = row  # fmt: skip
     row_ids = array("q")
     row_ids.frombytes(row_ids_blob)
     ends = array("q")
@@ -859,6 +955,7 @@ def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImpo
         in_doubt=in_doubt,
         sealed_at=sealed_at,
         submitted_at=submitted_at,
+        resubmits=resubmits,
     )
 
 
