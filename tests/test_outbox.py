@@ -89,7 +89,8 @@ def test_migrate_inside_the_callers_transaction_rolls_back_with_it(tmp_path: Pat
     assert migrate(conn) == SCHEMA_VERSION  # outside a transaction: committed on its own
     conn.close()
     with sqlite3.connect(path) as other:
-        assert other.execute("SELECT max(version) FROM insight_schema").fetchone() == (SCHEMA_VERSION,)
+        version = other.execute("SELECT max(version) FROM insight_schema").fetchone()
+        assert version == (SCHEMA_VERSION,)
 
 
 async def test_the_contracts_insert_statement_works_with_defaults(tmp_path: Path) -> None:

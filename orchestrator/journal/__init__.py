@@ -10,9 +10,9 @@ from pathlib import Path
 
 from orchestrator.journal.base import (
     BatchPhase,
+    BatchStore,
     DeadLetter,
     InputProgress,
-    BatchStore,
     Journal,
     NewBatch,
     RecordedRun,
@@ -26,9 +26,9 @@ from orchestrator.journal.sqlite import SqliteJournal
 
 __all__ = [
     "BatchPhase",
+    "BatchStore",
     "DeadLetter",
     "InputProgress",
-    "BatchStore",
     "Journal",
     "MemoryJournal",
     "NewBatch",

@@ -495,6 +495,7 @@ class Journal(BatchStore, Protocol):
         """Close the journal."""
         ...
 
+
 def progress_list(
     spec: RunSpec, progress: InputProgress | Sequence[InputProgress] | None
 ) -> tuple[InputProgress, ...]:

@@ -933,7 +933,8 @@ def _key_of_record(text: str) -> str | None:
 
 def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImport:
     (ref, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on,
-     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob, resubmits) = row  # fmt: skip
+     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob,
+     resubmits) = row  # fmt: skip
     row_ids = array("q")
     row_ids.frombytes(row_ids_blob)
     ends = array("q")
