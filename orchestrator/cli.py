@@ -1,4 +1,5 @@
-"""The ``insight-import`` command: run, demo, simulator, status (and the worker's placeholder).
+"""The ``insight-import`` command: run, demo, simulator, status (the outbox commands and the
+worker live in ``outbox/cli.py`` and ``worker_cli.py``).
 
 Exit status: 0 every record imported; 1 finished, some records in the dead-letter file; 2 usage,
 configuration or input error before any import; 3 aborted (credentials, region, or an error that
@@ -50,6 +51,7 @@ from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
 from orchestrator.settings import Settings
 from orchestrator.sources import JsonLinesReader, validate_inputs
+from orchestrator.worker_cli import add_worker_command, run_worker_command
 
 __all__ = ["main"]
 
@@ -121,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--region", choices=("r1", "r2", "r3"), default=None)
 
     add_outbox_commands(commands)
-    commands.add_parser("worker", help="the long-lived outbox worker (not built yet)")
+    add_worker_command(commands)
     return parser
 
 
@@ -146,12 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command in OUTBOX_COMMANDS:
         code = run_outbox_command(args)
     else:
-        print(
-            "insight-import worker: the long-lived outbox worker is not part of this release; "
-            "use `insight-import run` or the Orchestrator API.",
-            file=sys.stderr,
-        )
-        code = EXIT_USAGE
+        code = run_worker_command(args)
     return code
 
 

@@ -42,6 +42,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from orchestrator.accounts import Account
 from orchestrator.batching import Batch, BatchAssembler
 from orchestrator.client import InsightClient
+from orchestrator.engine import _first_error_unwrapped
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.lifecycle import BatchTask, ByteBudget, Downstream, InFlight
 from orchestrator.outbox.base import (
@@ -507,16 +508,20 @@ class Worker:
             imports_recovered=self.stats.imports_recovered,
         )
         try:
-            async with anyio.create_task_group() as tg:
-                for run in self._runs.values():
-                    await tg.start(run.drain)
-                tg.start_soon(self._watch)
-                await self._stopping.wait()
-                log.info("worker.stopping", **self._in_flight())
-                tg.cancel_scope.cancel()
+            with _first_error_unwrapped():
+                await self._run_all()
         finally:
             self._running = False
             log.info("worker.stopped", **self.stats.summary())
+
+    async def _run_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for run in self._runs.values():
+                await tg.start(run.drain)
+            tg.start_soon(self._watch)
+            await self._stopping.wait()
+            log.info("worker.stopping", **self._in_flight())
+            tg.cancel_scope.cancel()
 
     # ------------------------------------------------------------------ watching the store
 
