@@ -229,31 +229,40 @@ class _AccountRun:
         worker = self.worker
         elapsed = anyio.current_time() - self.listed_at
         waiting = {p.queue: p for p in self.pending}
-        while waiting and self.capacity.value > 0 and not worker.stopping:
-            sealed = False
-            contended = len(waiting) > 1
-            for pending in sorted(waiting.values(), key=lambda p: self._queue(p.queue).last_served):
-                if self.capacity.value == 0 or worker.stopping:
-                    return
-                run = self._queue(pending.queue)
-                due = worker.burst or pending.oldest_age_s + elapsed >= self.settings.linger
-                if not due and run.quiet_rows == pending.rows:
-                    continue  # nothing new since a claim that was neither full nor due
-                claim = await self._claim(run)
-                if not claim.rows:
-                    del waiting[pending.queue]
-                    continue
-                slot_free = self.unfinished < self.slots.capacity
-                if claim.full or (due and (slot_free or contended)):
-                    await self._seal(run, claim)
-                    sealed = True
-                    if not claim.full:
+        drained: set[OutboxQueue] = set()  # its listing is stale: wait for the next one
+        try:
+            while waiting and self.capacity.value > 0 and not worker.stopping:
+                sealed = False
+                contended = len(waiting) > 1
+                for pending in sorted(
+                    waiting.values(), key=lambda p: self._queue(p.queue).last_served
+                ):
+                    if self.capacity.value == 0 or worker.stopping:
+                        return
+                    run = self._queue(pending.queue)
+                    due = worker.burst or pending.oldest_age_s + elapsed >= self.settings.linger
+                    if not due and run.quiet_rows == pending.rows:
+                        continue  # nothing new since a claim that was neither full nor due
+                    claim = await self._claim(run)
+                    if not claim.rows:
                         del waiting[pending.queue]
-                else:
-                    run.quiet_rows = pending.rows
-                    del waiting[pending.queue]
-            if not sealed:
-                return
+                        drained.add(pending.queue)
+                        continue
+                    slot_free = self.unfinished < self.slots.capacity
+                    if claim.full or (due and (slot_free or contended)):
+                        await self._seal(run, claim)
+                        sealed = True
+                        if not claim.full:
+                            del waiting[pending.queue]
+                            drained.add(pending.queue)
+                    else:
+                        run.quiet_rows = pending.rows
+                        del waiting[pending.queue]
+                if not sealed:
+                    return
+        finally:
+            if drained:
+                self.pending = [p for p in self.pending if p.queue not in drained]
 
     async def _claim(self, run: _QueueRun) -> Claim:
         max_body = self.settings.max_body_bytes
