@@ -12,6 +12,7 @@ for the short write that follows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -26,6 +27,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from orchestrator.chunks import encode_chunk
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
@@ -45,7 +47,7 @@ from orchestrator.outbox.base import (
     identity_text,
 )
 from orchestrator.provenance import Source
-from orchestrator.records import Collection, encode_line
+from orchestrator.records import Collection, EncodedRecord, Scope, encode_line
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -828,22 +830,15 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
             break
         scanned += len(page)
         after = page[-1][0]
-        for row_id, text in page:
-            if collection is None:
-                assert invalid_queue is not None
-                invalid.append((row_id, invalid_queue, _key_of_record(text)))
+        if collection is None:
+            assert invalid_queue is not None
+            invalid.extend((row_id, invalid_queue, _key_of_record(text)) for row_id, text in page)
+            continue
+        for row_id, encoded in _encode_page(page, collection):
+            if not isinstance(encoded, EncodedRecord):
+                invalid.append((row_id, *encoded))
                 continue
-            try:
-                record = encode_line(
-                    text.encode(), collection, source=Source(RECORD_ORIGIN, row_id)
-                )
-            except RecordError as error:
-                invalid.append((row_id, Rejection(error.rule, error.message), error.key))
-                continue
-            except UnicodeEncodeError:
-                rejection = Rejection("json-syntax", "the record is not valid UTF-8 JSON")
-                invalid.append((row_id, rejection, None))
-                continue
+            record = encoded
             identity = identity_text(record.key, record.contact)
             if identity in in_flight:
                 earlier = held.get(identity)
@@ -866,6 +861,50 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
         rows.append(row)
         size = grown
     return rows, max(size, 0), len(rows) < len(latest), superseded, invalid, len(held)
+
+
+_Encoded = EncodedRecord | tuple[Rejection, str | None]  # a record, or why not and its key
+
+
+def _encode_page(
+    page: Sequence[tuple[int, str]], collection: Collection
+) -> list[tuple[int, _Encoded]]:
+    """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
+    lines are read) for rows that are one line each, the per-line encoder for the others."""
+    contact_scope = collection.scope is Scope.CONTACT
+    results: dict[int, _Encoded] = {}
+    lines: list[bytes] = []
+    ids: list[int] = []
+    for row_id, text in page:
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:
+            results[row_id] = (Rejection("json-syntax", "the record is not valid UTF-8 JSON"), None)
+            continue
+        if b"\n" in raw or b"\r" in raw or not raw.strip():
+            results[row_id] = _encode_one(raw, collection, row_id)
+            continue
+        lines.append(raw)
+        ids.append(row_id)
+    if lines:
+        data = b"\n".join(lines) + b"\n"
+        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=1)
+        run = encoded.records(data, RECORD_ORIGIN, contact_scope=contact_scope)
+        for index in range(len(run)):
+            row_id = ids[run.lines[index] - 1]
+            results[row_id] = dataclasses.replace(
+                run.record(index), source=Source(RECORD_ORIGIN, row_id)
+            )
+        for line, rule, message, key, _ in encoded.rejects:
+            results[ids[line - 1]] = (Rejection(rule, message), key)
+    return [(row_id, results[row_id]) for row_id, _ in page]
+
+
+def _encode_one(raw: bytes, collection: Collection, row_id: int) -> _Encoded:
+    try:
+        return encode_line(raw, collection, source=Source(RECORD_ORIGIN, row_id))
+    except RecordError as error:
+        return (Rejection(error.rule, error.message), error.key)
 
 
 def _delete_pending(conn: sqlite3.Connection, row_ids: Sequence[int]) -> int:
