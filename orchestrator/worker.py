@@ -59,7 +59,7 @@ from orchestrator.outbox.base import (
 from orchestrator.outbox.batches import OutboxBatches, stored_refs
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import PollPlanner
-from orchestrator.records import Collection
+from orchestrator.records import Collection, EncodedRecord
 from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings, seconds
 from orchestrator.slots import LocalSlotGate
@@ -250,9 +250,12 @@ class _AccountRun:
                         continue
                     slot_free = self.unfinished < self.slots.capacity
                     if claim.full or (due and (slot_free or contended)):
-                        await self._seal(run, claim)
+                        full = claim.full
+                        handed = [claim]
+                        del claim  # _seal drops the records once they are in the body
+                        await self._seal(run, handed)
                         sealed = True
-                        if not claim.full:
+                        if not full:
                             del waiting[pending.queue]
                             drained.add(pending.queue)
                     else:
@@ -288,14 +291,18 @@ class _AccountRun:
         ] += count
         self.worker.stats.records_dead_lettered += count
 
-    async def _seal(self, run: _QueueRun, claim: Claim) -> None:
+    async def _seal(self, run: _QueueRun, handed: list[Claim]) -> None:
+        """Pack, store and send one claim (``handed``'s only item, taken from it: the records
+        are freed as soon as their bytes are in the body)."""
         assert run.collection is not None
+        claim = handed.pop()
         self.capacity.acquire_nowait()
         try:
             async with self.worker._held.hold(claim.records_bytes):
                 batch, rows, too_large = await anyio.to_thread.run_sync(
                     _assemble, run.collection, self.settings.max_body_bytes, claim.rows
                 )
+                del claim
                 if too_large:
                     moved = await self.worker.store.dead_letter_rows(too_large)
                     self.worker.metrics.events.records_rejected[
@@ -373,7 +380,11 @@ def _assemble(
             continue
         if sealed is not None:  # the claim's budget should prevent it: keep the first body
             return sealed, kept, too_large
-        kept.append(row)
+        # the body holds the record's bytes now: keep what sealing needs (id, key, contact), so
+        # a body's worth of records is not held twice while the body is stored
+        kept.append(
+            ClaimedRow(row.row_id, EncodedRecord(row.record.key, row.record.contact, b"", None))
+        )
     return assembler.seal(), kept, too_large
 
 
@@ -403,7 +414,7 @@ class Worker:
         *,
         settings: Settings | None = None,
         poll_interval: float = 0.5,
-        max_held_bytes: int = 200_000_000,
+        max_held_bytes: int = 100_000_000,
     ) -> None:
         if not accounts:
             raise ConfigError("the worker needs at least one account")

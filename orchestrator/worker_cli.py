@@ -53,7 +53,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ("linger", float, 5.0, "seconds a record waits for company before a partial batch is sent"),
     ("shutdown-timeout", _positive(float), 20.0, "seconds to finish after SIGTERM before exiting"),
     ("poll-interval", _positive(float), 0.5, "seconds between looks at the outbox for new rows"),
-    ("max-held-bytes", _positive(int), 200_000_000, "bytes of bodies held at once in the process"),
+    ("max-held-bytes", _positive(int), 100_000_000, "bytes of bodies held at once in the process"),
     ("max-concurrent", _positive(int), 5, "bulk imports in flight per account"),
     ("max-body-bytes", _positive(int), 50_000_000, "hard cap on one request body, in bytes"),
     ("poll-min", float, 5.0, "seconds: least time between two status polls of one import"),

@@ -105,8 +105,11 @@ class OutboxBatches:
         self.counters.update(counters)
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
+        """A fresh copy of the body, as a bytearray: the sender clears it after the PUT, so it
+        does not outlive the upload until the garbage collector finds the HTTP client's
+        reference cycles (bodies are up to 50 MB)."""
         self._get(batch_id)
-        return await self.store.load_body(batch_id)
+        return bytearray(await self.store.load_body(batch_id))
 
     async def mark_submitting(self, batch_id: int) -> StoredBatch:
         stored = self._get(batch_id)
