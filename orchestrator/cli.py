@@ -1,4 +1,5 @@
-"""The ``insight-import`` command: run, demo, simulator, status (and the worker's placeholder).
+"""The ``insight-import`` command: run, demo, simulator, status (the outbox commands and the
+worker live in ``outbox/cli.py`` and ``worker_cli.py``).
 
 Exit status: 0 every record imported; 1 finished, some records in the dead-letter file; 2 usage,
 configuration or input error before any import; 3 aborted (credentials, region, or an error that
@@ -29,6 +30,7 @@ from orchestrator.errors import (
 )
 from orchestrator.options import OPTIONS
 from orchestrator.outbox.cli import OUTBOX_COMMANDS, add_outbox_commands
+from orchestrator.worker_cli import add_worker_command
 
 __all__ = ["main"]
 
@@ -144,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_outbox_commands(commands)
-    commands.add_parser("worker", help="the long-lived outbox worker (not built yet)")
+    add_worker_command(commands)
     return parser
 
 
@@ -174,12 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         code = run_outbox_command(args)
     else:
-        print(
-            "insight-import worker: the long-lived outbox worker is not part of this release; "
-            "use `insight-import run` or the Orchestrator API.",
-            file=sys.stderr,
-        )
-        code = EXIT_USAGE
+        from orchestrator.worker_cli import run_worker_command
+
+        code = run_worker_command(args)
     return code
 
 

@@ -39,7 +39,7 @@ from orchestrator.errors import (
     RateLimitedError,
     TransientError,
 )
-from orchestrator.journal import BatchPhase, DeadLetter, Journal, NewBatch, StoredBatch
+from orchestrator.journal import BatchPhase, BatchStore, DeadLetter, NewBatch, StoredBatch
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import CallBudget, PollPlanner
@@ -126,15 +126,31 @@ def identity_hashes(refs: RecordRefs) -> frozenset[int]:
 
 
 class ByteBudget:
-    """Lets holders in while the bytes they hold stay within a budget; one always gets in."""
+    """Lets holders in while the bytes they hold stay within a budget; one always gets in.
 
-    def __init__(self, budget: int) -> None:
+    Args:
+        budget: the bytes holders may hold together.
+        parent: a wider budget each hold also takes (the worker's process-wide one), after
+            this one.
+    """
+
+    def __init__(self, budget: int, *, parent: ByteBudget | None = None) -> None:
         self._budget = budget
+        self._parent = parent
         self._used = 0
         self._changed: anyio.Event | None = None
 
     @contextlib.asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[None]:
+        async with self._hold(size):
+            if self._parent is None:
+                yield
+            else:
+                async with self._parent.hold(size):
+                    yield
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, size: int) -> AsyncIterator[None]:
         while self._used and self._used + size > self._budget:
             if self._changed is None:
                 self._changed = anyio.Event()
@@ -186,7 +202,7 @@ class Downstream:
 
     Args:
         client: the account's API client.
-        journal: the run's journal.
+        journal: where the batches' state lives: the run's journal, or the worker's outbox.
         settings: slot, polling and resubmit settings.
         collection: the collection the bodies are for (to split one).
         slots: the account's slot gate.
@@ -200,7 +216,7 @@ class Downstream:
     """
 
     client: InsightClient
-    journal: Journal
+    journal: BatchStore
     settings: Settings
     collection: Collection
     slots: SlotGate

@@ -89,7 +89,8 @@ def test_migrate_inside_the_callers_transaction_rolls_back_with_it(tmp_path: Pat
     assert migrate(conn) == SCHEMA_VERSION  # outside a transaction: committed on its own
     conn.close()
     with sqlite3.connect(path) as other:
-        assert other.execute("SELECT max(version) FROM insight_schema").fetchone() == (1,)
+        version = other.execute("SELECT max(version) FROM insight_schema").fetchone()
+        assert version == (SCHEMA_VERSION,)
 
 
 async def test_the_contracts_insert_statement_works_with_defaults(tmp_path: Path) -> None:
@@ -497,3 +498,44 @@ async def _drive(path: Path, steps: list[tuple[str, object]], shuffle: random.Ra
                 await claim(10**6)
     assert collection == last_valid
     assert imported + superseded + dead == enqueued
+
+
+async def test_a_claim_encodes_rows_exactly_as_one_line_each_would_be(tmp_path: Path) -> None:
+    """Rows checked a page at a time give what encode_line gives each: data, key, rule."""
+    from orchestrator.errors import RecordError
+    from orchestrator.provenance import Source
+    from orchestrator.records import encode_line
+
+    path = tmp_path / "outbox.sqlite"
+    orders = Collection("Orders", Scope.ACCOUNT, "custom")
+    texts = [
+        '{"key": "a", "json": {"n": 1}}',
+        '{\n  "key": "b",\n  "json": {"n": 2}\n}',  # pretty-printed: more than one line
+        "   ",
+        '{"key": 7, "json": {}}',
+        '{"key": "c", "json": [1]}',
+        '{"key": "d", "json": {"big": 123456789012345678901234567890}}',
+        '{"key": "e", "json": {"x": "\\ud800"}}',  # an escaped lone surrogate
+        "not json",
+    ]
+    async with SqliteOutbox(path) as store:
+        with sqlite3.connect(path) as conn:
+            conn.executemany(
+                "INSERT INTO insight_outbox (account, collection, record)"
+                " VALUES ('acme', 'Orders', ?)",
+                [(t,) for t in texts],
+            )
+        claim = await store.claim(OutboxQueue.of("acme", orders), budget_bytes=10_000)
+        letters = {letter.source_id: letter for letter in await store.dead_letters()}
+    claimed = {row.row_id: row.record for row in claim.rows}
+    for row_id, text in enumerate(texts, start=1):
+        rule = None
+        try:
+            expected = encode_line(text.encode(), orders, source=Source("insight_outbox", row_id))
+        except RecordError as error:
+            rule = error.rule
+        if rule is not None:
+            assert letters[row_id].reason == rule, text
+        else:
+            assert claimed[row_id] == expected, text
+    assert len(claimed) + len(letters) == len(texts)

@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 import xxhash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
-from orchestrator.records import oversized_line
+from orchestrator.records import OVERSIZED_LINE_START, oversized_line
 from orchestrator.sources import (
     KEPT_PREFIX_BYTES,
     JsonLinesReader,
@@ -381,6 +381,9 @@ def test_every_line_longer_than_the_limit_gets_its_stand_in(
 
     if lines and lines[0].startswith((b"\xef\xbb\xbf", b"\x1f\x8b")):
         lines[0] = lines[0][3:]
+    # a line that starts like a stand-in is taken for one (it is rejected either way: the NUL
+    # it starts with is never JSON)
+    assume(not any(line.startswith(OVERSIZED_LINE_START) for line in lines))
     data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
     if lines and lines[-1] == b"" and not trailing_newline:
         lines = lines[:-1]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from orchestrator.journal.base import (
     BatchPhase,
+    BatchStore,
     DeadLetter,
     InputProgress,
     Journal,
@@ -25,6 +26,7 @@ from orchestrator.journal.sqlite import SqliteJournal
 
 __all__ = [
     "BatchPhase",
+    "BatchStore",
     "DeadLetter",
     "InputProgress",
     "Journal",

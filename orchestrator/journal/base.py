@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchPhase",
+    "BatchStore",
     "DeadLetter",
     "InputProgress",
     "Journal",
@@ -266,78 +267,19 @@ class RunState:
     counters: Mapping[str, int]
 
 
-class Journal(Protocol):
-    """The durable state of one run; every method that changes state is one transaction.
+class BatchStore(Protocol):
+    """Where a sealed batch's state lives from its slot to its end: what ``Downstream`` calls.
 
-    Implementations: ``SqliteJournal`` (durable, the default) and ``MemoryJournal`` (the same
-    semantics without durability, for embedded use). Both are async context managers that close
-    on exit. A failed call raises ``JournalError`` and leaves the previous state intact.
+    The journal of a one-shot run is one (``Journal`` extends it); the worker's adapter over an
+    outbox store is another (``orchestrator.outbox.batches.OutboxBatches``), so everything after
+    a sealed batch is the same code for both. Every method that changes a batch is one
+    transaction and returns the batch as stored now.
     """
 
-    #: Whether the journal keeps the very body objects it is given rather than a copy. Then the
+    #: Whether the store keeps the very body objects it is given rather than a copy. Then the
     #: caller must leave a sealed body as it is, and ``load_body`` returns that object itself:
     #: not one to free after sending, nor to build the next body in.
     keeps_bodies: bool
-
-    async def open(
-        self, spec: RunSpec, *, fresh: bool = False, start_after: Sequence[InputProgress] = ()
-    ) -> RunState:
-        """Open the run ``spec``, creating it when the journal is empty.
-
-        A journal that holds another run raises ``JournalMismatchError``; ``fresh=True`` wipes any
-        previous run first. A batch left in the SUBMITTING phase is in doubt: its ``in_doubt`` and
-        the ``submits_in_doubt`` counter grow by one and it goes back to SEALED.
-
-        Args:
-            spec: the run to open.
-            fresh: wipe whatever the journal holds and start a new run.
-            start_after: with ``fresh``, where the new run's inputs start: the lines an earlier
-                run already imported (their fingerprint is checked when they are skipped).
-        """
-        ...
-
-    async def recorded(self) -> RecordedRun | None:
-        """Return the run the journal holds, or ``None`` when it holds none; changes nothing."""
-        ...
-
-    async def seal_batches(
-        self,
-        *,
-        batches: Sequence[NewBatch],
-        progress: InputProgress | Sequence[InputProgress] | None,
-        dead_letters: Sequence[DeadLetter],
-        counters: Mapping[str, int],
-    ) -> list[int]:
-        """Store sealed batches with their progress, dead letters and counter deltas.
-
-        One transaction: a crash keeps all of them, with their progress mark, or none.
-
-        Args:
-            batches: the batches, stored in order (their ids increase in that order).
-            progress: the input progress these batches complete, if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-
-        Returns:
-            The new batches' ids, in order.
-        """
-        ...
-
-    async def save_progress(
-        self,
-        *,
-        progress: InputProgress | Sequence[InputProgress] | None,
-        dead_letters: Sequence[DeadLetter],
-        counters: Mapping[str, int],
-    ) -> None:
-        """Like ``seal_batches`` without a batch: progress, dead letters and counter deltas at once.
-
-        Args:
-            progress: the input progress to record (one per input, applied in order), if any.
-            dead_letters: records rejected on the way.
-            counters: deltas to add to the run's counters.
-        """
-        ...
 
     async def add_counters(self, counters: Mapping[str, int]) -> None:
         """Add deltas to the run's counters, in one transaction.
@@ -440,6 +382,75 @@ class Journal(Protocol):
 
         Args:
             batch_id: the batch.
+        """
+        ...
+
+
+class Journal(BatchStore, Protocol):
+    """The durable state of one run; every method that changes state is one transaction.
+
+    Implementations: ``SqliteJournal`` (durable, the default) and ``MemoryJournal`` (the same
+    semantics without durability, for embedded use). Both are async context managers that close
+    on exit. A failed call raises ``JournalError`` and leaves the previous state intact.
+    """
+
+    async def open(
+        self, spec: RunSpec, *, fresh: bool = False, start_after: Sequence[InputProgress] = ()
+    ) -> RunState:
+        """Open the run ``spec``, creating it when the journal is empty.
+
+        A journal that holds another run raises ``JournalMismatchError``; ``fresh=True`` wipes any
+        previous run first. A batch left in the SUBMITTING phase is in doubt: its ``in_doubt`` and
+        the ``submits_in_doubt`` counter grow by one and it goes back to SEALED.
+
+        Args:
+            spec: the run to open.
+            fresh: wipe whatever the journal holds and start a new run.
+            start_after: with ``fresh``, where the new run's inputs start: the lines an earlier
+                run already imported (their fingerprint is checked when they are skipped).
+        """
+        ...
+
+    async def recorded(self) -> RecordedRun | None:
+        """Return the run the journal holds, or ``None`` when it holds none; changes nothing."""
+        ...
+
+    async def seal_batches(
+        self,
+        *,
+        batches: Sequence[NewBatch],
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> list[int]:
+        """Store sealed batches with their progress, dead letters and counter deltas.
+
+        One transaction: a crash keeps all of them, with their progress mark, or none.
+
+        Args:
+            batches: the batches, stored in order (their ids increase in that order).
+            progress: the input progress these batches complete, if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
+
+        Returns:
+            The new batches' ids, in order.
+        """
+        ...
+
+    async def save_progress(
+        self,
+        *,
+        progress: InputProgress | Sequence[InputProgress] | None,
+        dead_letters: Sequence[DeadLetter],
+        counters: Mapping[str, int],
+    ) -> None:
+        """Like ``seal_batches`` without a batch: progress, dead letters and counter deltas at once.
+
+        Args:
+            progress: the input progress to record (one per input, applied in order), if any.
+            dead_letters: records rejected on the way.
+            counters: deltas to add to the run's counters.
         """
         ...
 

@@ -44,6 +44,7 @@ __all__ = [
     "ClaimConflict",
     "ClaimedRow",
     "Finished",
+    "ImportPart",
     "ImportPhase",
     "OutboxError",
     "OutboxQueue",
@@ -204,6 +205,7 @@ class StoredImport:
         in_doubt: times a crash left its submit in doubt.
         sealed_at: epoch seconds of the seal.
         submitted_at: epoch seconds of the last ``mark_submitted``.
+        resubmits: times an import that ended ``Failed`` was sent again (``mark_resubmit``).
     """
 
     ref: int
@@ -219,10 +221,26 @@ class StoredImport:
     in_doubt: int
     sealed_at: float
     submitted_at: float | None
+    resubmits: int = 0
 
     def row_of(self) -> dict[str, int]:
         """Row ids by identity text: maps the API's per-record failures back to rows."""
         return dict(zip(self.identities, self.row_ids, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportPart:
+    """One of the imports that replace an import the API found too large (``split``).
+
+    Args:
+        row_ids: the outbox rows in its body, in body order (all held by the import split).
+        body: its request body exactly as it will be sent.
+        ends: each record's end offset in ``body``, parallel to ``row_ids``.
+    """
+
+    row_ids: tuple[int, ...]
+    body: bytes | bytearray
+    ends: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +427,32 @@ class OutboxStore(Protocol):
 
     async def mark_submitted(self, ref: int, import_id: str) -> None:
         """Record the API's import id of ``ref`` (from SUBMITTING)."""
+        ...
+
+    async def mark_refused(self, ref: int) -> None:
+        """Record that the API refused the PUT of ``ref`` without starting an import (account
+        full, rate limited, body refused): SUBMITTING back to SEALED, no longer in doubt."""
+        ...
+
+    async def mark_resubmit(self, ref: int) -> None:
+        """Put import ``ref``, whose import ended ``Failed`` or was forgotten, back to SEALED to
+        send it again (from SUBMITTED; ``resubmits`` + 1, the import id cleared)."""
+        ...
+
+    async def split(self, ref: int, parts: Sequence[ImportPart]) -> list[StoredImport]:
+        """Replace import ``ref`` (not submitted) by ``parts``, in one transaction.
+
+        The parts are sealed; their rows move from ``ref`` to them; imports that depended on
+        ``ref`` depend on the parts instead; ``ref`` is forgotten. A crash keeps all of it or
+        none, so a body is never split twice nor a row lost.
+
+        Args:
+            ref: the import the API refused as too large.
+            parts: its replacements, in order; together they hold exactly its rows.
+
+        Returns:
+            The new imports, in order.
+        """
         ...
 
     async def finish(

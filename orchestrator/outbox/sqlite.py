@@ -12,6 +12,7 @@ for the short write that follows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -26,6 +27,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from orchestrator.chunks import encode_chunk
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
@@ -34,6 +36,7 @@ from orchestrator.outbox.base import (
     ClaimConflict,
     ClaimedRow,
     Finished,
+    ImportPart,
     ImportPhase,
     OutboxError,
     OutboxQueue,
@@ -44,7 +47,7 @@ from orchestrator.outbox.base import (
     identity_text,
 )
 from orchestrator.provenance import Source
-from orchestrator.records import Collection, encode_line
+from orchestrator.records import Collection, EncodedRecord, Scope, encode_line
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -107,6 +110,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             body BLOB NOT NULL
         )""",
     ),
+    ("ALTER TABLE insight_import ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version the migrations of this release lead to."""
@@ -121,7 +125,7 @@ _PAGE_ROWS = 1000
 _QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
 _IMPORT_COLUMNS = (
     "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
-    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends"
+    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits"
 )
 _DEAD_LETTER_COLUMNS = (
     "id, account, collection, scope, collection_type, record, reason, message, details, key, "
@@ -451,6 +455,100 @@ class SqliteOutbox:
 
         await self._write(write, "record an import id")
 
+    async def mark_refused(self, ref: int) -> None:
+        """See ``OutboxStore.mark_refused``."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'sealed', import_id = NULL "
+                "WHERE id = ? AND phase = 'submitting'",
+                (ref,),
+            ).rowcount
+            _check_changed(conn, changed, ref, "mark it refused", "submitting")
+
+        await self._write(write, "record a refused submit")
+
+    async def mark_resubmit(self, ref: int) -> None:
+        """See ``OutboxStore.mark_resubmit``."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE insight_import SET phase = 'sealed', import_id = NULL, "
+                "resubmits = resubmits + 1 WHERE id = ? AND phase = 'submitted'",
+                (ref,),
+            ).rowcount
+            _check_changed(conn, changed, ref, "send it again", "submitted")
+
+        await self._write(write, "record a resubmit")
+
+    async def split(self, ref: int, parts: Sequence[ImportPart]) -> list[StoredImport]:
+        """See ``OutboxStore.split``."""
+        if not parts:
+            raise ValueError("an import is split into at least one part")
+        for part in parts:
+            if not part.row_ids or len(part.ends) != len(part.row_ids):
+                raise ValueError("each part holds rows, with one end offset per row")
+        sealed_at = time.time()
+
+        def write(conn: sqlite3.Connection) -> list[StoredImport]:
+            row = conn.execute(
+                f"SELECT {_IMPORT_COLUMNS} FROM insight_import WHERE id = ?", (ref,)
+            ).fetchone()
+            if row is None:
+                raise OutboxError(f"cannot split: import {ref} is not held by the outbox store")
+            old = _stored_import(conn, row)
+            if old.phase is ImportPhase.SUBMITTED:
+                raise OutboxError(f"cannot split: import {ref} is submitted")
+            given = [row_id for part in parts for row_id in part.row_ids]
+            if sorted(given) != sorted(old.row_ids):
+                raise OutboxError(f"cannot split: the parts do not hold exactly the rows of {ref}")
+            values = _queue_values(old.queue)
+            new_refs = []
+            for part in parts:
+                cursor = conn.execute(
+                    "INSERT INTO insight_import (account, collection, scope, collection_type,"
+                    " phase, body_bytes, depends_on, sealed_at, row_ids, ends, body, attempts,"
+                    " in_doubt) VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, ?, 0, 0)",
+                    (
+                        *values,
+                        len(part.body),
+                        orjson.dumps(list(old.depends_on)).decode(),
+                        sealed_at,
+                        array("q", part.row_ids).tobytes(),
+                        array("q", part.ends).tobytes(),
+                        part.body,
+                    ),
+                )
+                new = cursor.lastrowid
+                assert new is not None
+                new_refs.append(new)
+                conn.executemany(
+                    "UPDATE insight_outbox SET held_by = ? WHERE id = ? AND held_by = ?",
+                    ((new, row_id, ref) for row_id in part.row_ids),
+                )
+            for other, depends in conn.execute(
+                "SELECT id, depends_on FROM insight_import WHERE depends_on LIKE '%' || ? || '%'",
+                (str(ref),),
+            ).fetchall():
+                listed = orjson.loads(depends)
+                if ref in listed:
+                    redirected = sorted({*(d for d in listed if d != ref), *new_refs})
+                    conn.execute(
+                        "UPDATE insight_import SET depends_on = ? WHERE id = ?",
+                        (orjson.dumps(redirected).decode(), other),
+                    )
+            conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+            return [
+                _stored_import(conn, found)
+                for found in conn.execute(
+                    f"SELECT {_IMPORT_COLUMNS} FROM insight_import WHERE id IN "
+                    f"({', '.join('?' * len(new_refs))}) ORDER BY id",
+                    new_refs,
+                )
+            ]
+
+        return await self._write(write, "split an import")
+
     async def finish(
         self,
         ref: int,
@@ -732,22 +830,15 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
             break
         scanned += len(page)
         after = page[-1][0]
-        for row_id, text in page:
-            if collection is None:
-                assert invalid_queue is not None
-                invalid.append((row_id, invalid_queue, _key_of_record(text)))
+        if collection is None:
+            assert invalid_queue is not None
+            invalid.extend((row_id, invalid_queue, _key_of_record(text)) for row_id, text in page)
+            continue
+        for row_id, encoded in _encode_page(page, collection):
+            if not isinstance(encoded, EncodedRecord):
+                invalid.append((row_id, *encoded))
                 continue
-            try:
-                record = encode_line(
-                    text.encode(), collection, source=Source(RECORD_ORIGIN, row_id)
-                )
-            except RecordError as error:
-                invalid.append((row_id, Rejection(error.rule, error.message), error.key))
-                continue
-            except UnicodeEncodeError:
-                rejection = Rejection("json-syntax", "the record is not valid UTF-8 JSON")
-                invalid.append((row_id, rejection, None))
-                continue
+            record = encoded
             identity = identity_text(record.key, record.contact)
             if identity in in_flight:
                 earlier = held.get(identity)
@@ -770,6 +861,50 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
         rows.append(row)
         size = grown
     return rows, max(size, 0), len(rows) < len(latest), superseded, invalid, len(held)
+
+
+_Encoded = EncodedRecord | tuple[Rejection, str | None]  # a record, or why not and its key
+
+
+def _encode_page(
+    page: Sequence[tuple[int, str]], collection: Collection
+) -> list[tuple[int, _Encoded]]:
+    """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
+    lines are read) for rows that are one line each, the per-line encoder for the others."""
+    contact_scope = collection.scope is Scope.CONTACT
+    results: dict[int, _Encoded] = {}
+    lines: list[bytes] = []
+    ids: list[int] = []
+    for row_id, text in page:
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:
+            results[row_id] = (Rejection("json-syntax", "the record is not valid UTF-8 JSON"), None)
+            continue
+        if b"\n" in raw or b"\r" in raw or not raw.strip():
+            results[row_id] = _encode_one(raw, collection, row_id)
+            continue
+        lines.append(raw)
+        ids.append(row_id)
+    if lines:
+        data = b"\n".join(lines) + b"\n"
+        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=1)
+        run = encoded.records(data, RECORD_ORIGIN, contact_scope=contact_scope)
+        for index in range(len(run)):
+            row_id = ids[run.lines[index] - 1]
+            results[row_id] = dataclasses.replace(
+                run.record(index), source=Source(RECORD_ORIGIN, row_id)
+            )
+        for line, rule, message, key, _ in encoded.rejects:
+            results[ids[line - 1]] = (Rejection(rule, message), key)
+    return [(row_id, results[row_id]) for row_id, _ in page]
+
+
+def _encode_one(raw: bytes, collection: Collection, row_id: int) -> _Encoded:
+    try:
+        return encode_line(raw, collection, source=Source(RECORD_ORIGIN, row_id))
+    except RecordError as error:
+        return (Rejection(error.rule, error.message), error.key)
 
 
 def _delete_pending(conn: sqlite3.Connection, row_ids: Sequence[int]) -> int:
@@ -837,7 +972,8 @@ def _key_of_record(text: str) -> str | None:
 
 def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImport:
     (ref, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on,
-     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob) = row  # fmt: skip
+     attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob,
+     resubmits) = row  # fmt: skip
     row_ids = array("q")
     row_ids.frombytes(row_ids_blob)
     ends = array("q")
@@ -859,6 +995,7 @@ def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImpo
         in_doubt=in_doubt,
         sealed_at=sealed_at,
         submitted_at=submitted_at,
+        resubmits=resubmits,
     )
 
 
