@@ -100,8 +100,8 @@ def load_accounts(
             document = tomllib.load(handle)
     except OSError as error:
         raise ConfigError(
-            f"accounts file {file}: cannot read it: {error.strerror or error}; check the accounts file path "
-            f"(or {ACCOUNTS_ENV})"
+            f"accounts file {file}: cannot read it: {error.strerror or error}; check the accounts "
+            f"file path (or {ACCOUNTS_ENV})"
         ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"accounts file {file}: not valid TOML: {error}") from None
