@@ -20,7 +20,6 @@ import pytest
 from orchestrator.client import ClientSettings, RetryPolicy
 from orchestrator.simulator import Simulator
 
-
 POSTGRES_ENV = "INSIGHT_IMPORT_TEST_POSTGRES"
 
 

@@ -715,9 +715,11 @@ class PostgresOutbox:
         return await self._call(write, "dead-letter rows")
 
     async def recover(self) -> list[StoredImport]:
-        """See ``OutboxStore.recover``: on a shared database, the imports this worker adopts
-        (those of dead workers and those released by workers that stopped)."""
-        return await self.adopt()
+        """See ``OutboxStore.recover``: on a shared database, adopts what dead or stopped
+        workers left (their SUBMITTING imports come back SEALED, in doubt), then returns every
+        import this worker owns."""
+        await self.adopt()
+        return await self.owned()
 
     async def load_body(self, ref: int) -> bytes:
         """See ``OutboxStore.load_body``."""
