@@ -36,7 +36,8 @@ _PG_INSERT = (
 )
 _PG_MISSING = (
     "the outbox tables are missing in this database: create them with "
-    "insight-import outbox init --database URL"
+    "insight-import outbox init (from Python: await orchestrator.outbox.postgres.migrate(conn) "
+    "on an async connection)"
 )
 
 _ORIGIN = "<records>"

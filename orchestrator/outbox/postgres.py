@@ -1077,7 +1077,7 @@ class PostgresOutbox:
         if isinstance(error, psycopg.OperationalError):
             advice = "check that the server runs and accepts connections"
         elif isinstance(error, psycopg.errors.UndefinedTable):
-            advice = "create the tables with: insight-import outbox init --database URL"
+            advice = "create the tables with: insight-import outbox init"
         elif isinstance(error, psycopg.errors.InsufficientPrivilege):
             advice = "grant the database user the rights on the insight_* tables"
         else:
