@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,36 @@ import pytest
 
 from orchestrator.client import ClientSettings, RetryPolicy
 from orchestrator.simulator import Simulator
+
+POSTGRES_ENV = "INSIGHT_IMPORT_TEST_POSTGRES"
+
+
+def postgres_server() -> str:
+    """The test PostgreSQL's URL; skips without one, but fails under CI (it must have one)."""
+    url = os.environ.get(POSTGRES_ENV, "")
+    if not url:
+        reason = f"no PostgreSQL to test with: set {POSTGRES_ENV} (.ci/postgres.sh starts one)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; CI is set, so this is a failure", pytrace=False)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL of the test PostgreSQL whose tables live in a fresh schema of their own."""
+    import psycopg
+
+    server = postgres_server()
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in server else "?"
+    try:
+        yield f"{server}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The outbox store on real SQLite files: migrations, claims, seals, finishes, recovery."""
+"""The outbox store on real SQLite files and a real PostgreSQL: migrations, claims, seals,
+finishes, recovery (each store test runs on both backends)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import sqlite3
 import sys
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -42,6 +45,53 @@ def line(key: str, value: object = 1, email: str | None = None) -> str:
     if email is not None:
         record["contactIdentity"] = {"identifier": "email", "value": email}
     return orjson.dumps(record).decode()
+
+
+class Backend:
+    """One outbox backend under test: opens stores on a fresh database, and reads and writes
+    its tables directly (statements use ``?`` placeholders)."""
+
+    def __init__(self, name: str, tmp_path: Path, postgres_url: str | None) -> None:
+        self.name = name
+        self.path = tmp_path / "outbox.sqlite"
+        self.url = postgres_url or ""
+
+    def store(self) -> Any:
+        """A store, to open with ``async with`` (a registered worker on PostgreSQL)."""
+        if self.name == "sqlite":
+            return SqliteOutbox(self.path)
+        from orchestrator.outbox.postgres import PostgresOutbox
+
+        return PostgresOutbox(self.url, worker=True)
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """Rows of a statement, through a connection of its own."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.path) as conn:
+                return conn.execute(sql, params).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Run a statement once per row, in one transaction of its own."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.path) as conn:
+                conn.executemany(sql, rows)
+            return
+        import psycopg
+
+        with psycopg.connect(self.url) as conn, conn.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each backend in turn, on a database of its own."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    return Backend(request.param, tmp_path, url)
 
 
 def rows_of(path: Path, table: str = "insight_outbox") -> list[tuple[object, ...]]:
@@ -93,15 +143,13 @@ def test_migrate_inside_the_callers_transaction_rolls_back_with_it(tmp_path: Pat
         assert version == (SCHEMA_VERSION,)
 
 
-async def test_the_contracts_insert_statement_works_with_defaults(tmp_path: Path) -> None:
+async def test_the_contracts_insert_statement_works_with_defaults(backend: Backend) -> None:
     """An application's plain INSERT (as documented) is claimed with scope and type defaults."""
-    path = tmp_path / "outbox.sqlite"
-    async with SqliteOutbox(path) as store:
-        with sqlite3.connect(path) as conn:
-            conn.execute(
-                "INSERT INTO insight_outbox (account, collection, record) VALUES (?, ?, ?)",
-                ("acme", "Orders", line("o-1")),
-            )
+    async with backend.store() as store:
+        backend.executemany(
+            "INSERT INTO insight_outbox (account, collection, record) VALUES (?, ?, ?)",
+            [("acme", "Orders", line("o-1"))],
+        )
         [pending] = await store.pending()
         assert pending.queue == QUEUE
         assert pending.rows == 1
@@ -111,9 +159,9 @@ async def test_the_contracts_insert_statement_works_with_defaults(tmp_path: Path
     assert str(claim.rows[0].record.source) == f"insight_outbox:{claim.rows[0].row_id}"
 
 
-async def test_pending_lists_each_queue_oldest_first(tmp_path: Path) -> None:
+async def test_pending_lists_each_queue_oldest_first(backend: Backend) -> None:
     """Queues are listed by their oldest row; held rows are not pending."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("beta", ORDERS, [line("b-1")])
         await store.enqueue("acme", CONTACTS, [line("c-1", email="a@b.io")])
         await store.enqueue("beta", ORDERS, [line("b-2")])
@@ -129,9 +177,9 @@ async def test_pending_lists_each_queue_oldest_first(tmp_path: Path) -> None:
         assert [p.queue for p in await store.pending()] == [CONTACT_QUEUE]
 
 
-async def test_claim_takes_rows_in_id_order_up_to_the_budget(tmp_path: Path) -> None:
+async def test_claim_takes_rows_in_id_order_up_to_the_budget(backend: Backend) -> None:
     """Records joined with commas fit the budget; `full` says some were left for later."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         texts = [line(f"k{i}") for i in range(10)]
         await store.enqueue("acme", ORDERS, texts)
         size = len(texts[0])  # every line has the same length
@@ -147,20 +195,19 @@ async def test_claim_takes_rows_in_id_order_up_to_the_budget(tmp_path: Path) -> 
         assert not everything.full
 
 
-async def test_a_row_larger_than_the_budget_comes_alone(tmp_path: Path) -> None:
+async def test_a_row_larger_than_the_budget_comes_alone(backend: Backend) -> None:
     """A record over the budget is returned by itself, so it never blocks its queue."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("big", "x" * 500), line("small")])
         claim = await store.claim(QUEUE, budget_bytes=100)
         assert [r.record.key for r in claim.rows] == ["big"]
         assert claim.full
 
 
-async def test_claim_deletes_rows_superseded_by_a_later_valid_row(tmp_path: Path) -> None:
+async def test_claim_deletes_rows_superseded_by_a_later_valid_row(backend: Backend) -> None:
     """Last write wins: earlier rows of an identity are deleted and counted; an invalid later
     row supersedes nothing and is dead-lettered."""
-    path = tmp_path / "outbox.sqlite"
-    async with SqliteOutbox(path) as store:
+    async with backend.store() as store:
         await store.enqueue(
             "acme",
             ORDERS,
@@ -174,12 +221,12 @@ async def test_claim_deletes_rows_superseded_by_a_later_valid_row(tmp_path: Path
         [letter] = await store.dead_letters()
         assert (letter.reason, letter.key, letter.source_id) == ("json-type", "b", 5)
         assert letter.record == '{"key": "b", "json": 5}'
-    assert [row[0] for row in rows_of(path)] == [2, 4]
+    assert backend.query("SELECT id FROM insight_outbox ORDER BY id") == [(2,), (4,)]
 
 
-async def test_contact_scope_identity_is_the_key_per_contact(tmp_path: Path) -> None:
+async def test_contact_scope_identity_is_the_key_per_contact(backend: Backend) -> None:
     """The same key for two contacts is two records; for the same contact, one."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue(
             "acme",
             CONTACTS,
@@ -191,9 +238,9 @@ async def test_contact_scope_identity_is_the_key_per_contact(tmp_path: Path) -> 
         assert claim.rows[1].identity == identity_text("k", ("email", "a@b.io"))
 
 
-async def test_rows_of_an_identity_in_flight_wait_for_its_import(tmp_path: Path) -> None:
+async def test_rows_of_an_identity_in_flight_wait_for_its_import(backend: Backend) -> None:
     """A row whose identity is in an import in flight is held back until that import ends."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("a", 1), line("b", 1)])
         first = await store.claim(QUEUE, budget_bytes=10**6)
         sealed = await store.seal(QUEUE, first.rows, b"body-1")
@@ -213,10 +260,9 @@ async def test_rows_of_an_identity_in_flight_wait_for_its_import(tmp_path: Path)
         assert third.held_back == 0
 
 
-async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(tmp_path: Path) -> None:
+async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(backend: Backend) -> None:
     """Sealed rows leave the pending set; sealing a taken row writes nothing."""
-    path = tmp_path / "outbox.sqlite"
-    async with SqliteOutbox(path) as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("a"), line("b")])
         claim = await store.claim(QUEUE, budget_bytes=10**6)
         sealed = await store.seal(QUEUE, claim.rows[:1], b"body", ends=[10], depends_on=[7])
@@ -227,13 +273,13 @@ async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(tmp_path: 
             await store.seal(QUEUE, claim.rows, b"body-again")
         assert [imp.ref for imp in await store.recover()] == [sealed.ref]
         assert await store.load_body(sealed.ref) == b"body"
-    held = {row[0]: row[7] for row in rows_of(path)}
+    held = dict(backend.query("SELECT id, held_by FROM insight_outbox ORDER BY id"))
     assert held == {1: sealed.ref, 2: None}
 
 
-async def test_phases_move_forward_only(tmp_path: Path) -> None:
+async def test_phases_move_forward_only(backend: Backend) -> None:
     """submitting needs sealed (or submitted, to resubmit); submitted needs submitting."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("a")])
         claim = await store.claim(QUEUE, budget_bytes=10**6)
         ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
@@ -252,11 +298,10 @@ async def test_phases_move_forward_only(tmp_path: Path) -> None:
             await store.finish(ref)
 
 
-async def test_finish_dead_letters_api_failures_with_the_record_text(tmp_path: Path) -> None:
+async def test_finish_dead_letters_api_failures_with_the_record_text(backend: Backend) -> None:
     """Rejected rows become dead letters holding the record as enqueued; the rest are deleted."""
-    path = tmp_path / "outbox.sqlite"
     exact = '{"key": "a",  "json": {"big": 123456789012345678901234567890, "f": 1.10}}'
-    async with SqliteOutbox(path) as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [exact, line("b"), line("c")])
         claim = await store.claim(QUEUE, budget_bytes=10**6)
         ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
@@ -277,12 +322,12 @@ async def test_finish_dead_letters_api_failures_with_the_record_text(tmp_path: P
         assert (letter.import_id, letter.source_id, letter.queue) == ("import-9", 1, QUEUE)
         assert b'"record":' + exact.encode() + b"}" in letter.to_json()
         assert await store.recover() == []
-    assert rows_of(path) == []
+    assert backend.query("SELECT id FROM insight_outbox") == []
 
 
-async def test_finish_with_reject_all_dead_letters_every_row(tmp_path: Path) -> None:
+async def test_finish_with_reject_all_dead_letters_every_row(backend: Backend) -> None:
     """An import that failed as a whole dead-letters all its rows with one reason."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("a"), line("b")])
         claim = await store.claim(QUEUE, budget_bytes=10**6)
         ref = (await store.seal(QUEUE, claim.rows, b"body")).ref
@@ -345,16 +390,14 @@ async def test_a_second_worker_on_the_same_file_is_refused(tmp_path: Path) -> No
             await other.ping()
 
 
-async def test_rows_of_an_invalid_collection_are_dead_lettered(tmp_path: Path) -> None:
+async def test_rows_of_an_invalid_collection_are_dead_lettered(backend: Backend) -> None:
     """A scope or type the API refuses sends every row of its queue to the dead letters."""
-    path = tmp_path / "outbox.sqlite"
-    async with SqliteOutbox(path) as store:
-        with sqlite3.connect(path) as conn:
-            conn.executemany(
-                "INSERT INTO insight_outbox (account, collection, scope, record) "
-                "VALUES ('acme', 'Orders', 'everyone', ?)",
-                [(line("a"),), ("not json",)],
-            )
+    async with backend.store() as store:
+        backend.executemany(
+            "INSERT INTO insight_outbox (account, collection, scope, record) "
+            "VALUES ('acme', 'Orders', 'everyone', ?)",
+            [(line("a"),), ("not json",)],
+        )
         queue = OutboxQueue("acme", "Orders", "everyone")
         claim = await store.claim(queue, budget_bytes=10**6)
         assert (claim.rows, claim.dead_lettered) == ((), 2)
@@ -366,9 +409,9 @@ async def test_rows_of_an_invalid_collection_are_dead_lettered(tmp_path: Path) -
         assert "everyone" in letters[0].message
 
 
-async def test_dead_letter_rows_moves_pending_rows_only(tmp_path: Path) -> None:
+async def test_dead_letter_rows_moves_pending_rows_only(backend: Backend) -> None:
     """Rows the worker rejects (too large for a body) move; held rows are skipped."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, [line("a"), '{"key": 7, "json": {}}', line("c")])
         claim = await store.claim(QUEUE, budget_bytes=10**6)
         await store.seal(QUEUE, claim.rows[2:], b"body")
@@ -380,9 +423,9 @@ async def test_dead_letter_rows_moves_pending_rows_only(tmp_path: Path) -> None:
         assert [r.row_id for r in (await store.claim(QUEUE, budget_bytes=10**6)).rows] == [1]
 
 
-async def test_dead_letters_filter_page_and_requeue_in_order(tmp_path: Path) -> None:
+async def test_dead_letters_filter_page_and_requeue_in_order(backend: Backend) -> None:
     """Listing filters by account and collection and pages by id; requeue keeps the order."""
-    async with SqliteOutbox(tmp_path / "outbox.sqlite") as store:
+    async with backend.store() as store:
         await store.enqueue("acme", ORDERS, ['{"n": 1}', '{"n": 2}'], check=False)
         await store.enqueue("beta", ORDERS, ['{"n": 3}'], check=False)
         await store.enqueue("acme", CONTACTS, ['{"n": 4}'], check=False)
@@ -397,10 +440,9 @@ async def test_dead_letters_filter_page_and_requeue_in_order(tmp_path: Path) -> 
         assert [d.record for d in page] == ['{"n": 2}', '{"n": 4}']
         assert await store.requeue([acme[2].id, acme[0].id, 999]) == 2
         assert [d.record for d in await store.dead_letters()] == ['{"n": 2}', '{"n": 3}']
-        with sqlite3.connect(store.path) as conn:
-            back = conn.execute(
-                "SELECT collection, scope, collection_type, record FROM insight_outbox ORDER BY id"
-            ).fetchall()
+        back = backend.query(
+            "SELECT collection, scope, collection_type, record FROM insight_outbox ORDER BY id"
+        )
         assert back == [
             ("Orders", "account", "custom", '{"n": 1}'),
             ("Contacts", "contact", "orders", '{"n": 4}'),

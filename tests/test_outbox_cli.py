@@ -86,13 +86,13 @@ def test_enqueue_reads_gzip_and_stdin_and_the_database_from_the_environment(
 @pytest.mark.parametrize(
     ("database", "message"),
     [
-        ("postgresql://worker@db:5432/app", b"PostgreSQL is not available yet"),
+        ("postgresql://worker:s3cret@127.0.0.1:1/app", b"cannot connect"),
         ("sqlite://relative.sqlite", b"the path must be absolute"),
         ("mysql://user:s3cret@host/db", b"use sqlite:///ABSOLUTE/PATH"),
     ],
 )
 def test_a_database_url_this_release_cannot_use_exits_2(database: str, message: bytes) -> None:
-    """PostgreSQL (not yet), relative paths and other URLs are usage errors; no secret shown."""
+    """An unreachable PostgreSQL, a relative path, another URL: usage errors, no secret shown."""
     done = run_cli("outbox", "init", "--database", database)
     assert done.returncode == 2
     assert message in done.stderr

@@ -3,7 +3,8 @@
 ``enqueue(connection, collection=..., records=...)`` writes rows into ``insight_outbox`` on the
 application's own ``sqlite3`` connection; ``SqliteOutbox`` is the store the worker drains them
 through (its interface is ``OutboxStore``, documented in ``orchestrator.outbox.base``);
-``database_path`` reads a ``--database`` URL.
+``open_outbox(url)`` opens the store a ``--database`` URL names (``PostgresOutbox`` from
+``orchestrator.outbox.postgres`` for PostgreSQL, with the ``postgres`` extra installed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    FencedOut,
     Finished,
     ImportPart,
     ImportPhase,
@@ -21,12 +23,21 @@ from orchestrator.outbox.base import (
     OutboxStore,
     Pending,
     Rejection,
+    SharedOutboxStore,
+    SlotsFull,
     StoredDeadLetter,
     StoredImport,
     identity_text,
 )
-from orchestrator.outbox.database import DATABASE_ENV, database_path, default_database
-from orchestrator.outbox.enqueue import enqueue, record_texts
+from orchestrator.outbox.database import (
+    DATABASE_ENV,
+    Database,
+    database_path,
+    default_database,
+    open_outbox,
+    parse_database,
+)
+from orchestrator.outbox.enqueue import enqueue, enqueue_async, record_texts
 from orchestrator.outbox.sqlite import SCHEMA_VERSION, SqliteOutbox, migrate
 
 __all__ = [
@@ -36,6 +47,8 @@ __all__ = [
     "Claim",
     "ClaimConflict",
     "ClaimedRow",
+    "Database",
+    "FencedOut",
     "Finished",
     "ImportPart",
     "ImportPhase",
@@ -44,13 +57,18 @@ __all__ = [
     "OutboxStore",
     "Pending",
     "Rejection",
+    "SharedOutboxStore",
+    "SlotsFull",
     "SqliteOutbox",
     "StoredDeadLetter",
     "StoredImport",
     "database_path",
     "default_database",
     "enqueue",
+    "enqueue_async",
     "identity_text",
     "migrate",
+    "open_outbox",
+    "parse_database",
     "record_texts",
 ]

@@ -23,6 +23,30 @@ import id; SUBMITTING ones were in doubt (the PUT may have started an import) an
 with ``in_doubt`` counted, to be sent again with the same body (records are upserted by key).
 
 Every state change is one transaction; a backend keeps its SQL to itself.
+
+Several workers on one database (PostgreSQL; ``SharedOutboxStore`` adds what they need):
+
+- **Registration and leases.** A worker's store registers a row in ``insight_worker`` (its id and
+  a fence token from a sequence) and heartbeats it on a connection of its own
+  (``run_heartbeats``). A worker whose heartbeat is older than the lease is dead.
+- **Fencing.** Every write of a worker runs in a transaction that first locks its own worker
+  row, and every write to an import also requires ``owner = me AND fence = my token``; a worker
+  whose row was taken away (adopted) gets ``FencedOut`` and nothing it asked for is written.
+  It must stop: its imports belong to another worker now.
+- **Adoption.** ``recover()`` (and ``adopt()``, to be called every lease or so) takes over, in one
+  transaction, the imports of dead workers and of workers that stopped cleanly with imports in
+  flight: SUBMITTED ones are polled by their import id (never sent again), SUBMITTING ones come
+  back SEALED and in doubt, to be sent again with the same body.
+- **One builder per queue.** ``claim`` takes the queue's lock row (``FOR UPDATE SKIP LOCKED``:
+  a queue another live worker is building a batch for is skipped, its claim comes back empty,
+  and ``pending`` does not list it); ``seal`` releases it, as does an empty claim or
+  ``release_queue``. No transaction stays open between calls (none during a PUT).
+- **Slots belong to imports.** ``mark_submitting`` takes the import's slot in the transaction
+  that records the intent (unless the import already holds one: a resend keeps its slot),
+  counting the account's slots under a per-account lock so that ``max_concurrent`` holds for
+  every worker together; ``SlotsFull`` and nothing written when none is free. ``finish`` frees
+  it in the transaction that ends the import. No slot ever expires by time; a dead worker's
+  slots pass to the adopter with its imports.
 """
 
 from __future__ import annotations
@@ -43,6 +67,7 @@ __all__ = [
     "Claim",
     "ClaimConflict",
     "ClaimedRow",
+    "FencedOut",
     "Finished",
     "ImportPart",
     "ImportPhase",
@@ -51,6 +76,8 @@ __all__ = [
     "OutboxStore",
     "Pending",
     "Rejection",
+    "SharedOutboxStore",
+    "SlotsFull",
     "StoredDeadLetter",
     "StoredImport",
     "identity_text",
@@ -69,6 +96,31 @@ class OutboxError(JournalError):
 
 class ClaimConflict(OutboxError):
     """A claimed row was taken by another import or deleted before its batch was sealed."""
+
+
+class FencedOut(OutboxError):
+    """This worker no longer owns what it tried to write: another worker adopted it.
+
+    Nothing of the write was done. The worker must stop working on its imports (their new owner
+    polls or resends them) and should exit or register again.
+    """
+
+
+class SlotsFull(OutboxError):
+    """Every slot of the account is held (by imports of any worker): wait for one to be freed.
+
+    Args:
+        account: the account.
+        capacity: its slots.
+    """
+
+    def __init__(self, account: str, capacity: int) -> None:
+        super().__init__(
+            f"account {account!r} has all its {capacity} import slots in use: "
+            "wait for an import to end, then mark the intent again"
+        )
+        self.account = account
+        self.capacity = capacity
 
 
 def identity_text(key: str, contact: tuple[str, str] | None) -> str:
@@ -506,4 +558,56 @@ class OutboxStore(Protocol):
     async def requeue(self, ids: Sequence[int]) -> int:
         """Put dead letters back into the outbox as new rows, in id order, in one transaction;
         return how many (ids no longer dead letters are skipped)."""
+        ...
+
+
+class SharedOutboxStore(OutboxStore, Protocol):
+    """An outbox store several workers share (PostgreSQL): leases, adoption, shared slots.
+
+    The worker opens it with its identity (``PostgresOutbox(url, worker=True, ...)``) and, besides
+    the ``OutboxStore`` calls:
+
+    - starts ``await task_group.start(store.run_heartbeats)`` next to its loops (a ``FencedOut``
+      from it means the worker was declared dead and adopted: stop);
+    - calls ``recover()`` once at start and ``adopt()`` about every lease, and runs each import
+      they return (polls SUBMITTED ones, resends SEALED ones from ``load_body``);
+    - gates submits with the account's ``slot_gate(account)`` (a ``slots.SlotGate``) and, inside
+      ``hold()``, calls ``mark_submitting(ref)``: on ``SlotsFull`` (another worker took the last
+      slot between the gate's look and the intent) it awaits ``wait_for_slot(account)`` and marks
+      again; ``finish(ref)`` frees the slot;
+    - awaits ``wait_for_rows(max_wait)`` between passes over ``pending()``: it returns early when
+      an application inserts rows (``LISTEN``), else after ``max_wait`` seconds (add jitter).
+    """
+
+    @property
+    def worker_id(self) -> int:
+        """This worker's id in ``insight_worker``."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """Renew this worker's lease once (``FencedOut`` when it was adopted)."""
+        ...
+
+    async def run_heartbeats(self, *, task_status: object = ...) -> None:
+        """Heartbeat every third of the lease, forever, on a connection of its own."""
+        ...
+
+    async def adopt(self) -> list[StoredImport]:
+        """Take over the imports of dead workers (and released ones) in one transaction."""
+        ...
+
+    async def release_queue(self, queue: OutboxQueue) -> None:
+        """Give up the queue's lock taken by a claim that will not be sealed."""
+        ...
+
+    async def slots_in_use(self, account: str) -> int:
+        """How many of the account's slots are held now, by every worker together."""
+        ...
+
+    async def wait_for_slot(self, account: str, *, max_wait: float | None = None) -> None:
+        """Return when the account may have a free slot (at most after ``max_wait`` seconds)."""
+        ...
+
+    async def wait_for_rows(self, max_wait: float) -> bool:
+        """Wait for an insert into the outbox; ``False`` when ``max_wait`` seconds passed first."""
         ...

@@ -18,8 +18,8 @@ OUTBOX_COMMANDS = frozenset({"outbox", "enqueue", "dead-letters"})
 
 _EXIT_OK, _EXIT_REJECTED, _EXIT_USAGE = 0, 1, 2
 _DATABASE_HELP = (
-    "sqlite:///ABSOLUTE/PATH (env INSIGHT_IMPORT_DATABASE; default: outbox.sqlite in the user's "
-    "state directory)"
+    "sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST:PORT/DB (env INSIGHT_IMPORT_DATABASE; "
+    "default: outbox.sqlite in the user's state directory)"
 )
 _PAGE = 1000
 
@@ -73,11 +73,11 @@ def run_outbox_command(args: argparse.Namespace) -> int:
 
     from orchestrator.errors import ConfigError, InputError, JournalError
     from orchestrator.logs import configure_logging
-    from orchestrator.outbox.database import database_path
+    from orchestrator.outbox.database import parse_database
 
     configure_logging(level="warning", fmt="auto")
     try:
-        path = database_path(args.database)
+        path = parse_database(args.database)
         if args.command == "outbox":
             return anyio.run(_init, path)
         if args.command == "enqueue":
@@ -91,25 +91,25 @@ def run_outbox_command(args: argparse.Namespace) -> int:
 
 
 async def _init(path: Any) -> int:
-    from orchestrator.outbox.sqlite import SqliteOutbox
+    from orchestrator.outbox.database import open_outbox
 
-    async with SqliteOutbox(path) as store:
+    async with open_outbox(path) as store:
         version = await store.schema_version()
-    print(f"Outbox tables ready in {path} (schema version {version}).")
+    print(f"Outbox tables ready in {path.where} (schema version {version}).")
     return _EXIT_OK
 
 
 async def _enqueue(path: Any, args: argparse.Namespace) -> int:
     import anyio.to_thread
 
-    from orchestrator.outbox.sqlite import SqliteOutbox
+    from orchestrator.outbox.database import open_outbox
     from orchestrator.records import Collection
     from orchestrator.sources import JsonLinesReader, validate_inputs
 
     collection = Collection(args.collection, args.scope, args.collection_type)
     await validate_inputs(args.inputs)
     written = rejected = 0
-    async with SqliteOutbox(path) as store:
+    async with open_outbox(path) as store:
         for name in args.inputs:
             async with JsonLinesReader(name) as reader:
                 async for chunk in reader.chunks():
@@ -123,7 +123,8 @@ async def _enqueue(path: Any, args: argparse.Namespace) -> int:
                         written += await store.enqueue(args.account, collection, texts, check=False)
     print(
         f"Enqueued {written:,} records for account {args.account!r} into collection "
-        f"{collection.name!r} in {path}" + (f"; {rejected:,} lines rejected." if rejected else ".")
+        f"{collection.name!r} in {path.where}"
+        + (f"; {rejected:,} lines rejected." if rejected else ".")
     )
     return _EXIT_REJECTED if rejected else _EXIT_OK
 
@@ -151,12 +152,12 @@ def _check_lines(
 
 
 async def _dead_letters(path: Any, args: argparse.Namespace) -> int:
-    from orchestrator.outbox.sqlite import SqliteOutbox
+    from orchestrator.outbox.database import open_outbox
 
     listed = requeued = 0
     after = 0
     out = sys.stdout.buffer
-    async with SqliteOutbox(path) as store:
+    async with open_outbox(path) as store:
         while True:
             page = await store.dead_letters(
                 account=args.account, collection=args.collection, after=after, limit=_PAGE

@@ -4,6 +4,9 @@
         connection.execute("UPDATE orders SET total = ? WHERE id = ?", (12.5, "o-1"))
         enqueue(connection, account="acme", collection=Collection("Orders"), records=[order])
 
+On PostgreSQL, the same call takes the application's ``psycopg.Connection`` (its transaction,
+its commit), and ``enqueue_async`` an ``psycopg.AsyncConnection``.
+
 Each record is checked with the same rules as ``insight-import run`` before anything is written: a
 record that breaks one raises ``RecordError`` naming the rule, and none of the call's records is
 written. A line given as ``str`` or ``bytes`` is stored exactly as given (surrounding whitespace
@@ -15,13 +18,27 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RecordError
 from orchestrator.outbox import sqlite as sqlite_sql
 from orchestrator.provenance import Source
 from orchestrator.records import Collection, Scope, encode_line, encode_record
 
-__all__ = ["enqueue", "record_texts"]
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["enqueue", "enqueue_async", "record_texts"]
+
+_PG_INSERT = (
+    "INSERT INTO insight_outbox (account, collection, scope, collection_type, record) "
+    "VALUES (%s, %s, %s, %s, %s)"
+)
+_PG_MISSING = (
+    "the outbox tables are missing in this database: create them with "
+    "insight-import outbox init (from Python: await orchestrator.outbox.postgres.migrate(conn) "
+    "on an async connection)"
+)
 
 _ORIGIN = "<records>"
 _JSON_SYNTAX = "the line is not valid UTF-8 JSON; each line must hold one complete JSON object"
@@ -62,7 +79,7 @@ def record_texts(
 
 
 def enqueue(
-    connection: sqlite3.Connection,
+    connection: sqlite3.Connection | psycopg.Connection[Any],
     *,
     collection: Collection,
     records: Iterable[Mapping[str, object] | str | bytes],
@@ -71,11 +88,13 @@ def enqueue(
     """Write records into ``insight_outbox`` in the caller's transaction; return how many.
 
     Nothing is committed: the rows become visible to the worker when the caller commits, and go
-    away if it rolls back. On a connection in autocommit mode (``isolation_level=None``) outside
-    a transaction, the call's rows are written in one transaction of their own.
+    away if it rolls back. On a connection in autocommit mode (``isolation_level=None`` for
+    sqlite3, ``autocommit=True`` for psycopg) outside a transaction, the call's rows are written
+    in one transaction of their own.
 
     Args:
-        connection: the application's connection to the outbox database.
+        connection: the application's connection to the outbox database: ``sqlite3`` or a
+            ``psycopg.Connection`` (PostgreSQL).
         collection: the collection the records go to; its scope and type are stored with them.
         records: mappings, or JSON Lines lines as ``str`` or ``bytes``.
         account: the account name from the worker's accounts file (``default`` without one).
@@ -85,12 +104,11 @@ def enqueue(
         errors.ConfigError: ``account`` is empty.
         OutboxError: the outbox tables are missing (``insight-import outbox init`` makes them).
     """
-    sqlite_sql.check_account(account)
-    texts = record_texts(records, collection)
-    if not texts:
+    rows = _rows(account, collection, records)
+    if not rows:
         return 0
-    queue = (account, collection.name, Scope(collection.scope).value, collection.type)
-    rows = [(*queue, text) for text in texts]
+    if not isinstance(connection, sqlite3.Connection):
+        return _enqueue_psycopg(connection, rows)
     own_transaction = not connection.in_transaction and _autocommits(connection)
     try:
         if own_transaction:
@@ -105,6 +123,69 @@ def enqueue(
             connection.execute("COMMIT")
     except sqlite3.OperationalError as error:
         raise sqlite_sql.explain_missing_tables(error) from error
+    return len(rows)
+
+
+async def enqueue_async(
+    connection: psycopg.AsyncConnection[Any],
+    *,
+    collection: Collection,
+    records: Iterable[Mapping[str, object] | str | bytes],
+    account: str = "default",
+) -> int:
+    """``enqueue`` on the application's ``psycopg.AsyncConnection``, in its transaction.
+
+    Args:
+        connection: the application's async connection to the PostgreSQL outbox database.
+        collection: the collection the records go to.
+        records: mappings, or JSON Lines lines as ``str`` or ``bytes``.
+        account: the account name (``default`` without an accounts file).
+
+    Raises:
+        errors.RecordError: a record breaks a rule (nothing of this call is written).
+        errors.ConfigError: ``account`` is empty.
+        OutboxError: the outbox tables are missing.
+    """
+    import psycopg
+
+    rows = _rows(account, collection, records)
+    if not rows:
+        return 0
+    try:
+        if connection.autocommit:
+            async with connection.transaction(), connection.cursor() as cursor:
+                await cursor.executemany(_PG_INSERT, rows)
+        else:
+            async with connection.cursor() as cursor:
+                await cursor.executemany(_PG_INSERT, rows)
+    except psycopg.errors.UndefinedTable as error:
+        from orchestrator.outbox.base import OutboxError
+
+        raise OutboxError(_PG_MISSING) from error
+    return len(rows)
+
+
+def _rows(account: str, collection: Collection, records: Iterable[object]) -> list[tuple[str, ...]]:
+    sqlite_sql.check_account(account)
+    texts = record_texts(records, collection)
+    queue = (account, collection.name, Scope(collection.scope).value, collection.type)
+    return [(*queue, text) for text in texts]
+
+
+def _enqueue_psycopg(connection: psycopg.Connection[Any], rows: list[tuple[str, ...]]) -> int:
+    import psycopg
+
+    try:
+        if connection.autocommit:  # no transaction of the caller's: one of our own
+            with connection.transaction(), connection.cursor() as cursor:
+                cursor.executemany(_PG_INSERT, rows)
+        else:  # inside (or opening) the caller's transaction; the caller commits
+            with connection.cursor() as cursor:
+                cursor.executemany(_PG_INSERT, rows)
+    except psycopg.errors.UndefinedTable as error:
+        from orchestrator.outbox.base import OutboxError
+
+        raise OutboxError(_PG_MISSING) from error
     return len(rows)
 
 
