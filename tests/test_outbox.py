@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from orchestrator.outbox import (
     SCHEMA_VERSION,
     ClaimConflict,
+    ImportPart,
     ImportPhase,
     OutboxError,
     OutboxQueue,
@@ -581,3 +582,36 @@ async def test_a_claim_encodes_rows_exactly_as_one_line_each_would_be(tmp_path: 
         else:
             assert claimed[row_id] == expected, text
     assert len(claimed) + len(letters) == len(texts)
+
+
+async def test_refused_resubmitted_and_split_imports_keep_their_rows(backend: Backend) -> None:
+    """A refused submit is sealed again; a resubmit counts and clears the id; a split replaces
+    the import by its parts (same rows, each held once) in one step, on every backend."""
+    async with backend.store() as store:
+        await store.enqueue("acme", ORDERS, [line(f"s{i}") for i in range(4)])
+        claim = await store.claim(QUEUE, budget_bytes=10_000)
+        row_ids = tuple(row.row_id for row in claim.rows)
+        sealed = await store.seal(QUEUE, claim.rows, b"body")
+        await store.mark_submitting(sealed.ref)
+        await store.mark_refused(sealed.ref)
+        await store.mark_submitting(sealed.ref)
+        await store.mark_submitted(sealed.ref, "imp-1")
+        await store.mark_resubmit(sealed.ref)
+        (again,) = await store.recover()
+        assert (again.phase, again.import_id, again.resubmits) == (ImportPhase.SEALED, None, 1)
+        halves = [
+            ImportPart(row_ids[:2], b"first", (3, 5)),
+            ImportPart(row_ids[2:], b"second", (3, 6)),
+        ]
+        parts = await store.split(sealed.ref, halves)
+        assert [part.row_ids for part in parts] == [row_ids[:2], row_ids[2:]]
+        assert [await store.load_body(part.ref) for part in parts] == [b"first", b"second"]
+        assert sorted(i.ref for i in await store.recover()) == sorted(p.ref for p in parts)
+        with pytest.raises(OutboxError):
+            await store.load_body(sealed.ref)
+        for part in parts:
+            await store.mark_submitting(part.ref)
+            await store.mark_submitted(part.ref, f"imp-{part.ref}")
+            finished = await store.finish(part.ref)
+            assert finished.imported == 2
+    assert backend.query("SELECT count(*) FROM insight_outbox") == [(0,)]
