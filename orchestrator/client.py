@@ -1,7 +1,7 @@
 """The aiohttp client of the Insight data bulk import API: calls, auth, regions, retries, errors.
 
 One :class:`InsightClient` wraps one reused ``aiohttp.ClientSession``. Each call is retried with
-stamina on 5xx answers, dropped connections and timeouts, bounded by attempts *and* total time;
+tenacity on 5xx answers, dropped connections and timeouts, bounded by attempts *and* total time;
 a 429 rate limit waits what the API asks (``Retry-After`` / ``x-ratelimit-reset``) inside the
 same budget. The rate limit is the account's, and one client is one account: once any call is
 rate limited, every call of the client waits for the advertised reset before it is sent (one that
@@ -10,10 +10,9 @@ without calling). Every other error status maps to one class of :mod:`orchestrat
 Nothing here logs or formats credentials, request bodies or record contents.
 
 Testing: :meth:`RetryPolicy.immediate` retries without backoff but still waits what a 429 asks
-(tests send a small ``Retry-After``). Under ``stamina.set_testing(True)`` stamina zeroes *every*
-wait, the API's ``Retry-After`` and the account-wide wait after a 429 included, and replaces the
-attempts by its testing value; a wait beyond the call's time budget still raises
-:class:`~orchestrator.errors.RateLimitedError` at once.
+(tests send a small ``Retry-After``); a wait beyond the call's time budget still raises
+:class:`~orchestrator.errors.RateLimitedError` at once. The retries are the call's own: nothing
+here switches a process-wide retry mode or instrumentation, and no retry logs a line of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import email.utils
 import ipaddress
 import math
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import anyio
 import orjson
-import stamina
+import tenacity
 from aiohttp import payload as aiohttp_payload
 from aiohttp.abc import AbstractStreamWriter
 
@@ -587,19 +587,35 @@ class InsightClient:
                 return False  # the host was never reached: retrying will not make it exist
             return isinstance(exc, TransientError)
 
+        asked_wait: float | None = None  # the wait backoff() chose for the next try, if any
+
+        def retry_wanted(exc: BaseException) -> bool:
+            nonlocal asked_wait
+            decision = backoff(exc) if isinstance(exc, Exception) else False
+            asked_wait = None if isinstance(decision, bool) else decision
+            return decision is not False
+
+        def wait(retry_state: tenacity.RetryCallState) -> float:
+            if asked_wait is not None:
+                return asked_wait
+            return _jittered_backoff(policy, retry_state.attempt_number)
+
+        # Tenacity rather than a retry library with process-wide hooks: each call owns its
+        # policy, and there is no instrumentation to print lines nobody configured.
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(retry_wanted),
+            stop=tenacity.stop_after_attempt(attempts if attempts is not None else policy.attempts)
+            | tenacity.stop_after_delay(policy.timeout),
+            wait=wait,
+            sleep=anyio.sleep,
+            reraise=True,
+        )
         try:
-            async for attempt in stamina.retry_context(
-                on=backoff,
-                attempts=attempts if attempts is not None else policy.attempts,
-                timeout=policy.timeout,
-                wait_initial=policy.wait_initial,
-                wait_max=policy.wait_max,
-                wait_jitter=policy.wait_jitter,
-            ):
+            async for attempt in retrying:
                 with attempt:
                     # Each failed attempt was logged once, as api.call_failed (or
                     # api.rate_limited), with its reason: a retry adds no line of its own.
-                    state.attempts = attempt.num
+                    state.attempts = attempt.retry_state.attempt_number
                     await self._wait_out_rate_limit(state, deadline - clock())
                     remaining = max(deadline - clock(), 0.001)
                     return await self._once(method, path, body, state, remaining), state
@@ -642,7 +658,7 @@ class InsightClient:
     async def _wait_out_rate_limit(self, state: _CallState, budget: float) -> None:
         """Hold the call until the account's rate-limit window (from any call's 429) ends."""
         wait = self._rate_limited_until - time.monotonic()
-        if wait <= 0 or stamina.is_testing():
+        if wait <= 0:
             return
         if wait > budget:
             state.rate_limit_wait = wait  # past the budget: the retry policy gives up at once
@@ -814,6 +830,15 @@ class InsightClient:
                 **fields,
             )
         return ApiError(f"{what}; unexpected answer", **fields)
+
+
+def _jittered_backoff(policy: RetryPolicy, retry_number: int) -> float:
+    """The wait before retry ``retry_number`` (1-based): doubling, jittered, capped."""
+    jitter = random.uniform(0.0, policy.wait_jitter) if policy.wait_jitter else 0.0
+    try:
+        return min(policy.wait_max, policy.wait_initial * 2.0 ** (retry_number - 1) + jitter)
+    except OverflowError:
+        return policy.wait_max
 
 
 def _exhausted(

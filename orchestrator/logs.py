@@ -138,11 +138,6 @@ def configure_logging(*, level: str = "auto", fmt: str = "auto") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     logging.getLogger(LOGGER_NAME).setLevel(getattr(logging, level.upper()))
-    # The command logs each failed attempt once itself (api.call_failed): stamina's own line for
-    # the same retry would only repeat it. The command owns its process, so it may say so.
-    import stamina.instrumentation
-
-    stamina.instrumentation.set_on_retry_hooks([])
 
 
 # --------------------------------------------------------------------------- tests

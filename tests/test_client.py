@@ -16,6 +16,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import example, given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from orchestrator.client import (
@@ -23,6 +25,7 @@ from orchestrator.client import (
     ClientSettings,
     InsightClient,
     RetryPolicy,
+    _jittered_backoff,
     _rate_limit_wait,
     is_loopback_url,
     region_of,
@@ -791,6 +794,43 @@ def test_immediate_policy_has_no_waits() -> None:
         0.0,
         0.0,
     )
+
+
+durations = st.floats(min_value=0.0, max_value=100.0)
+
+
+@given(
+    initial=durations,
+    cap=durations,
+    jitter=durations,
+    retry_number=st.integers(min_value=1, max_value=40),
+)
+@example(initial=1.0, cap=100.0, jitter=0.0, retry_number=3)
+@example(initial=0.5, cap=30.0, jitter=1.0, retry_number=5_000)  # 2 ** 4999 overflows a float
+def test_backoff_doubles_from_initial_adds_jitter_and_stays_under_the_cap(
+    initial: float, cap: float, jitter: float, retry_number: int
+) -> None:
+    """Each backoff lies between the doubled initial wait and that plus the jitter, capped."""
+    policy = RetryPolicy(wait_initial=initial, wait_max=cap, wait_jitter=jitter)
+    wait = _jittered_backoff(policy, retry_number)
+    try:
+        base = initial * 2.0 ** (retry_number - 1)
+    except OverflowError:
+        base = float("inf")
+    assert min(cap, base) <= wait <= min(cap, base + jitter)
+
+
+@pytest.mark.anyio
+async def test_retries_back_off_by_the_policy(sim: Simulator) -> None:
+    """Two 5xx answers are retried after waits of wait_initial, then twice it."""
+    sim.faults.server_errors = 2
+    policy = RetryPolicy(attempts=3, wait_initial=0.1, wait_max=1.0, wait_jitter=0.0)
+    async with InsightClient(settings_for(sim, retry=policy)) as client:
+        started = time.monotonic()
+        receipt = await client.submit_import(body_of(account_records(1)))
+        elapsed = time.monotonic() - started
+    assert receipt.attempts == 3
+    assert 0.3 <= elapsed < 1.0
 
 
 # --- first contact -------------------------------------------------------------------------

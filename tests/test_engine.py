@@ -140,7 +140,7 @@ async def test_status_polls_of_all_runs_share_the_accounts_budget(sim: Simulator
     assert len(polls) > 6
     # Counted when sent, seen when arrived: allow the loopback's jitter on the window.
     assert all(
-        later - earlier >= 0.6 - SLACK for earlier, later in zip(polls, polls[6:], strict=False)
+        later - earlier >= 0.6 - 3 * SLACK for earlier, later in zip(polls, polls[6:], strict=False)
     )
     assert len(stored(sim, "BudgetA")) == len(stored(sim, "BudgetB")) == 300
     stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]

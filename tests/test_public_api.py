@@ -86,7 +86,7 @@ def test_a_parse_worker_loads_neither_the_http_client_nor_the_engine() -> None:
     """Importing the package and the parse worker (what a worker process does) stays light."""
     probe = (
         "import sys, orchestrator, orchestrator.parse_worker\n"
-        "heavy = [m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'stamina', 'anyio')\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'tenacity', 'anyio')\n"
         "         or m in ('orchestrator.engine', 'orchestrator.client', 'orchestrator.journal')]\n"
         "print(','.join(sorted(heavy)))\n"
     )
