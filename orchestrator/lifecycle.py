@@ -283,6 +283,21 @@ class Downstream:
         """Submit, then poll until the batch ends; a Failed import is sent again (bounded)."""
         while True:
             if task.stored.phase is not BatchPhase.SUBMITTED:
+                if task.stored.body_bytes > self.settings.max_body_bytes:
+                    # sealed under a larger cap (a run resumed with a lower max_body_bytes):
+                    # never sent as it is
+                    if task.stored.record_count > 1:
+                        return await self._split(task)
+                    return _Ended(
+                        await self._give_up(
+                            task,
+                            status="record-too-large",
+                            message=(
+                                f"the record takes {task.stored.body_bytes} bytes of body, more "
+                                f"than max_body_bytes={self.settings.max_body_bytes}"
+                            ),
+                        )
+                    )
                 verdict = await self._submit(task)
                 if isinstance(verdict, _Refused):
                     if verdict.too_large and task.stored.record_count > 1:

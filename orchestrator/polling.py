@@ -133,10 +133,12 @@ class PollPlanner:
         lower = running_at if running_at is not None and running_at < finished_by else 0.0
         aim = self.aim(records)
         if not aimed or aim is None:
-            # Probed for: it ended between the last two probes. Take the later end: aiming a
-            # little late costs a fraction of a poll, too early a whole poll_min; the hits that
-            # follow pull the estimate down.
-            seconds = finished_by
+            # Probed for: it ended between the last two probes, which grow apart, so the later
+            # end can be late by most of a gap (with probes at 0.5, 1.25, 2.4 s a 1.5 s import
+            # is "2.4 s", and every import after it would be aimed that late). Take the middle:
+            # early by at most half a gap costs one more poll; the hits or misses that follow
+            # correct the estimate.
+            seconds = (lower + finished_by) / 2 if lower else finished_by
         elif lower >= aim * 0.999:
             # Missed: still running at the aim. It most likely ended soon after: lean on that
             # lower bound, and aim wider from now on.

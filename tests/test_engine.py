@@ -392,6 +392,33 @@ async def test_resume_from_the_journal_after_an_interruption(
     assert again.nothing_to_do
 
 
+async def test_a_resumed_batch_over_a_lowered_cap_is_split_before_it_is_sent(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Batches sealed under a 20,000-byte cap, resumed with 6,000: no body over 6,000 is sent."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(300))
+    collection = Collection("Lowered", "contact")
+    sim.faults.foreign_active_imports = 5  # every submit is refused: batches stay sealed
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
+    ):
+        with anyio.move_on_after(0.5):
+            await orch.import_files(collection, [str(data)], journal=journal)
+    assert not sim.stats.imports
+    sim.faults.foreign_active_imports = 0
+    lowered = Settings.scaled(0.01, max_body_bytes=6_000)
+    async with (
+        SqliteJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings=lowered) as orch,
+    ):
+        result = await orch.import_files(collection, [str(data)], journal=journal)
+    assert result.records_imported == 300
+    assert len(stored(sim, "Lowered")) == 300
+    assert max(s.body_bytes for s in sim.stats.imports.values()) <= 6_000
+    assert any(batch.status == "split" for batch in result.imports)
+
+
 async def test_changed_input_is_detected_on_resume(sim: Simulator, tmp_path: Path) -> None:
     """Input edited after a crash is reported, not silently mixed."""
     sim.config.records_per_second = 50  # imports of ~35 records take ~0.7 s: cancelled mid-way
