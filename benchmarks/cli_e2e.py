@@ -57,7 +57,7 @@ from orchestrator.batching import BatchAssembler
 from orchestrator.client import ClientSettings, InsightClient
 from orchestrator.inputs import FileInput
 from orchestrator.journal import NewBatch, RunSpec, SqliteJournal
-from orchestrator.parsing import _start_pool, default_processes
+from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.records import Collection, Scope
 
 TITLE = "Whole process: `insight-import run` from exec to exit (benchmarks.cli_e2e)"
@@ -137,24 +137,27 @@ async def first_body(path: Path, cap: int) -> tuple[float, bytes]:
             else loop.default_exception_handler(context)
         )
     )
+    pool = ParsePool(default_processes())
+    await pool.executor()  # started before the clock: not part of producing a body
     started = time.perf_counter()
     assembler = BatchAssembler(COLLECTION, max_body_bytes=cap)
-    source = FileInput(str(path), processes=default_processes())
+    source = FileInput(str(path), pool=pool)
     batch = None
     try:
-        async for chunk in source.chunks(COLLECTION):
-            assert chunk is not None
-            assert chunk.run is not None
-            run, position = chunk.run, 0
-            while position < len(run) and batch is None:
-                stop = assembler.add_run(run, position)
-                if stop == position:
-                    batch = assembler.seal()
-                position = stop
-            if batch is not None:
-                break
+        async with source.open(COLLECTION) as chunks:
+            async for chunk in chunks:
+                assert chunk.run is not None
+                run, position = chunk.run, 0
+                while position < len(run) and batch is None:
+                    stop = assembler.add_run(run, position)
+                    if stop == position:
+                        batch = assembler.seal()
+                    position = stop
+                if batch is not None:
+                    break
     finally:
         await source.aclose()
+        await pool.aclose()
     if batch is None:
         batch = assembler.seal()
     assert batch is not None
@@ -386,7 +389,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args(argv)
     quiet_logs()
-    _start_pool(default_processes())  # once per process: not part of producing a body
 
     rows = []
     for case in parse_cases(args.cases):
