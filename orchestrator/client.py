@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
@@ -412,12 +412,18 @@ class InsightClient:
     Args:
         settings: where and as whom to call the API, and how to retry.
         session: an existing session to use instead of opening one.
+        trace_configs: aiohttp trace configs for the session the client opens (e.g. metrics).
     """
 
     def __init__(
-        self, settings: ClientSettings, *, session: aiohttp.ClientSession | None = None
+        self,
+        settings: ClientSettings,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self.settings = settings
+        self._trace_configs = list(trace_configs)  # for the session it opens (metrics)
         self.calls = 0
         self.lost_responses = 0
         # time.monotonic() until which the account is rate limited, as the API last advertised.
@@ -465,6 +471,7 @@ class InsightClient:
                     total=self.settings.request_timeout, connect=self.settings.connect_timeout
                 ),
                 raise_for_status=False,
+                trace_configs=self._trace_configs or None,
             )
             # aiohttp silently re-sends an idempotent request (PUT included) once when the
             # connection drops; that hidden re-send may start a stray import we could not count,

@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import math
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -49,6 +49,7 @@ from orchestrator.producer import Producer
 from orchestrator.records import Collection
 from orchestrator.settings import Settings
 from orchestrator.slots import LocalSlotGate
+from orchestrator.taskgroups import first_error_unwrapped
 
 __all__ = ["Orchestrator"]
 
@@ -167,7 +168,7 @@ class Orchestrator:
                     collection, records, journal=journal, on_outcome=send.send
                 )
 
-        with _first_error_unwrapped():
+        with first_error_unwrapped():
             async with anyio.create_task_group() as tg, receive:
                 tg.start_soon(run)
                 yield receive
@@ -301,7 +302,7 @@ class Orchestrator:
         )
         with (
             structlog.contextvars.bound_contextvars(collection=collection.name),
-            _first_error_unwrapped(),
+            first_error_unwrapped(),
         ):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(downstream.run, receive)
@@ -368,33 +369,6 @@ def _as_sink(handler: OutcomeHandler | None) -> OutcomeSink | None:
         call(outcome)
 
     return sink
-
-
-@contextlib.contextmanager
-def _first_error_unwrapped() -> Iterator[None]:
-    """Raise the run's own error rather than the task group's ExceptionGroup around it.
-
-    One task failing cancels the others, so the group holds one real error (and maybe
-    cancellations); callers then catch ``AuthenticationError`` instead of an ExceptionGroup.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        errors = _leaves(group)
-        real = [e for e in errors if not isinstance(e, anyio.get_cancelled_exc_class())]
-        if len(real) == 1 or (real and all(type(e) is type(real[0]) for e in real)):
-            raise real[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            leaves.extend(_leaves(error))
-        else:
-            leaves.append(error)
-    return leaves
 
 
 def _account_id(client: InsightClient) -> str:

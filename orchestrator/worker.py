@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
-import aiohttp
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
@@ -41,7 +40,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from orchestrator.accounts import Account
 from orchestrator.batching import Batch, BatchAssembler
 from orchestrator.client import InsightClient
-from orchestrator.engine import _first_error_unwrapped
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.lifecycle import BatchTask, ByteBudget, Downstream, InFlight
 from orchestrator.logs import get_logger
@@ -63,6 +61,7 @@ from orchestrator.records import Collection, EncodedRecord
 from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings, seconds
 from orchestrator.slots import LocalSlotGate
+from orchestrator.taskgroups import first_error_unwrapped
 from orchestrator.worker_metrics import AccountState, QueueState, WorkerMetrics
 
 __all__ = ["Worker", "WorkerStats"]
@@ -463,20 +462,9 @@ class Worker:
     async def __aenter__(self) -> Self:
         try:
             for name, account in self.accounts.items():
-                trace = self.metrics.trace_config(name)
-                session = aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(
-                        total=account.client.request_timeout,
-                        connect=account.client.connect_timeout,
-                    ),
-                    raise_for_status=False,
-                    trace_configs=[trace],
+                client = InsightClient(
+                    account.client, trace_configs=[self.metrics.trace_config(name)]
                 )
-                # as InsightClient does for its own sessions: aiohttp's hidden re-send of a PUT
-                # could start an import no one counts
-                if hasattr(session, "_retry_connection"):
-                    session._retry_connection = False
-                client = InsightClient(account.client, session=session)
                 self._runs[name] = _AccountRun(self, account, client)
             for held in await self.store.recover():
                 run = self._runs.get(held.queue.account)
@@ -502,10 +490,7 @@ class Worker:
 
     async def _close_clients(self) -> None:
         for run in self._runs.values():
-            session = run.client._session
             await run.client.aclose()
-            if session is not None:
-                await session.close()
 
     def stop(self) -> None:
         """Stop claiming and end ``run()``: submits in progress get their import id first;
@@ -535,7 +520,7 @@ class Worker:
             imports_recovered=self.stats.imports_recovered,
         )
         try:
-            with _first_error_unwrapped():
+            with first_error_unwrapped():
                 await self._run_all()
         finally:
             self._running = False

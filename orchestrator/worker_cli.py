@@ -186,9 +186,9 @@ async def _serve(
 ) -> int:
     import contextlib
 
-    from orchestrator.engine import _first_error_unwrapped
     from orchestrator.errors import AuthenticationError, ForbiddenError, OrchestratorError
     from orchestrator.outbox.sqlite import SqliteOutbox
+    from orchestrator.taskgroups import first_error_unwrapped
     from orchestrator.worker import Worker
     from orchestrator.worker_http import serve_http
 
@@ -207,7 +207,7 @@ async def _serve(
             host, port = await stack.enter_async_context(serve_http(worker, *http))
             _log().info("worker.http", address=f"{host}:{port}")
         try:
-            with _first_error_unwrapped():
+            with first_error_unwrapped():
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_on_signals, worker, opts["shutdown_timeout"])
                     await worker.run(burst=opts["burst"])
