@@ -7,7 +7,9 @@ is only freed when a poll sees the import end. Three parts keep polls few and we
 - :class:`PollPlanner` learns how long imports take, as a fixed latency plus a cost per record,
   from the imports already finished, and aims the poll just after the expected finish. Before it
   has an estimate (and for an import past its expected finish) it probes with growing gaps, from
-  ``poll_min`` up to ``poll_max``, instead of polling every ``poll_min``.
+  ``poll_min`` up to ``poll_max``, instead of polling every ``poll_min``. Imports probed at the
+  same time shift their probes apart, so that together they bracket the duration finely: the
+  first one found done teaches the planner, and the others, still waiting, aim at once.
 - :class:`PollTrack` is one import's polls: it says when the next one is due, always at least
   ``poll_min`` after the previous answer and at most ``poll_max`` after the previous send.
 - :class:`CallBudget` is the account's status calls per minute, shared by all its imports: a poll
@@ -21,6 +23,7 @@ duration as well as bytes do while staying meaningful across collections of diff
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,12 +43,21 @@ PROBE_GROWTH = 1.5
 #: A new observation counts at most this many times the current prediction, or 1/this of it:
 #: one outlier moves the estimate, never blows it up.
 OUTLIER_FACTOR = 2.0
+#: Before any estimate, an import seen running bounds from below the duration of imports of up
+#: to this many times its records.
+SIMILAR_SIZE = 1.1
+#: A lower bound brackets a finish when it is at least this fraction of it.
+BRACKET = 0.85
+#: Successive probing imports shift their probes by this fraction of a growth step (the golden
+#: ratio's, so any number of them spread evenly).
+_PHASE_STEP = 0.6180339887
 
 
 @dataclass(frozen=True, slots=True)
 class _Observation:
     records: int
-    seconds: float
+    seconds: float  # the duration learned
+    running_at: float  # the latest time it was seen running (0.0: never), a lower bound
 
 
 @dataclass(slots=True, kw_only=True)
@@ -75,9 +87,16 @@ class PollPlanner:
     _latency: float | None = field(default=None, init=False)
     _per_record: float = field(default=0.0, init=False)
     _hits_in_row: int = field(default=0, init=False)
+    _tracks: weakref.WeakSet[PollTrack] = field(init=False, repr=False)
+    _probing: int = field(default=0, init=False)
+    observed: int = field(default=0, init=False)
+    _widened_after: int = field(default=0, init=False)
+    _narrowed_after: int = field(default=0, init=False)
+    _learned: anyio.Event | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._seen = deque(maxlen=self.window)
+        self._tracks = weakref.WeakSet()
 
     @property
     def model(self) -> tuple[float, float] | None:
@@ -97,7 +116,9 @@ class PollPlanner:
         expected = self.expected_duration(records)
         return None if expected is None else expected * (1.0 + self.margin)
 
-    def next_delay(self, *, records: int, elapsed: float, probes: int = 0) -> float:
+    def next_delay(
+        self, *, records: int, elapsed: float, probes: int = 0, phase: float = 1.0
+    ) -> float:
         """Seconds to wait from now (the submit or the last answer) before polling again.
 
         Args:
@@ -106,6 +127,7 @@ class PollPlanner:
             probes: polls that found it running with no aim ahead (no estimate yet, or after
                 the first poll past the aim): each probe waits longer than the previous one,
                 from poll_min up to poll_max.
+            phase: the probing gaps' factor (1 to ``PROBE_GROWTH``), set apart per import.
         """
         target = self.aim(records)
         if target is not None and target > elapsed and self.poll_max > 0:
@@ -115,10 +137,17 @@ class PollPlanner:
             count = remaining / self.poll_max
             polls = max(1, math.ceil(count - 1e-9)) if math.isfinite(count) else 1
             return self._clamp(remaining / polls)
-        return self._clamp(self.poll_min * PROBE_GROWTH ** min(max(probes, 0), 100))
+        return self._clamp(self.poll_min * phase * PROBE_GROWTH ** min(max(probes, 0), 100))
 
     def observe(
-        self, *, records: int, running_at: float | None, finished_by: float, aimed: bool
+        self,
+        *,
+        records: int,
+        running_at: float | None,
+        finished_by: float,
+        aimed: bool,
+        missed: bool | None = None,
+        aimed_after: int | None = None,
     ) -> None:
         """Learn from an import that a poll found finished.
 
@@ -128,6 +157,11 @@ class PollPlanner:
                 (``None`` when the first poll already found it finished).
             finished_by: seconds after submit of the poll that found it finished.
             aimed: whether its polls were aimed at an estimate (else it was probed for).
+            missed: whether a poll at its aim saw it running (``None``: judge by the aim now;
+                several imports aimed at once each know best what their own aim was).
+            aimed_after: how many imports the planner had learned from when this one was
+                aimed (``observed``): a miss widens the margin (a hit narrows it) only if no
+                miss (hit) did since, so imports aimed together count as one experience.
         """
         records = max(records, 1)
         lower = running_at if running_at is not None and running_at < finished_by else 0.0
@@ -135,32 +169,82 @@ class PollPlanner:
         if not aimed or aim is None:
             # Probed for: it ended between the last two probes, which grow apart, so the later
             # end can be late by most of a gap (with probes at 0.5, 1.25, 2.4 s a 1.5 s import
-            # is "2.4 s", and every import after it would be aimed that late). Take the middle:
-            # early by at most half a gap costs one more poll; the hits or misses that follow
-            # correct the estimate.
+            # is "2.4 s", and every import after it would be aimed that late). Imports of its
+            # size seen running later than its own last probe narrow the gap from below. Take
+            # the middle: early by at most half a gap costs one more poll; the hits or misses
+            # that follow correct the estimate.
+            floor = self._seen_running(records)
+            if lower < floor < finished_by:
+                lower = floor
             seconds = (lower + finished_by) / 2 if lower else finished_by
-        elif lower >= aim * 0.999:
+        elif missed if missed is not None else lower >= aim * 0.999:
             # Missed: still running at the aim. It most likely ended soon after: lean on that
             # lower bound, and aim wider from now on.
             self._hits_in_row = 0
-            self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
+            if aimed_after is None or aimed_after >= self._widened_after:
+                self.margin = min(self.max_margin, self.margin * 1.5 + 0.01)
+                self._widened_after = self.observed + 1
             seconds = min(finished_by, lower * (1.0 + self.margin))
         else:
             # Found done at (or before) the aim: it may have ended well before. Probe lower,
             # faster after each hit in a row, never below what it was seen running at.
-            self._hits_in_row += 1
-            self.margin = max(self.min_margin, self.margin * 0.85)
+            if aimed_after is None or aimed_after >= self._narrowed_after:
+                self._hits_in_row += 1
+                self.margin = max(self.min_margin, self.margin * 0.85)
+                self._narrowed_after = self.observed + 1
             step = self.margin + min(0.002 * 2 ** (self._hits_in_row - 1), 0.1)
             seconds = max(lower, finished_by * (1.0 - step))
+            # An import of its size seen running close below this finish brackets it: take the
+            # middle, as a bisection does (a floor far below says too little to go by).
+            floor = max(lower, self._seen_running(records, similar=True))
+            if finished_by * BRACKET < floor < seconds:
+                seconds = (floor + finished_by) / 2
         expected = self.expected_duration(records)
         if expected is not None and expected > 0:
             seconds = min(max(seconds, expected / OUTLIER_FACTOR), expected * OUTLIER_FACTOR)
-        self._seen.append(_Observation(records, seconds))
+        self._seen.append(_Observation(records, seconds, lower))
+        self.observed += 1
         self._fit()
+        if self._learned is not None:
+            self._learned.set()  # imports waiting for their next poll aim again
+            self._learned = None
 
     def track(self, *, records: int, submitted: float) -> PollTrack:
         """The polls of one import submitted at ``submitted`` (a time of :attr:`clock`)."""
-        return PollTrack(planner=self, records=records, submitted=submitted)
+        phase = 1.0
+        if self._latency is None:
+            phase = PROBE_GROWTH ** ((self._probing * _PHASE_STEP) % 1.0)
+            self._probing += 1
+        track = PollTrack(planner=self, records=records, submitted=submitted, phase=phase)
+        self._tracks.add(track)
+        return track
+
+    def learned(self) -> anyio.Event:
+        """An event set the next time the planner learns from a finished import."""
+        if self._learned is None:
+            self._learned = anyio.Event()
+        return self._learned
+
+    def _seen_running(self, records: int, *, similar: bool = False) -> float:
+        """The longest a recent or running import was seen running, as a lower bound on the
+        duration of one of ``records`` records: from imports of a similar size or smaller only
+        (``similar``, or before there is a model), else scaled by the model."""
+        expected = None if similar else self.expected_duration(records)
+        seen: list[tuple[int, float]] = [(o.records, o.running_at) for o in self._seen]
+        seen.extend((t.records, t.running_at) for t in self._tracks if t.running_at)
+        floor = 0.0
+        for their_records, running_at in seen:
+            if running_at <= 0.0:
+                continue
+            if expected is None:
+                if their_records > records * SIMILAR_SIZE:
+                    continue
+                scaled = running_at
+            else:
+                theirs = self.expected_duration(their_records)
+                scaled = running_at * expected / theirs if theirs else running_at
+            floor = max(floor, scaled)
+        return floor
 
     def _fit(self) -> None:
         # Weighted least squares of seconds on records, newest weighing most.
@@ -197,7 +281,7 @@ class PollPlanner:
         return min(max(delay, self.poll_min), self.poll_max)
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, weakref_slot=True, eq=False)
 class PollTrack:
     """The polls of one import: when the next is due, and what each answer said.
 
@@ -209,11 +293,14 @@ class PollTrack:
         planner: the account's planner, which learns from this import once it ends.
         records: records in the import.
         submitted: when the API accepted it (a time of the planner's clock).
+        phase: the factor of its probing gaps (see ``PollPlanner.next_delay``).
     """
 
     planner: PollPlanner
     records: int
     submitted: float
+    phase: float = 1.0
+    aimed_after: int = field(init=False)
     last_sent: float = field(init=False)
     last_answer: float = field(init=False)
     running_at: float | None = field(default=None, init=False)
@@ -225,12 +312,21 @@ class PollTrack:
     def __post_init__(self) -> None:
         self.last_sent = self.last_answer = self.submitted
         self.aimed = self.planner.aim(self.records) is not None
+        self.aimed_after = self.planner.observed
 
     def next_poll_at(self) -> float:
         """When the next status call is due (a time of the planner's clock)."""
         planner = self.planner
+        if not self.aimed and planner.aim(self.records) is not None:
+            # Probing, and an import that ended meanwhile taught the planner: aim from now on
+            # (at once, poll_min after the last answer, when the aim is already past).
+            self.aimed, self.probes, self.phase = True, 0, 1.0
+            self.aimed_after = planner.observed
         delay = planner.next_delay(
-            records=self.records, elapsed=self.last_answer - self.submitted, probes=self.probes
+            records=self.records,
+            elapsed=self.last_answer - self.submitted,
+            probes=self.probes,
+            phase=self.phase,
         )
         safety = min(0.02 * planner.poll_max, 0.25)
         latest = self.last_sent + planner.poll_max - safety
@@ -250,7 +346,12 @@ class PollTrack:
             budget: the account's status-call budget, or ``None`` for no limit.
         """
         clock = self.planner.clock
-        await anyio.sleep(max(0.0, self.next_poll_at() - clock()))
+        while (delay := self.next_poll_at() - clock()) > 0:
+            learned = self.planner.learned()
+            with anyio.move_on_after(delay) as slept:
+                await learned.wait()  # another import ended: the due time may be sooner now
+            if slept.cancelled_caught:
+                break
         now = clock()
         if budget is not None:
             now, held = await budget.take()
@@ -293,6 +394,8 @@ class PollTrack:
             running_at=self.running_at,
             finished_by=self.last_sent - self.submitted,
             aimed=self.aimed,
+            missed=self.missed,
+            aimed_after=self.aimed_after,
         )
 
 

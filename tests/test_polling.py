@@ -330,3 +330,78 @@ async def test_a_stretch_by_the_budget_is_logged_once_per_import() -> None:
     stretched = [entry for entry in logs if entry["event"] == "poll.budget_stretched"]
     assert len(stretched) == 1
     assert stretched[0]["calls_per_minute"] == 1
+
+
+def run_wave(
+    planner: PollPlanner, clock: FakeClock, duration: float, count: int = 5
+) -> list[list[float]]:
+    """Imports submitted together, polled to their ends on a fake clock (the others re-plan
+    when one ends, as ``PollTrack.wait`` does); each import's poll times after its submit."""
+    tracks = [planner.track(records=1000, submitted=clock.now + 0.1 * n) for n in range(count)]
+    times: list[list[float]] = [[] for _ in tracks]
+    events = [(track.next_poll_at(), n) for n, track in enumerate(tracks)]
+    while events:
+        events.sort()
+        due, n = events.pop(0)
+        track = tracks[n]
+        clock.now = max(clock.now, due)
+        track.sent(clock.now)
+        times[n].append(round(clock.now - track.submitted, 6))
+        running = clock.now - track.submitted < duration
+        track.answered(running=running)
+        if running:
+            events.append((track.next_poll_at(), n))
+        else:
+            track.finished()
+            events = [(max(tracks[m].next_poll_at(), clock.now), m) for _, m in events]
+    return times
+
+
+def test_imports_probed_together_spread_their_probes_then_aim_once_one_ends() -> None:
+    """Imports probed together probe at different times; once one ends the others aim at once."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=0.5, poll_max=3.0, clock=clock)
+    times = run_wave(planner, clock, duration=1.48)
+    assert len({polls[0] for polls in times}) == len(times)  # set apart, not all at poll_min
+    # Probing in step (every import at 0.5, 1.25, 2.375 s) sees them all end at 2.375 s; set
+    # apart, the first end found teaches the rest, which poll poll_min after their last answer.
+    assert max(polls[-1] for polls in times) < 2.0
+    latency, _ = planner.model or (0.0, 0.0)
+    assert planner.expected_duration(1000) == pytest.approx(1.48, rel=0.15)
+    assert latency > 0
+
+
+def test_imports_aimed_together_and_missing_together_widen_the_margin_once() -> None:
+    """Five imports aimed at one estimate that all miss widen the margin once, not five times."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=0.5, poll_max=3.0, clock=clock)
+    for _ in range(4):
+        run_import(planner, clock, 1000, 1.0)  # learns ~1 s
+    margin = planner.margin
+    run_wave(planner, clock, duration=1.2)  # slower now: every aim misses
+    assert margin < planner.margin <= margin * 1.5 + 0.01 + 1e-9
+
+
+@pytest.mark.anyio
+async def test_a_waiting_poll_is_brought_forward_when_another_import_ends() -> None:
+    """A track waiting for its next probe polls sooner when another import teaches the planner."""
+    planner = PollPlanner(poll_min=0.05, poll_max=2.0)
+    start = anyio.current_time()
+    waiting = planner.track(records=10, submitted=start)
+    waiting.sent(start + 0.05)
+    waiting.answered(running=True)  # probed once: its next probe is ~0.08-0.11 s later...
+    for _ in range(6):
+        waiting.answered(running=True)  # ...grown to over 0.5 s by later probes
+    assert waiting.next_poll_at() - anyio.current_time() > 0.5
+    ended = planner.track(records=10, submitted=start)
+
+    async def end_the_other() -> None:
+        await anyio.sleep(0.05)
+        ended.sent(anyio.current_time())
+        ended.answered(running=False)
+        ended.finished()  # taught ~0.05 s: the waiting import is past its aim
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(end_the_other)
+        went = await waiting.wait()
+    assert went - start < 0.4
