@@ -193,12 +193,15 @@ class PollPlanner:
                 self.margin = max(self.min_margin, self.margin * 0.85)
                 self._narrowed_after = self.observed + 1
             step = self.margin + min(0.002 * 2 ** (self._hits_in_row - 1), 0.1)
-            seconds = max(lower, finished_by * (1.0 - step))
+            # A poll that went after the aim (held by poll_min or the budget) says no more than
+            # one at the aim would have.
+            found_by = max(lower, min(finished_by, aim))
+            seconds = max(lower, found_by * (1.0 - step))
             # An import of its size seen running close below this finish brackets it: take the
             # middle, as a bisection does (a floor far below says too little to go by).
             floor = max(lower, self._seen_running(records, similar=True))
-            if finished_by * BRACKET < floor < seconds:
-                seconds = (floor + finished_by) / 2
+            if found_by * BRACKET < floor < seconds:
+                seconds = (floor + found_by) / 2
         expected = self.expected_duration(records)
         if expected is not None and expected > 0:
             seconds = min(max(seconds, expected / OUTLIER_FACTOR), expected * OUTLIER_FACTOR)
@@ -306,6 +309,7 @@ class PollTrack:
     running_at: float | None = field(default=None, init=False)
     probes: int = field(default=0, init=False)
     aimed: bool = field(default=False, init=False)
+    replanned: bool = field(default=False, init=False)
     missed: bool = field(default=False, init=False)
     stretched: bool = field(default=False, init=False)
 
@@ -317,10 +321,13 @@ class PollTrack:
     def next_poll_at(self) -> float:
         """When the next status call is due (a time of the planner's clock)."""
         planner = self.planner
-        if not self.aimed and planner.aim(self.records) is not None:
-            # Probing, and an import that ended meanwhile taught the planner: aim from now on
-            # (at once, poll_min after the last answer, when the aim is already past).
-            self.aimed, self.probes, self.phase = True, 0, 1.0
+        aim = planner.aim(self.records)
+        if not self.aimed and not self.replanned and aim is not None:
+            # Probing, and an import that ended meanwhile taught the planner: aim from now on.
+            # When the aim is already past, the next poll goes poll_min after the last answer:
+            # not aimed at a finish, so what it finds teaches as a probe does.
+            self.replanned, self.probes, self.phase = True, 0, 1.0
+            self.aimed = aim > self.last_answer - self.submitted
             self.aimed_after = planner.observed
         delay = planner.next_delay(
             records=self.records,
