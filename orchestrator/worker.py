@@ -606,8 +606,18 @@ class Worker:
             imports_recovered=self.stats.imports_recovered,
         )
         try:
-            with first_error_unwrapped():
-                await self._run_all()
+            try:
+                with first_error_unwrapped():
+                    await self._run_all()
+            except BaseExceptionGroup as group:
+                # fenced out, the rest (a lost session, say) follows from it: say that
+                fenced, _ = group.split(FencedOut)
+                if fenced is None:
+                    raise
+                first: BaseException = fenced
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from group
         except FencedOut as error:
             log.error(
                 "worker.fenced_out",

@@ -357,6 +357,10 @@ class PostgresOutbox:
             kwargs={"autocommit": True},
             open=False,
             timeout=self._connect_timeout,
+            configure=self._configure,
+            # a session the server ended (the idle timeout below, a restart) is replaced on
+            # checkout rather than failing the step of an import that drew it
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
         )
         try:
             try:
@@ -376,6 +380,13 @@ class PostgresOutbox:
                 await self.aclose()
             raise
         return self
+
+    async def _configure(self, conn: _Conn) -> None:
+        # A worker stopped in the middle of a transaction (SIGSTOP, a frozen VM) would hold
+        # the lock on its own worker row for ever, and adoption skips locked rows: the server
+        # ends such a session after half a lease, so the worker can be declared dead.
+        idle_ms = max(1000, round(self._lease * 500))
+        await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
 
     def _timeout_s(self) -> int:
         return max(1, round(self._connect_timeout))
@@ -1278,7 +1289,12 @@ class PostgresSlotGate:
         """See ``SlotGate.hold``."""
         async with self._local:
             while True:
-                self._seen = await self._store.slots_in_use(self._account)
+                try:
+                    self._seen = await self._store.slots_in_use(self._account)
+                except OutboxError as error:  # the database is away: look again later
+                    log.warning("slot.count_failed", account=self._account, error=str(error))
+                    await anyio.sleep(self._store.lease / 3 * random.uniform(0.8, 1.2))
+                    continue
                 if self._seen < self._capacity:
                     break
                 await self._store.wait_for_slot(self._account)
