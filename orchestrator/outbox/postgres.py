@@ -384,9 +384,11 @@ class PostgresOutbox:
     async def _configure(self, conn: _Conn) -> None:
         # A worker stopped in the middle of a transaction (SIGSTOP, a frozen VM) would hold
         # the lock on its own worker row for ever, and adoption skips locked rows: the server
-        # ends such a session after half a lease, so the worker can be declared dead.
-        idle_ms = max(1000, round(self._lease * 500))
-        await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+        # ends such a session after a lease, so the worker can be declared dead. (Not for the
+        # other users: an application's enqueue may think longer between its statements.)
+        if self._worker:
+            idle_ms = max(1000, round(self._lease * 1000))
+            await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
 
     def _timeout_s(self) -> int:
         return max(1, round(self._connect_timeout))
