@@ -20,6 +20,14 @@ Nothing is process-wide: no signal handlers, no logging configuration, metrics i
 the worker's own. ``stop()`` stops claiming and cancels the rest; a submit in progress is
 shielded until its import id is stored, and every step is one transaction, so what the worker
 leaves is picked up by the next one (``recover``).
+
+On a store several workers share (``SharedOutboxStore``, PostgreSQL) the same class also
+heartbeats its lease next to its loops, adopts the imports of dead workers about every lease and
+runs them like recovered ones, gates each account's submits with the store's slot gate (the
+slots are counted in the database, for every worker together), gives up a queue's lock when it
+claims without sealing, and wakes on the store's notifications as well as on the poll interval.
+A ``FencedOut`` from any call ends ``run()`` at once: the worker was declared dead and another
+owns its imports now.
 """
 
 from __future__ import annotations
@@ -30,12 +38,12 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orchestrator.accounts import Account
 from orchestrator.batching import Batch, BatchAssembler
@@ -47,11 +55,14 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    FencedOut,
+    ImportPhase,
     OutboxError,
     OutboxQueue,
     OutboxStore,
     Pending,
     Rejection,
+    SharedOutboxStore,
     StoredImport,
 )
 from orchestrator.outbox.batches import OutboxBatches, stored_refs
@@ -60,7 +71,7 @@ from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.records import Collection, EncodedRecord
 from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings, seconds
-from orchestrator.slots import LocalSlotGate
+from orchestrator.slots import LocalSlotGate, SlotGate
 from orchestrator.taskgroups import first_error_unwrapped
 from orchestrator.worker_metrics import AccountState, QueueState, WorkerMetrics
 
@@ -108,6 +119,7 @@ class _QueueRun:
     collection: Collection | None  # None: the rows name a collection the API refuses
     batches: OutboxBatches
     send: MemoryObjectSendStream[BatchTask]
+    send_held: MemoryObjectSendStream[BatchTask] | None = None  # imports that hold a slot
     last_served: float = -math.inf
     quiet_rows: int | None = None  # pending rows at the last claim that was neither full nor due
 
@@ -121,7 +133,14 @@ class _AccountRun:
         self.client = client
         concurrent = account.max_concurrent or worker.settings.max_concurrent
         self.settings = dataclasses.replace(worker.settings, max_concurrent=concurrent)
-        self.slots = LocalSlotGate(concurrent)
+        shared = worker.shared
+        if shared is None:
+            self.slots: SlotGate = LocalSlotGate(concurrent)
+        else:
+            self.slots = cast(SlotGate, shared.slot_gate(account.name))  # type: ignore[attr-defined]
+        # Adopted imports that already hold one of the account's slots in the database pass a
+        # gate of their own: behind the shared gate they would wait for their own slot.
+        self.held_slots = LocalSlotGate(concurrent)
         self.uploads = ByteBudget(self.settings.max_upload_bytes, parent=worker._held)
         self.planner = PollPlanner(poll_min=self.settings.poll_min, poll_max=self.settings.poll_max)
         rate = self.settings.status_calls_per_minute  # the account's, shared by its collections
@@ -164,15 +183,46 @@ class _AccountRun:
         finally:
             for run in self.queues.values():
                 run.send.close()
+                if run.send_held is not None:
+                    run.send_held.close()
+
+    def take_over(self, imports: Sequence[StoredImport]) -> None:
+        """Run imports found by ``recover`` or ``adopt`` like this worker's own."""
+        self.recovered.extend(imports)
+        self.wake.set()
+
+    async def _resume(self) -> None:
+        """Hand the recovered imports to their queues' downstreams, oldest first."""
+        while self.recovered:
+            held = self.recovered[0]
+            run = self._queue(held.queue)
+            if run.send_held is not None and _holds_slot(held):
+                # its slot is counted already: it neither waits for one nor for a place
+                await run.send_held.send(
+                    BatchTask(
+                        stored=run.batches.register(held),
+                        refs=stored_refs(held),
+                        identity_hashes=frozenset(),
+                        depends_on=(),
+                        holds_capacity=False,
+                    )
+                )
+            else:
+                await self.capacity.acquire()
+                await self._send(run, held, stored_refs(held))
+            self.recovered.pop(0)
+
+    async def _release(self, run: _QueueRun) -> None:
+        """Give up the queue's lock taken by a claim that is not sealed (a shared store), so
+        another worker may serve the queue meanwhile."""
+        shared = self.worker.shared
+        if shared is not None:
+            await shared.release_queue(run.queue)
 
     async def _loop(self) -> None:
         worker = self.worker
-        while self.recovered:
-            held = self.recovered[0]
-            await self.capacity.acquire()
-            await self._send(self._queue(held.queue), held, stored_refs(held))
-            self.recovered.pop(0)
         while True:
+            await self._resume()
             worker._beat(f"account:{self.name}")
             with anyio.move_on_after(self._next_wait()):
                 await self.wake.wait()
@@ -182,6 +232,8 @@ class _AccountRun:
             self.busy = True
             try:
                 await self._fill()
+            except FencedOut:
+                raise
             except OutboxError as error:
                 log.warning("outbox.unavailable", account=self.name, error=str(error))
             finally:
@@ -209,13 +261,22 @@ class _AccountRun:
         batches = OutboxBatches(self.worker.store, queue)
         send, receive = anyio.create_memory_object_stream[BatchTask](math.inf)
         run = self.queues[queue] = _QueueRun(queue, collection, batches, send)
-        if collection is not None:
+        gates: list[tuple[SlotGate, MemoryObjectReceiveStream[BatchTask], str]] = [
+            (self.slots, receive, f"downstream-{queue}")
+        ]
+        if self.worker.shared is not None:
+            run.send_held, held = anyio.create_memory_object_stream[BatchTask](math.inf)
+            gates.append((self.held_slots, held, f"downstream-held-{queue}"))
+        for slots, channel, name in gates:
+            if collection is None:
+                channel.close()  # nothing is ever sealed for it
+                continue
             downstream = Downstream(
                 client=self.client,
                 journal=batches,
                 settings=self.settings,
                 collection=collection,
-                slots=self.slots,
+                slots=slots,
                 uploads=self.uploads,
                 planner=self.planner,
                 status_budget=self.status_budget,
@@ -225,9 +286,7 @@ class _AccountRun:
                 on_outcome=lambda outcome: self._ended(run, outcome),
             )
             assert self._task_group is not None
-            self._task_group.start_soon(downstream.run, receive, name=f"downstream-{queue}")
-        else:
-            receive.close()  # nothing is ever sealed for it
+            self._task_group.start_soon(downstream.run, channel, name=name)
         return run
 
     async def _fill(self) -> None:
@@ -267,6 +326,7 @@ class _AccountRun:
                     else:
                         run.quiet_rows = pending.rows
                         del waiting[pending.queue]
+                        await self._release(run)
                 if not sealed:
                     return
         finally:
@@ -317,6 +377,7 @@ class _AccountRun:
                     self._dead_lettered(run, moved)
                 if batch is None:
                     self.capacity.release()
+                    await self._release(run)
                     return
                 assert batch.refs.ends is not None
                 held = await self.worker.store.seal(
@@ -325,6 +386,7 @@ class _AccountRun:
         except ClaimConflict as error:
             self.capacity.release()
             log.warning("batch.claim_conflict", account=self.name, error=str(error))
+            await self._release(run)
             return
         except BaseException:
             self.capacity.release()
@@ -368,6 +430,21 @@ class _AccountRun:
         worker.stats.records_imported += outcome.imported
         run.quiet_rows = None  # rows held back behind this import may be claimable now
         self.wake.set()
+
+
+def _holds_slot(held: StoredImport) -> bool:
+    """Whether an import taken over holds one of its account's slots in a shared store: a
+    submitted one, or one whose submit was in doubt (it is sent again in the slot it took)."""
+    return held.phase is ImportPhase.SUBMITTED or held.in_doubt > 0
+
+
+def _shared(store: OutboxStore) -> SharedOutboxStore | None:
+    """The store as a ``SharedOutboxStore`` when several workers may share it (duck-typed:
+    the protocols are not runtime-checkable)."""
+    needed = ("adopt", "slot_gate", "run_heartbeats", "release_queue", "wait_for_rows")
+    if all(callable(getattr(store, name, None)) for name in needed):
+        return cast(SharedOutboxStore, store)
+    return None
 
 
 def _assemble(
@@ -425,6 +502,8 @@ class Worker:
         if not accounts:
             raise ConfigError("the worker needs at least one account")
         self.store = store
+        #: the store as a ``SharedOutboxStore`` when several workers share it, else ``None``
+        self.shared = _shared(store)
         self.accounts = dict(accounts)
         self.settings = settings if settings is not None else Settings()
         self.poll_interval = seconds("poll_interval", poll_interval, positive=True)
@@ -466,14 +545,7 @@ class Worker:
                     account.client, trace_configs=[self.metrics.trace_config(name)]
                 )
                 self._runs[name] = _AccountRun(self, account, client)
-            for held in await self.store.recover():
-                run = self._runs.get(held.queue.account)
-                if run is None:
-                    self._warn_unknown(held.queue)
-                    continue
-                run.recovered.append(held)
-            recovered = sum(len(run.recovered) for run in self._runs.values())
-            self.stats.imports_recovered = recovered
+            self._take_over(await self.store.recover())
         except BaseException:
             await self._close_clients()
             raise
@@ -487,6 +559,20 @@ class Worker:
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self._close_clients()
+
+    def _take_over(self, imports: Sequence[StoredImport]) -> int:
+        """Give imports found by ``recover`` or ``adopt`` to their accounts' runs."""
+        by_account: dict[str, list[StoredImport]] = {}
+        for held in imports:
+            if held.queue.account in self._runs:
+                by_account.setdefault(held.queue.account, []).append(held)
+            else:
+                self._warn_unknown(held.queue)
+        for name, found in by_account.items():
+            self._runs[name].take_over(found)
+        taken = sum(len(found) for found in by_account.values())
+        self.stats.imports_recovered += taken
+        return taken
 
     async def _close_clients(self) -> None:
         for run in self._runs.values():
@@ -520,14 +606,34 @@ class Worker:
             imports_recovered=self.stats.imports_recovered,
         )
         try:
-            with first_error_unwrapped():
-                await self._run_all()
+            try:
+                with first_error_unwrapped():
+                    await self._run_all()
+            except BaseExceptionGroup as group:
+                # fenced out, the rest (a lost session, say) follows from it: say that
+                fenced, _ = group.split(FencedOut)
+                if fenced is None:
+                    raise
+                first: BaseException = fenced
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from group
+        except FencedOut as error:
+            log.error(
+                "worker.fenced_out",
+                error=str(error),
+                detail="another worker adopted this worker's imports: stopped without writing",
+            )
+            raise
         finally:
             self._running = False
             log.info("worker.stopped", **self.stats.summary())
 
     async def _run_all(self) -> None:
         async with anyio.create_task_group() as tg:
+            if self.shared is not None:
+                await tg.start(self.shared.run_heartbeats)
+                tg.start_soon(self._adopt)
             for run in self._runs.values():
                 await tg.start(run.drain)
             tg.start_soon(self._watch)
@@ -537,12 +643,36 @@ class Worker:
 
     # ------------------------------------------------------------------ watching the store
 
+    async def _adopt(self) -> None:
+        """About every lease, take over the imports of workers that died (or stopped with
+        imports in flight): accepted ones are polled by id, ones in doubt sent again."""
+        assert self.shared is not None
+        lease = float(getattr(self.shared, "lease", 15.0))
+        while True:
+            await anyio.sleep(lease * random.uniform(0.5, 1.0))
+            self._beat("adopter")
+            try:
+                adopted = await self.shared.adopt()
+            except FencedOut:
+                raise
+            except OutboxError as error:
+                log.warning("outbox.unavailable", error=str(error))
+                continue
+            if adopted:
+                log.info(
+                    "worker.adopted",
+                    imports=self._take_over(adopted),
+                    in_doubt=sum(1 for held in adopted if held.in_doubt),
+                )
+
     async def _watch(self) -> None:
         failures = 0
         while True:
             self._beat("watcher")
             try:
                 listing = await self.store.pending()
+            except FencedOut:
+                raise
             except OutboxError as error:
                 failures += 1
                 log.warning("outbox.unavailable", error=str(error), failures=failures)
@@ -574,7 +704,13 @@ class Worker:
                     log.info("worker.burst_done", **self.stats.summary())
                     self._stopping.set()
                     return
-            await anyio.sleep(self._interval())
+            if self.shared is not None:
+                try:
+                    await self.shared.wait_for_rows(self._interval())  # an insert wakes it
+                except OutboxError:
+                    await anyio.sleep(self._interval())
+            else:
+                await anyio.sleep(self._interval())
 
     def _warn_unknown(self, queue: OutboxQueue) -> None:
         if queue not in self._unknown:

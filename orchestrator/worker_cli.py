@@ -5,7 +5,8 @@ SIGINT handlers (the first stops claiming and lets submits in progress get their
 process exits within ``--shutdown-timeout`` even if one hangs; a second signal exits at once,
 every step being a transaction) and turns the outcome into the exit status: 0 stopped by a
 signal, or ``--burst`` with every record imported; 1 ``--burst`` done with some rows
-dead-lettered by this run; 2 usage or configuration error; 3 a fatal error (credentials).
+dead-lettered by this run; 2 usage or configuration error; 3 a fatal error (credentials, or
+this worker fenced out: declared dead and its imports adopted by another).
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         "database",
         str,
         None,
-        "sqlite:///ABSOLUTE/PATH (default: outbox.sqlite in the user's state directory)",
+        "sqlite:///ABSOLUTE/PATH (default: outbox.sqlite in the user's state directory), "
+        "or postgresql://USER@HOST:PORT/DB (any number of workers share it)",
+    ),
+    (
+        "lease",
+        _positive(float),
+        15.0,
+        "PostgreSQL: seconds without a heartbeat after which a worker is dead and adopted",
     ),
     ("accounts", str, None, "accounts file (TOML); without one, the default account from env"),
     ("http", str, None, "serve /healthz, /readyz and /metrics on HOST:PORT"),
@@ -128,7 +136,7 @@ def run_worker_command(args: argparse.Namespace, environ: Mapping[str, str] = os
     from orchestrator.accounts import load_accounts
     from orchestrator.errors import ConfigError, JournalError
     from orchestrator.logs import configure_logging
-    from orchestrator.outbox.database import database_path
+    from orchestrator.outbox.database import parse_database
     from orchestrator.settings import Settings
     from orchestrator.worker_http import parse_address
 
@@ -139,7 +147,7 @@ def run_worker_command(args: argparse.Namespace, environ: Mapping[str, str] = os
         return EXIT_USAGE
     configure_logging(level=opts["log_level"], fmt=opts["log_format"])
     try:
-        path = database_path(opts["database"], environ=environ)
+        database = parse_database(opts["database"], environ=environ)
         client_options: dict[str, Any] = {"request_timeout": opts["request_timeout"]}
         if opts["region"] is not None:
             client_options["region"] = opts["region"]
@@ -161,7 +169,7 @@ def run_worker_command(args: argparse.Namespace, environ: Mapping[str, str] = os
     try:
         return anyio.run(
             _serve,
-            path,
+            database,
             accounts,
             settings,
             http,
@@ -178,7 +186,7 @@ def run_worker_command(args: argparse.Namespace, environ: Mapping[str, str] = os
 
 
 async def _serve(
-    path: Any,
+    database: Any,
     accounts: Any,
     settings: Any,
     http: tuple[str, int] | None,
@@ -187,13 +195,16 @@ async def _serve(
     import contextlib
 
     from orchestrator.errors import AuthenticationError, ForbiddenError, OrchestratorError
-    from orchestrator.outbox.sqlite import SqliteOutbox
+    from orchestrator.outbox.base import FencedOut
+    from orchestrator.outbox.database import open_outbox
     from orchestrator.taskgroups import first_error_unwrapped
     from orchestrator.worker import Worker
     from orchestrator.worker_http import serve_http
 
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(SqliteOutbox(path, exclusive=True))
+        store = await stack.enter_async_context(
+            open_outbox(database, worker=True, **_store_options(database, accounts, settings, opts))
+        )
         worker = await stack.enter_async_context(
             Worker(
                 store,
@@ -212,6 +223,9 @@ async def _serve(
                     tg.start_soon(_on_signals, worker, opts["shutdown_timeout"])
                     await worker.run(burst=opts["burst"])
                     tg.cancel_scope.cancel()
+        except FencedOut:
+            # logged as worker.fenced_out: another worker owns this one's imports now
+            return EXIT_FATAL
         except (AuthenticationError, ForbiddenError) as error:
             _log().error("worker.fatal", error=str(error), detail="check the account's credentials")
             return EXIT_FATAL
@@ -222,6 +236,23 @@ async def _serve(
             return EXIT_DEAD_LETTERS
         return EXIT_OK
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _store_options(database: Any, accounts: Any, settings: Any, opts: dict[str, Any]) -> Any:
+    """The shared store's options: this replica's name (host:pid), its lease, and each
+    account's slots (its ``max_concurrent``, counted for every worker together)."""
+    if not database.shared:
+        return {}
+    import socket
+
+    return {
+        "name": f"{socket.gethostname()}:{os.getpid()}",
+        "lease": opts["lease"],
+        "capacity": {
+            name: account.max_concurrent or settings.max_concurrent
+            for name, account in accounts.items()
+        },
+    }
 
 
 async def _on_signals(worker: Any, shutdown_timeout: float) -> None:

@@ -26,6 +26,7 @@ from orchestrator.outbox.base import (
     OutboxQueue,
     OutboxStore,
     Rejection,
+    SlotsFull,
     StoredImport,
 )
 from orchestrator.refs import RecordRefs
@@ -112,8 +113,20 @@ class OutboxBatches:
         return bytearray(await self.store.load_body(batch_id))
 
     async def mark_submitting(self, batch_id: int) -> StoredBatch:
+        """Record the intent; on a shared store this takes the import's slot, and another worker
+        may have taken the last one since the gate looked: wait for one to free, then again
+        (counted as an account-full wait)."""
         stored = self._get(batch_id)
-        await self.store.mark_submitting(batch_id)
+        while True:
+            try:
+                await self.store.mark_submitting(batch_id)
+                break
+            except SlotsFull as full:
+                self.counters["account_full_waits"] += 1
+                wait_for_slot = getattr(self.store, "wait_for_slot", None)
+                if wait_for_slot is None:  # only a shared store counts slots
+                    raise
+                await wait_for_slot(full.account)
         return self._set(batch_id, phase=BatchPhase.SUBMITTING, submits=stored.submits + 1)
 
     async def mark_refused(self, batch_id: int, *, calls: int) -> StoredBatch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
@@ -31,6 +32,7 @@ import psycopg.conninfo
 import psycopg_pool
 
 from orchestrator.errors import ConfigError, RecordError
+from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
     RECORD_ORIGIN,
@@ -190,6 +192,8 @@ _ROW_CHANNEL = "insight_outbox"
 
 _Letter = tuple[int, Rejection, str | None]
 
+log = get_logger("orchestrator.outbox.postgres")
+
 
 def redacted(conninfo: str) -> str:
     """The connection string as it may be shown: host, port, database and user, no password."""
@@ -290,6 +294,8 @@ class PostgresOutbox:
         self._listen_conn: _Conn | None = None
         self._beat_lock = anyio.Lock()
         self._listen_lock = anyio.Lock()
+        self._listen_moved: anyio.Event | None = None  # set and replaced as notifications come
+        self._notified: Counter[str] = Counter()  # notifications received, per channel
 
     def __repr__(self) -> str:
         return f"PostgresOutbox({redacted(self._conninfo)!r})"
@@ -351,6 +357,10 @@ class PostgresOutbox:
             kwargs={"autocommit": True},
             open=False,
             timeout=self._connect_timeout,
+            configure=self._configure,
+            # a session the server ended (the idle timeout below, a restart) is replaced on
+            # checkout rather than failing the step of an import that drew it
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
         )
         try:
             try:
@@ -370,6 +380,15 @@ class PostgresOutbox:
                 await self.aclose()
             raise
         return self
+
+    async def _configure(self, conn: _Conn) -> None:
+        # A worker stopped in the middle of a transaction (SIGSTOP, a frozen VM) would hold
+        # the lock on its own worker row for ever, and adoption skips locked rows: the server
+        # ends such a session after a lease, so the worker can be declared dead. (Not for the
+        # other users: an application's enqueue may think longer between its statements.)
+        if self._worker:
+            idle_ms = max(1000, round(self._lease * 1000))
+            await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
 
     def _timeout_s(self) -> int:
         return max(1, round(self._connect_timeout))
@@ -930,7 +949,14 @@ class PostgresOutbox:
         task_status.started()
         while True:
             await anyio.sleep(self._lease / 3 * random.uniform(0.8, 1.0))
-            await self.heartbeat()
+            try:
+                await self.heartbeat()
+            except FencedOut:
+                raise
+            except OutboxError as error:
+                # the database may be back before the lease runs out: try again next time
+                # (a worker that stays cut off is adopted, and fenced out when it returns)
+                log.warning("worker.heartbeat_failed", error=str(error))
 
     async def adopt(self) -> list[StoredImport]:
         """See ``SharedOutboxStore.adopt``."""
@@ -1146,28 +1172,54 @@ class PostgresOutbox:
         )
 
     async def _wait_notify(self, channel: str, max_wait: float) -> bool:
-        async with self._listen_lock:
-            try:
-                if self._listen_conn is None or self._listen_conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(
-                        self._conninfo,
-                        autocommit=True,
-                        connect_timeout=self._timeout_s(),
-                    )
-                    await conn.execute(f"LISTEN {_ROW_CHANNEL}")
-                    await conn.execute(f"LISTEN {_SLOT_CHANNEL}")
-                    self._listen_conn = conn
-                async for notify in self._listen_conn.notifies(timeout=max_wait):
-                    if notify.channel == channel:
-                        return True
-            except psycopg.Error:
-                # A lost connection only loses the wake-up: callers poll anyway.
-                if self._listen_conn is not None:
-                    with contextlib.suppress(psycopg.Error):
-                        await self._listen_conn.close()
-                self._listen_conn = None
-                await anyio.sleep(max_wait)
+        """Wait for a notification on ``channel``, at most ``max_wait`` seconds.
+
+        One connection listens on both channels for every waiter: whichever waiter finds it
+        free reads it and counts what arrives per channel, the others wait for the counts to
+        move (a slot waiter and a row waiter never steal each other's notifications).
+        """
+        start = self._notified[channel]
+        with anyio.move_on_after(max_wait):
+            while self._notified[channel] == start:
+                if self._listen_lock.locked():
+                    if self._listen_moved is None:
+                        self._listen_moved = anyio.Event()
+                    await self._listen_moved.wait()
+                    continue
+                async with self._listen_lock:
+                    try:
+                        await self._read_notifies(channel, start)
+                    finally:
+                        self._moved()  # another waiter takes over the reading
+            return True
         return False
+
+    async def _read_notifies(self, channel: str, start: int) -> None:
+        try:
+            if self._listen_conn is None or self._listen_conn.closed:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=self._timeout_s()
+                )
+                await conn.execute(f"LISTEN {_ROW_CHANNEL}")
+                await conn.execute(f"LISTEN {_SLOT_CHANNEL}")
+                self._listen_conn = conn
+            async for notify in self._listen_conn.notifies():
+                self._notified[notify.channel] += 1
+                self._moved()
+                if self._notified[channel] != start:
+                    return
+        except psycopg.Error:
+            # A lost connection only loses the wake-up: callers poll anyway.
+            if self._listen_conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await self._listen_conn.close()
+            self._listen_conn = None
+            await anyio.sleep_forever()  # until the caller's time is up
+
+    def _moved(self) -> None:
+        moved, self._listen_moved = self._listen_moved, None
+        if moved is not None:
+            moved.set()
 
     async def _call(self, fn: Callable[[_Conn], Awaitable[_T]], what: str) -> _T:
         pool = self._pool
@@ -1239,7 +1291,12 @@ class PostgresSlotGate:
         """See ``SlotGate.hold``."""
         async with self._local:
             while True:
-                self._seen = await self._store.slots_in_use(self._account)
+                try:
+                    self._seen = await self._store.slots_in_use(self._account)
+                except OutboxError as error:  # the database is away: look again later
+                    log.warning("slot.count_failed", account=self._account, error=str(error))
+                    await anyio.sleep(self._store.lease / 3 * random.uniform(0.8, 1.2))
+                    continue
                 if self._seen < self._capacity:
                     break
                 await self._store.wait_for_slot(self._account)

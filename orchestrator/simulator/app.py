@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import random
 import re
@@ -181,6 +182,8 @@ class ImportStats:
         imported: records applied, once finished.
         rejected: records failed, once finished.
         lost_response: whether the 202 was dropped by a fault.
+        body_sha256: the SHA-256 of the body as received (hex): the same body sent twice shows
+            as two imports with one digest.
     """
 
     import_id: str
@@ -196,6 +199,7 @@ class ImportStats:
     imported: int | None = None
     rejected: int | None = None
     lost_response: bool = False
+    body_sha256: str = ""
 
 
 @dataclass(slots=True)
@@ -611,6 +615,10 @@ def _parse(body: bytes | bytearray) -> tuple[str, str, str, list[dict[str, Any]]
     return validate_body(parsed)
 
 
+def _sha256(body: bytes | bytearray) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
 async def _put_import(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     limit = state.config.max_body_bytes
@@ -633,6 +641,10 @@ async def _put_import(request: web.Request) -> web.StreamResponse:
             400, "insightData:badJson", "The request body is not valid.", details=exc.details
         )
     kept = bytes(body) if state.config.keep_bodies else None
+    if size > _THREAD_BODY_BYTES:
+        digest = await asyncio.to_thread(_sha256, body)
+    else:
+        digest = _sha256(body)
     del body
     name, scope, collection_type, records = parsed
     # No await from here to the accept, so the slot check and the slot taking are atomic.
@@ -648,6 +660,7 @@ async def _put_import(request: web.Request) -> web.StreamResponse:
     stats = state.accept(
         name=name, scope=scope, collection_type=collection_type, records=records, body_bytes=size
     )
+    stats.body_sha256 = digest
     if kept is not None:
         state.stats.bodies[stats.import_id] = kept
     response = _json(202, {"importId": stats.import_id})
