@@ -75,7 +75,7 @@ async def test_leaving_a_file_early_stops_reading_and_frees_the_spool_and_the_fi
                 assert spool_files() - spools_before  # parsed by the worker, through a spool
         assert first.first_line == 1
         assert first.run is not None
-        assert spool_files() == spools_before
+        assert not spool_files() - spools_before  # ours are gone (other processes may come and go)
         assert source._reader._opened is None
 
 
