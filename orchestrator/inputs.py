@@ -128,8 +128,9 @@ class FileInput:
             ):
                 # One task reads each chunk and, in the same thread, parses it or sends it to a
                 # worker process; the other takes their results in order: reading and parsing
-                # overlap the consumer's packing. Prepared chunks wait between the two, at most ``depth - 1``
-                # (with the one in each task and the consumer's, ``depth + 2``: see ChunkParser).
+                # overlap the consumer's packing. Prepared chunks wait between the two, at most
+                # ``depth - 1`` (with the one in each task and the consumer's, ``depth + 2``: see
+                # ChunkParser).
                 send_started, receive_started = anyio.create_memory_object_stream[
                     tuple[LineChunk, Prepared]
                 ](parser.depth - 1)
