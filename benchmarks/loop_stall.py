@@ -5,19 +5,27 @@ cap) against the simulator in ANOTHER process, so the simulator's CPU work does 
 A ticker task sleeps 5 ms in a loop and records how late each wake-up is. Baseline, measured in
 the same run: the same ticker on an idle loop. Figures: max and p99 lateness during the import;
 ratios max / 50 ms goal and p99 / idle p99. ``--diagnose`` turns on asyncio debug mode and lists the
-slowest callbacks (debug mode slows everything a little).
+slowest callbacks (debug mode slows everything a little). ``--watchdog MS`` runs a thread that,
+whenever the loop is MS late, takes the loop thread's stack (and the other threads' top frames):
+where the loop was stuck, not only which callback was slow.
 
-    python -m benchmarks.loop_stall [--mb 1000] [--keep] [--diagnose] [--parse-processes N]
+    python -m benchmarks.loop_stall [--mb 1000] [--keep] [--diagnose] [--watchdog MS]
+        [--parse-processes N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import statistics
+import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 from benchmarks._common import (
@@ -45,8 +53,64 @@ TICK = 0.005
 GOAL_S = 0.050
 
 
-async def _ticker(lateness: list[float], stop: asyncio.Event) -> None:
+class _Watchdog:
+    """A thread that takes the loop thread's stack whenever the loop is ``threshold`` late.
+
+    The ticker calls ``beat`` before each sleep; the thread looks every millisecond and, once per
+    late tick, keeps the stack of the loop thread (where it is stuck) and the innermost frame of
+    every other thread (one of them holds the GIL). Sampling needs the GIL too, so the stack is
+    taken when the thread gets it: while the loop is still stuck, or just after.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.samples: dict[int, tuple[list[str], list[str]]] = {}
+        self._tick = 0
+        self._since = time.perf_counter()
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+
+    def beat(self, tick: int) -> None:
+        self._tick, self._since = tick, time.perf_counter()
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.001):
+            tick, since = self._tick, self._since
+            if tick in self.samples or time.perf_counter() - since - TICK < self.threshold:
+                continue
+            frames = sys._current_frames()
+            loop = frames.pop(self._loop_thread, None)
+            if loop is None:
+                continue
+            stack = [_frame(f) for f, _ in traceback.walk_stack(loop)][:6]
+            others = sorted(
+                f"{threading._active.get(ident, ident)!s:.40}: {_frame(frame)}"  # type: ignore[attr-defined]
+                for ident, frame in frames.items()
+                if ident != threading.get_ident()
+            )
+            self.samples[tick] = (stack, others)
+
+
+def _frame(frame: object) -> str:
+    code = frame.f_code  # type: ignore[attr-defined]
+    return f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}"  # type: ignore[attr-defined]
+
+
+async def _ticker(
+    lateness: list[float], stop: asyncio.Event, watchdog: _Watchdog | None = None
+) -> None:
     while not stop.is_set():
+        if watchdog is not None:
+            watchdog.beat(len(lateness))
         before = time.perf_counter()
         await asyncio.sleep(TICK)
         lateness.append(time.perf_counter() - before - TICK)
@@ -63,7 +127,7 @@ async def _idle(seconds: float) -> list[float]:
 
 
 async def _during_import(
-    path: Path, base_url: str, journal_dir: Path, processes: int
+    path: Path, base_url: str, journal_dir: Path, processes: int, watchdog: _Watchdog | None
 ) -> tuple[list[float], float]:
     client = InsightClient(
         ClientSettings(username=SIM_USER, password=SIM_PASSWORD, base_url=base_url)
@@ -75,7 +139,7 @@ async def _during_import(
         SqliteJournal(journal_dir / "journal.sqlite") as journal,
         Orchestrator(client, settings=settings) as orch,
     ):
-        task = asyncio.create_task(_ticker(lateness, stop))
+        task = asyncio.create_task(_ticker(lateness, stop, watchdog))
         start = time.monotonic()
         try:
             result = await orch.import_files(
@@ -117,6 +181,13 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="asyncio debug: slow callbacks")
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
     parser.add_argument(
+        "--watchdog",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="take the loop thread's stack whenever the loop is MS late (0: off)",
+    )
+    parser.add_argument(
         "--parse-processes",
         type=int,
         default=0,
@@ -137,10 +208,14 @@ def main() -> None:
             if args.diagnose:
                 logging.getLogger("asyncio").addHandler(slow)
                 logging.getLogger("asyncio").setLevel(logging.WARNING)
-            busy, wall = asyncio.run(
-                _during_import(path, base_url, Path(tmp), args.parse_processes),
-                debug=args.diagnose,
-            )
+            with contextlib.ExitStack() as stack:
+                watchdog = None
+                if args.watchdog:
+                    watchdog = stack.enter_context(_Watchdog(args.watchdog / 1000))
+                busy, wall = asyncio.run(
+                    _during_import(path, base_url, Path(tmp), args.parse_processes, watchdog),
+                    debug=args.diagnose,
+                )
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -189,6 +264,8 @@ def main() -> None:
             + "\n"
         )
         print("\n".join(m[:400] for m in worst))
+    if watchdog is not None:
+        _print_stalls(busy, watchdog)
     title = "Event-loop stalls during a 1 GB in-process import"
     if args.parse_processes:
         title += f", {args.parse_processes} parse processes"
@@ -199,6 +276,22 @@ def main() -> None:
         f"p99 during import / idle p99: {p99_ratio:.1f}x "
         f"({busy_p99 * 1000:.2f} ms vs {idle_p99 * 1000:.2f} ms)"
     )
+
+
+def _print_stalls(lateness: list[float], watchdog: _Watchdog) -> None:
+    """Each late tick with where the loop was, then the places counted by the loop's frame."""
+    places: Counter[str] = Counter()
+    for tick, (stack, others) in sorted(watchdog.samples.items()):
+        late = lateness[tick] if tick < len(lateness) else float("nan")
+        places[stack[0] if stack else "?"] += 1
+        print(f"tick {tick}: {late * 1000:.1f} ms late; loop in:")
+        for line in stack:
+            print(f"    {line}")
+        for line in others:
+            print(f"  other {line}")
+    print("late ticks by the loop's innermost frame:")
+    for place, count in places.most_common():
+        print(f"  {count:4d}  {place}")
 
 
 if __name__ == "__main__":

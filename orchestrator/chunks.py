@@ -20,6 +20,8 @@ from orchestrator.provenance import Source
 from orchestrator.records import (
     _ACCOUNT_HEAD,
     _CLOSE_OBJECT,
+    _COMPACT_ACCOUNT_HEAD,
+    _COMPACT_CONTACT_HEAD,
     _CONTACT_HEAD,
     _JSON_SYNTAX_MESSAGE,
     _MAX_CONTACT_VALUE,
@@ -33,7 +35,7 @@ from orchestrator.records import (
     _encode_parsed,
     _encoded,
     _has_nested_array,
-    _maybe_nested_array,
+    _nested_array_candidate,
     _oversized,
     _source,
 )
@@ -42,6 +44,14 @@ __all__ = ["EncodedLines", "RecordRun", "RejectedLine", "encode_chunk", "encode_
 
 _STRIPPED = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
 _UNPARSABLE = object()
+# The standard identifiers as a head spells them: one str object each for every record.
+_STANDARD_SPELLED = {name.encode(): name for name in _STANDARD_IDENTIFIERS}
+
+
+def _next_nested_array_candidate(data: bytes, start: int, end: int) -> int:
+    """Where the next possible array inside an array of ``data[start:end]`` is, else ``end``."""
+    found = _nested_array_candidate(data, start, end)
+    return end if found == -1 else found
 
 
 RejectedLine = tuple[int, str, str, "str | None", bytes]
@@ -225,6 +235,11 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
     standard = _STANDARD_IDENTIFIERS
+    standard_spelled = _STANDARD_SPELLED.get
+    key: Any
+    identifier: Any
+    value: Any
+    backslash = b"\\"
     number = first_line - 1
     read = 0
     run_start = -1  # where the open range of clean lines starts, -1 when none is open
@@ -232,6 +247,12 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
     find = data.find
     count = data.count
     match_head = (_CONTACT_HEAD if contact_scope else _ACCOUNT_HEAD).match
+    match_compact = (_COMPACT_CONTACT_HEAD if contact_scope else _COMPACT_ACCOUNT_HEAD).match
+    # Where the next "[" that may open an array inside an array is: found once for the chunk
+    # (most chunks have none) instead of looked for in every line; past the end when none is.
+    nested_candidate = _next_nested_array_candidate
+    size_of_data = len(data)
+    candidate = nested_candidate(data, 0, size_of_data)
     escapes = find(b"\\") != -1  # a field name could be spelled with escapes (memchr: cheap)
     view = memoryview(data)
     strip_bytes = _STRIPPED
@@ -244,38 +265,54 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         # last. The head is matched, the json value parsed alone: that proves no field follows it
         # (or appears twice) without scanning the line again. Anything else takes the paths below.
         if end > start and data[end - 1] == _CLOSE_OBJECT:
-            head = match_head(data, start, end)
+            head = match_compact(data, start, end)
+            plain = head is not None  # its strings hold no escapes: their bytes are their text
+            if not plain:
+                head = match_head(data, start, end)
             if head is not None:
-                json_value: Any = None
-                strings: Any = ("", "", "")
                 try:
                     json_value = loads(view[head.end() : end - 1])
-                    strings = loads(b"[%b]" % b",".join(head.groups()))
-                except decode_error:
-                    pass
-                if (
-                    type(json_value) is dict
-                    and strings[0]
-                    and not strings[0].isspace()
-                    and (
-                        not contact_scope
-                        or (strings[1] in standard and 0 < len(strings[2]) <= _MAX_CONTACT_VALUE)
-                    )
-                    and not (
-                        _maybe_nested_array(data, start, end) and _has_nested_array(json_value)
-                    )
-                ):
-                    read += 1
-                    if run_start < 0:
-                        run_start = start
-                    size += end - start + 1
-                    ends.append(size - 1)
-                    keys.append(strings[0])
                     if contact_scope:
-                        identifiers.append(strings[1])
-                        values.append(strings[2])
-                    numbers.append(number)
-                    continue
+                        quoted_key, quoted_identifier, quoted_value = head.groups()
+                        identifier = standard_spelled(quoted_identifier)
+                        value = (
+                            quoted_value.decode()
+                            if plain or backslash not in quoted_value
+                            else loads(b'"%b"' % quoted_value)
+                        )
+                    else:
+                        quoted_key = head.group(1)
+                    key = (
+                        quoted_key.decode()
+                        if plain or backslash not in quoted_key
+                        else loads(b'"%b"' % quoted_key)
+                    )
+                except ValueError:  # not JSON, or not UTF-8: the paths below name the rule
+                    pass
+                else:
+                    if candidate < start:
+                        candidate = nested_candidate(data, start, size_of_data)
+                    if (
+                        type(json_value) is dict
+                        and key
+                        and not key.isspace()
+                        and (
+                            not contact_scope
+                            or (identifier is not None and 0 < len(value) <= _MAX_CONTACT_VALUE)
+                        )
+                        and not (candidate < end and _has_nested_array(json_value))
+                    ):
+                        read += 1
+                        if run_start < 0:
+                            run_start = start
+                        size += end - start + 1
+                        ends.append(size - 1)
+                        keys.append(key)
+                        if contact_scope:
+                            identifiers.append(identifier)
+                            values.append(value)
+                        numbers.append(number)
+                        continue
         # A line without whitespace around it is parsed in place (no copy of its bytes); others
         # are stripped first, as bytes.strip() does.
         if end > start and data[start] not in strip_bytes and data[end - 1] not in strip_bytes:
@@ -312,8 +349,7 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
         if raw is None and type(obj) is dict and len(obj) == fields:
             key = obj.get("key")
             if type(key) is str and key and not key.isspace() and type(obj.get("json")) is dict:
-                identifier: Any = ""
-                value: Any = ""
+                identifier = value = ""
                 if contact_scope:
                     identity = obj.get("contactIdentity")
                     if type(identity) is dict and len(identity) == 2:
@@ -337,7 +373,9 @@ def encode_chunk(data: bytes, *, contact_scope: bool, first_line: int) -> Encode
                 ):
                     key = None
                 if key is not None:
-                    if _maybe_nested_array(data, start, end) and _has_nested_array(obj["json"]):
+                    if candidate < start:
+                        candidate = nested_candidate(data, start, size_of_data)
+                    if candidate < end and _has_nested_array(obj["json"]):
                         rejects.append(
                             (
                                 number,

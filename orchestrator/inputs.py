@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from orchestrator.chunks import RecordRun
 from orchestrator.errors import RecordError
-from orchestrator.parsing import ChunkParser, ParsePool, Started
+from orchestrator.parsing import ChunkParser, ParsePool, Prepared
 from orchestrator.provenance import Source
 from orchestrator.records import (
     Collection,
@@ -126,12 +126,13 @@ class FileInput:
                 ChunkParser(contact_scope=contact_scope, pool=self._pool) as parser,
                 anyio.create_task_group() as tg,
             ):
-                # One task reads chunks and sends them to the parser, the other takes their
-                # results in order: reading (in a thread) and parsing (in processes) overlap the
-                # consumer's packing. Started chunks wait between the two, at most ``depth - 1``
-                # (with the one in each task and the consumer's, ``depth + 2``: see ChunkParser).
+                # One task reads each chunk and, in the same thread, parses it or sends it to a
+                # worker process; the other takes their results in order: reading and parsing
+                # overlap the consumer's packing. Prepared chunks wait between the two, at most
+                # ``depth - 1`` (with the one in each task and the consumer's, ``depth + 2``: see
+                # ChunkParser).
                 send_started, receive_started = anyio.create_memory_object_stream[
-                    tuple[LineChunk, Started | None]
+                    tuple[LineChunk, Prepared]
                 ](parser.depth - 1)
                 send, receive = anyio.create_memory_object_stream[Chunk]()
                 tg.start_soon(self._read, parser, send_started)
@@ -143,31 +144,31 @@ class FileInput:
     async def _read(
         self,
         parser: ChunkParser,
-        send: MemoryObjectSendStream[tuple[LineChunk, Started | None]],
+        send: MemoryObjectSendStream[tuple[LineChunk, Prepared]],
     ) -> None:
         async with send:
-            async for line_chunk in self._reader.chunks(numbered=False):
-                await send.send((line_chunk, await parser.start(line_chunk)))
+            async for prepared in self._reader.prepared_chunks(parser.prepare):
+                await send.send(prepared)
 
     async def _collect(
         self,
         parser: ChunkParser,
-        receive: MemoryObjectReceiveStream[tuple[LineChunk, Started | None]],
+        receive: MemoryObjectReceiveStream[tuple[LineChunk, Prepared]],
         send: MemoryObjectSendStream[Chunk],
         contact_scope: bool,
     ) -> None:
         async with receive, send:
-            async for line_chunk, started in receive:
-                await send.send(await self._chunk(parser, line_chunk, started, contact_scope))
+            async for line_chunk, prepared in receive:
+                await send.send(await self._chunk(parser, line_chunk, prepared, contact_scope))
 
     async def _chunk(
         self,
         parser: ChunkParser,
         line_chunk: LineChunk,
-        started: Started | None,
+        prepared: Prepared,
         contact_scope: bool,
     ) -> Chunk:
-        encoded, segment = await parser.result(line_chunk, started)
+        encoded, segment = await parser.result(line_chunk, prepared)
         first = self._next_line
         self._next_line += encoded.count
         encoded.shift_lines(first - 1)  # parsed as if it started at line 1

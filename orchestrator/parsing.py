@@ -40,7 +40,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.logs import get_logger
 from orchestrator.sources import LineChunk
 
-__all__ = ["PROCESS_AFTER", "ChunkParser", "ParsePool", "default_processes"]
+__all__ = ["PROCESS_AFTER", "ChunkParser", "ParsePool", "Prepared", "Started", "default_processes"]
 
 log = get_logger("orchestrator.parsing")
 
@@ -220,8 +220,13 @@ class _WorkerPopen(popen_forkserver.Popen):
 class Started:
     """A chunk sent to a worker process: its result to come, and its spool slot (-1: none)."""
 
-    future: asyncio.Future[tuple[EncodedLines, int]]
+    future: Future[tuple[EncodedLines, int]]
     offset: int
+
+
+Prepared = EncodedLines | Started | None
+"""What ``ChunkParser.prepare`` made of a chunk: encoded already, sent to a worker process, or
+``None`` (to be parsed in a thread: the workers could not take it)."""
 
 
 class _Spool:
@@ -264,7 +269,7 @@ class _Spool:
 class ChunkParser:
     """Parses one input's chunks in order: in a worker thread at first, then in worker processes.
 
-    Call ``start`` for each chunk as it is read and ``result`` for each in the same order; keep
+    Call ``prepare`` for each chunk as it is read and ``result`` for each in the same order; keep
     at most ``depth + 2`` started and not yet consumed (a chunk's segment is a view of a spool
     slot, reused that many chunks later). Use as an async context manager: on exit the chunks
     still with the workers are cancelled and the spool file is removed.
@@ -282,16 +287,17 @@ class ChunkParser:
         self._seen = 0
         self._spool: _Spool | None = None
         self._executor: ProcessPoolExecutor | None = None
-        self._pending: set[asyncio.Future[tuple[EncodedLines, int]]] = set()
+        self._pending: set[Future[tuple[EncodedLines, int]]] = set()
 
-    async def start(self, chunk: LineChunk) -> Started | None:
-        """Send a chunk to a worker process; ``None`` if it is to be parsed in a thread."""
+    def prepare(self, chunk: LineChunk) -> Prepared:
+        """Parse a chunk, or send it to a worker process: blocking, run it in the thread that
+        read the chunk (``JsonLinesReader.prepared_chunks``), in the order of the chunks."""
         self._seen += len(chunk.data)
         if self.pool is None or self._seen <= PROCESS_AFTER:
-            return None
+            return encode_chunk(chunk.data, contact_scope=self.contact_scope, first_line=1)
         if self._executor is None:
             try:
-                self._executor = await self.pool.executor()
+                self._executor = self.pool._start()
             except (BrokenProcessPool, OSError) as error:
                 # e.g. a process limit: slower, not lost
                 log.warning(
@@ -300,7 +306,7 @@ class ChunkParser:
                     detail="parse worker processes could not start; parsing in a thread",
                 )
                 self.pool = None
-                return None
+                return encode_chunk(chunk.data, contact_scope=self.contact_scope, first_line=1)
             # queued chunks, plus one being queued and one being consumed
             self._spool = _Spool(self.depth + 2)
         executor, spool = self._executor, self._spool
@@ -313,7 +319,7 @@ class ChunkParser:
                     parse_worker.parse_bytes, chunk.data, self.contact_scope, 1
                 )
             else:
-                offset = await anyio.to_thread.run_sync(spool.write, chunk.data)
+                offset = spool.write(chunk.data)
                 future = executor.submit(
                     parse_worker.parse_spooled,
                     spool.path,
@@ -326,28 +332,29 @@ class ChunkParser:
         except (BrokenProcessPool, RuntimeError):  # broken, or shut down at interpreter exit
             self._give_up(executor)
             return None
-        started = Started(asyncio.wrap_future(future), offset)
-        self._pending.add(started.future)
-        return started
+        self._pending.add(future)
+        return Started(future, offset)
 
     async def result(
-        self, chunk: LineChunk, started: Started | None
+        self, chunk: LineChunk, prepared: Prepared
     ) -> tuple[EncodedLines, memoryview | None]:
-        """The encoded chunk ``start`` was given, with its body segment when a worker made it
+        """The encoded chunk ``prepare`` was given, with its body segment when a worker made it
         (parsed in a thread if it was not sent, or its worker died). Its lines are numbered from
         1: the caller knows where the chunk starts (``EncodedLines.shift_lines``)."""
-        if started is not None:
+        if isinstance(prepared, EncodedLines):
+            return prepared, None
+        if prepared is not None:
             try:
-                encoded, length = await started.future
+                encoded, length = await asyncio.wrap_future(prepared.future)
             except BrokenProcessPool:
                 if self._executor is not None:
                     self._give_up(self._executor)
             else:
                 if length < 0 or self._spool is None:
                     return encoded, None
-                return encoded, self._spool.view(started.offset, length)
+                return encoded, self._spool.view(prepared.offset, length)
             finally:
-                self._pending.discard(started.future)
+                self._pending.discard(prepared.future)
         encoded = await anyio.to_thread.run_sync(
             lambda: encode_chunk(chunk.data, contact_scope=self.contact_scope, first_line=1)
         )

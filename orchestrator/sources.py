@@ -34,10 +34,10 @@ import stat
 import sys
 import threading
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -56,6 +56,8 @@ __all__ = [
     "is_stream",
     "validate_inputs",
 ]
+
+T = TypeVar("T")
 
 log = get_logger("orchestrator.sources")
 
@@ -530,6 +532,38 @@ class JsonLinesReader:
             if chunk is None:
                 return
             yield chunk
+
+    async def prepared_chunks(
+        self, prepare: Callable[[LineChunk], T]
+    ) -> AsyncIterator[tuple[LineChunk, T]]:
+        """The chunks ``chunks(numbered=False)`` gives, each with ``prepare(chunk)``, which runs
+        in the reading thread right after the read (parsing it, or handing it to a parse worker).
+
+        One thread hop a chunk instead of two, and one thread at a time doing the input's work:
+        each more thread that wants the GIL makes the event loop wait longer for it.
+
+        Args:
+            prepare: what to do with each chunk, blocking.
+
+        Raises:
+            errors.InputError: the input cannot be read or is a corrupt gzip file.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            yield pending, await anyio.to_thread.run_sync(prepare, pending)
+        while True:
+            prepared = await anyio.to_thread.run_sync(
+                self._read_prepared, prepare, abandon_on_cancel=self._stream
+            )
+            if prepared is None:
+                return
+            yield prepared
+
+    def _read_prepared(self, prepare: Callable[[LineChunk], T]) -> tuple[LineChunk, T] | None:
+        chunk = self._read_chunk(False)
+        if chunk is None or self._closed:  # closed: an abandoned read of a pipe
+            return None
+        return chunk, prepare(chunk)
 
     async def _next_chunk(self, numbered: bool = True) -> LineChunk | None:
         # A read from a pipe may wait on its writer for ever: on cancellation the task leaves at

@@ -483,6 +483,14 @@ _LINE_PARTS = [
     b'{"key":"j","contactIdentity":{"identifier":"email","value":"x@y.io"},"json":{},"json":{}}',
     b'{"key":12345678901234567890123,"contactIdentity":{"identifier":"email","value":"x"},"json":{}}',
     b'[{"key":"h"}]',
+    b'{"key":"a\x01","json":{}}',
+    b'{"key":"\xff","json":{}}',
+    b'{"key":"caf\\u00e9","json":{"n":[1,[2]]}}',
+    b'{"key":"q\\"","contactIdentity":{"identifier":"em\\u0061il","value":"x"},"json":{}}',
+    b'{"key":"r","contactIdentity":{"identifier":"email","value":"\\u00e9\\n"},"json":{}}',
+    b'{"key":"\xc2\xa0","json":{}}',
+    b'{"key":"\\u3000","json":{}}',
+    b'{"key":"s","json":{"t":"a\tb"}}',
     b"{not json",
     b'"just a string"',
     b"",
@@ -507,22 +515,41 @@ def test_a_chunk_encodes_each_line_as_encode_line_does(
     the same records with the same bytes, the same rules broken, blank lines skipped."""
     collection = CONTACT if contact else ACCOUNT
     raw_lines = [before + part + after for before, part, after in lines]
-    results = encode_lines(raw_lines, collection, origin="f", first_line=first_line)
+    assert _chunk_results(raw_lines, collection, first_line) == _line_results(
+        raw_lines, collection, first_line
+    )
+
+
+@pytest.mark.parametrize("collection", [ACCOUNT, CONTACT])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_chunk_of_bare_lines_encodes_each_line_as_encode_line_does(
+    collection: Collection, reverse: bool
+) -> None:
+    """Every corpus line without padding (the inline head paths) encodes as encode_line does."""
+    raw_lines = _LINE_PARTS[::-1] if reverse else _LINE_PARTS
+    assert _chunk_results(raw_lines, collection, 1) == _line_results(raw_lines, collection, 1)
+
+
+def _chunk_results(lines: list[bytes], collection: Collection, first_line: int) -> list[object]:
+    results = encode_lines(lines, collection, origin="f", first_line=first_line)
+    return [
+        result
+        if isinstance(result, EncodedRecord)
+        else (result.error.rule, str(result.error.source), result.error.key)
+        for result in results
+    ]
+
+
+def _line_results(lines: list[bytes], collection: Collection, first_line: int) -> list[object]:
     expected: list[object] = []
-    for number, line in enumerate(raw_lines, start=first_line):
+    for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:
             expected.append(encode_line(line, collection, source=Source("f", number)))
         except errors.RecordError as error:
             expected.append((error.rule, str(error.source), error.key))
-    got = [
-        result
-        if isinstance(result, EncodedRecord)
-        else (result.error.rule, str(result.error.source), result.error.key)
-        for result in results
-    ]
-    assert got == expected
+    return expected
 
 
 # --------------------------------------------------------------------------- exactness

@@ -4,6 +4,7 @@ import gzip
 import io
 import os
 import sys
+import threading
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -181,6 +182,26 @@ async def test_skip_resumes_and_returns_the_digest(tmp_path: Path) -> None:
             assert chunks[0].first_line == skipped + 1
             assert chunks[0].digest_through(1) == fingerprint(content[: skipped + 1])
             assert chunks[-1].end_digest == fingerprint(content)
+
+
+async def test_prepared_chunks_run_prepare_in_the_reading_thread(tmp_path: Path) -> None:
+    """prepared_chunks gives chunks(numbered=False)'s chunks, each with prepare's result made
+    off the event loop, the chunk left by skip() first."""
+    content = [b"line-%d" % i for i in range(100)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(content) + b"\n")
+    loop_thread = threading.get_ident()
+    async with JsonLinesReader(str(path), chunk_bytes=64) as reader:
+        await reader.skip(37)
+        prepared = [
+            pair
+            async for pair in reader.prepared_chunks(
+                lambda chunk: (threading.get_ident(), len(chunk.data))
+            )
+        ]
+    assert [line for chunk, _ in prepared for line in chunk.lines] == content[37:]
+    assert all(thread != loop_thread for _, (thread, _) in prepared)
+    assert [size for _, (_, size) in prepared] == [len(chunk.data) for chunk, _ in prepared]
 
 
 async def test_skip_past_the_end_is_an_input_error(tmp_path: Path) -> None:
