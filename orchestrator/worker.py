@@ -318,10 +318,10 @@ class _AccountRun:
                 if batch is None:
                     self.capacity.release()
                     return
-                assert batch.refs.ends is not None
-                held = await self.worker.store.seal(
-                    run.queue, rows, batch.body, ends=batch.refs.ends
-                )
+                refs = batch.refs
+                assert refs.ends is not None
+                held = await self.worker.store.seal(run.queue, rows, batch.body, ends=refs.ends)
+                del rows
         except ClaimConflict as error:
             self.capacity.release()
             log.warning("batch.claim_conflict", account=self.name, error=str(error))
@@ -336,13 +336,23 @@ class _AccountRun:
             account=self.name,
             collection=run.queue.collection,
             batch_id=held.ref,
-            records=len(rows),
+            records=len(held.row_ids),
             body_bytes=held.body_bytes,
         )
-        await self._send(run, held, batch.refs)
+        # the body is stored: the first PUT sends this copy instead of reading it back
+        body = batch.body if isinstance(batch.body, bytearray) else None
+        del batch
+        await self._send(run, held, refs, body=body)
 
-    async def _send(self, run: _QueueRun, held: StoredImport, refs: RecordRefs) -> None:
-        stored = run.batches.register(held)
+    async def _send(
+        self,
+        run: _QueueRun,
+        held: StoredImport,
+        refs: RecordRefs,
+        *,
+        body: bytearray | None = None,
+    ) -> None:
+        stored = run.batches.register(held, body=body)
         await run.send.send(
             BatchTask(stored=stored, refs=refs, identity_hashes=frozenset(), depends_on=())
         )

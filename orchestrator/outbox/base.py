@@ -533,8 +533,9 @@ class OutboxStore(Protocol):
         """Every import held, after a restart: SUBMITTING ones come back SEALED, in doubt."""
         ...
 
-    async def load_body(self, ref: int) -> bytes:
-        """The body of import ``ref`` exactly as sealed."""
+    async def load_body(self, ref: int) -> bytes | bytearray:
+        """The body of import ``ref`` exactly as sealed (a ``bytearray`` is the caller's own:
+        it may free it)."""
         ...
 
     async def dead_letters(
