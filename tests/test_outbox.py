@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from array import array
 import sys
 import tempfile
 import textwrap
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
