@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -148,6 +149,7 @@ INSERT_ROW = (
 """The statement that enqueues a row: ``(account, collection, scope, collection_type, record)``."""
 
 _PAGE_ROWS = 1000
+_WAL_PAGES = 40_000  # 160 MB of 4 KB pages: the WAL's size at which the writer checkpoints
 _BLOB_CHUNK = 1 << 20  # bodies are written and read in pieces: the GIL is handed over between
 _QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
 _UNHELD = "NOT EXISTS (SELECT 1 FROM insight_held AS h WHERE h.row_id = o.id)"
@@ -265,6 +267,11 @@ class SqliteOutbox:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._limiter: anyio.CapacityLimiter | None = None
+        # Reads of many rows (claims, listings, bodies) go through a second connection on a
+        # thread of their own, so the writes of imports in flight never wait behind them.
+        self._reader: sqlite3.Connection | None = None
+        self._read_limiter: anyio.CapacityLimiter | None = None
+        self._checkpointer: _Checkpointer | None = None
         # ref -> its queue and the hashes of its identities, for claims to hold rows back by:
         # an import's identities never change, and refs of imports that ended are dropped.
         self._in_flight: dict[int, tuple[OutboxQueue, frozenset[int]]] = {}
@@ -279,6 +286,7 @@ class SqliteOutbox:
 
     async def __aenter__(self) -> Self:
         self._limiter = anyio.CapacityLimiter(1)
+        self._read_limiter = anyio.CapacityLimiter(1)
         try:
             await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
         except BaseException:
@@ -360,7 +368,7 @@ class SqliteOutbox:
                 for a, c, s, t, n, oldest, age in rows
             ]
 
-        return await self._run(read, "list pending rows")
+        return await self._run(read, "list pending rows", read=True)
 
     async def claim(
         self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
@@ -373,6 +381,7 @@ class SqliteOutbox:
                 conn, queue, self._in_flight_hashes(conn, queue), budget_bytes, max_scan_rows
             ),
             "claim rows",
+            read=True,
         )
         rows, records_bytes, full, superseded, invalid, held_back = found
 
@@ -682,7 +691,7 @@ class SqliteOutbox:
                     body += blob.read(_BLOB_CHUNK)
             return body
 
-        return await self._run(read, "load a body")
+        return await self._run(read, "load a body", read=True)
 
     async def dead_letters(
         self,
@@ -710,7 +719,7 @@ class SqliteOutbox:
         def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
             return [_dead_letter(row) for row in conn.execute(query, values)]
 
-        return await self._run(read, "list dead letters")
+        return await self._run(read, "list dead letters", read=True)
 
     async def requeue(self, ids: Sequence[int]) -> int:
         """See ``OutboxStore.requeue``."""
@@ -744,7 +753,7 @@ class SqliteOutbox:
         }
         for ref, (cached, _) in list(self._in_flight.items()):
             if cached == queue and ref not in refs:
-                del self._in_flight[ref]  # ended in another store of the same file
+                self._in_flight.pop(ref, None)  # ended (by another store of the file too)
         hashes: set[int] = set()
         for ref in refs:
             known = self._in_flight.get(ref)
@@ -754,8 +763,10 @@ class SqliteOutbox:
             hashes |= known[1]
         return hashes
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
-        conn = self._conn
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], _T], what: str, *, read: bool = False
+    ) -> _T:
+        conn = self._reader if read else self._conn
         if conn is None:
             raise RuntimeError("the outbox store is not open: use `async with SqliteOutbox(...)`")
 
@@ -764,11 +775,19 @@ class SqliteOutbox:
                 return fn(conn)
             except sqlite3.Error as error:
                 raise OutboxError(self._explain(what, error)) from error
+            finally:
+                if not read:
+                    self._written()
 
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        limiter = self._read_limiter if read else self._limiter
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         return await self._run(lambda conn: _transaction(conn, fn), what)
+
+    def _written(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _explain(self, what: str, error: sqlite3.Error) -> str:
         name = getattr(error, "sqlite_errorname", "") or ""
@@ -797,14 +816,10 @@ class SqliteOutbox:
                 "check that its directory is writable"
             ) from error
         try:
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            conn = self._conn = self._connect()
         except sqlite3.Error as error:
             raise OutboxError(self._explain("open it", error)) from error
+        # on any failure below, __aenter__ closes what was opened
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -814,26 +829,78 @@ class SqliteOutbox:
                 )
             conn.execute("PRAGMA synchronous = NORMAL")  # see the module docstring
             conn.execute("PRAGMA secure_delete = FAST")
+            # The checkpointer's thread copies the WAL into the file after each write, so a
+            # commit after a 50 MB body does not do it (0.5 s and more); the writer checkpoints
+            # only when the WAL outgrows that (the checkpointer lags), and truncates it after.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * 4096}")
             migrate(conn)
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only = ON")
+            self._checkpointer = _Checkpointer(self._connect())
         except sqlite3.Error as error:
-            conn.close()
             raise OutboxError(
                 self._explain("create or upgrade the outbox tables", error)
             ) from error
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
+        reader, self._reader = self._reader, None
         fd, self._lock_fd = self._lock_fd, None
+        checkpointer, self._checkpointer = self._checkpointer, None
         try:
+            if checkpointer is not None:
+                checkpointer.close()
+            if reader is not None:
+                reader.close()
             if conn is not None:
                 conn.close()
         finally:
             if fd is not None:
                 os.close(fd)  # releases the flock
+
+
+class _Checkpointer:
+    """Copies the WAL into the database on a thread (and connection) of its own when poked.
+
+    A PASSIVE checkpoint never waits for the writer nor blocks it; what it cannot copy yet
+    (frames a reader still needs) the next poke does.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="outbox-checkpointer", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closing:
+                    return
+                with contextlib.suppress(sqlite3.Error):  # the writer's own checkpoint remains
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            self._conn.close()
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
