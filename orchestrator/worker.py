@@ -47,6 +47,7 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    ClaimedRun,
     OutboxError,
     OutboxQueue,
     OutboxStore,
@@ -382,9 +383,14 @@ class _AccountRun:
 
 def _assemble(
     collection: Collection, max_body_bytes: int, rows: Sequence[ClaimedRow]
-) -> tuple[Batch | None, list[ClaimedRow], dict[int, Rejection]]:
+) -> tuple[Batch | None, Sequence[ClaimedRow], dict[int, Rejection]]:
     """Pack claimed rows into one body (in a worker thread): the batch, its rows, the rows too
     large for any body."""
+    if isinstance(rows, ClaimedRun):
+        packed = _assemble_run(collection, max_body_bytes, rows)
+        if packed is not None:
+            return packed
+        rows = list(rows)  # a record too large, or more than one body: record by record
     assembler = BatchAssembler(collection, max_body_bytes=max_body_bytes)
     kept: list[ClaimedRow] = []
     too_large: dict[int, Rejection] = {}
@@ -402,6 +408,22 @@ def _assemble(
             ClaimedRow(row.row_id, EncodedRecord(row.record.key, row.record.contact, b"", None))
         )
     return assembler.seal(), kept, too_large
+
+
+def _assemble_run(
+    collection: Collection, max_body_bytes: int, rows: ClaimedRun
+) -> tuple[Batch | None, ClaimedRun, dict[int, Rejection]] | None:
+    """The common case in one copy: every row of the run fits in one body. ``None`` otherwise."""
+    assembler = BatchAssembler(collection, max_body_bytes=max_body_bytes)
+    run = rows.run
+    try:
+        if assembler.add_run(run) != len(run):
+            return None
+    except RecordError:
+        return None
+    # the body holds the records' bytes now: keep what sealing needs (ids, keys, contacts), so
+    # a body's worth of records is not held twice while the body is stored
+    return assembler.seal(), ClaimedRun(dataclasses.replace(run, segment=b"")), {}
 
 
 class Worker:

@@ -40,7 +40,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from orchestrator.chunks import encode_chunk
+from orchestrator.chunks import RecordRun, encode_chunk
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
@@ -48,6 +48,7 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    ClaimedRun,
     Finished,
     ImportPart,
     ImportPhase,
@@ -395,7 +396,7 @@ class SqliteOutbox:
             deleted, moved = await self._write(write, "delete superseded rows")
         return Claim(
             queue=queue,
-            rows=tuple(rows),
+            rows=rows,
             records_bytes=records_bytes,
             full=full,
             superseded=deleted,
@@ -417,13 +418,19 @@ class SqliteOutbox:
             raise ValueError("a sealed import holds at least one row")
         if ends and len(ends) != len(rows):
             raise ValueError(f"ends has {len(ends)} offsets for {len(rows)} rows")
-        row_ids = tuple(row.row_id for row in rows)
+        row_ids = (
+            rows.row_ids if isinstance(rows, ClaimedRun) else tuple(row.row_id for row in rows)
+        )
         sealed_at = time.time()
         identities: tuple[str, ...] = ()
 
         def write(conn: sqlite3.Connection) -> int:
             nonlocal identities
-            identities = tuple(row.identity for row in rows)  # here: off the event loop
+            # here: off the event loop
+            if isinstance(rows, ClaimedRun):
+                identities = tuple(rows.identities())
+            else:
+                identities = tuple(row.identity for row in rows)
             ref = _insert_import(
                 conn,
                 queue,
@@ -1000,7 +1007,9 @@ def _queue_values(queue: OutboxQueue) -> tuple[str, str, str, str]:
     return (queue.account, queue.collection, queue.scope, queue.collection_type)
 
 
-_Found = tuple[list[ClaimedRow], int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
+_Found = tuple[ClaimedRun, int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
+_Valid = tuple[RecordRun, int] | EncodedRecord  # a record of a page's run, or one on its own
+_Rejected = tuple[Rejection, str | None]  # why a row is not a record, and its key
 
 
 def _scan(
@@ -1018,7 +1027,8 @@ def _scan(
     except (ConfigError, ValueError) as error:
         collection = None
         invalid_queue = Rejection(COLLECTION_INVALID, str(error))
-    latest: dict[str, ClaimedRow] = {}  # identity -> its latest valid row, in id order
+    # identity -> its latest valid row (id, size, record), in id order
+    latest: dict[str, tuple[int, int, _Valid]] = {}
     held: dict[str, int] = {}  # identity in flight -> its latest pending row
     superseded: list[int] = []
     invalid: list[tuple[int, Rejection, str | None]] = []
@@ -1042,11 +1052,19 @@ def _scan(
             invalid.extend((row_id, invalid_queue, _key_of_record(text)) for row_id, text in page)
             continue
         for row_id, encoded in _encode_page(page, collection):
-            if not isinstance(encoded, EncodedRecord):
-                invalid.append((row_id, *encoded))
+            if isinstance(encoded, EncodedRecord):
+                key, contact, size = encoded.key, encoded.contact, len(encoded.data)
+            elif isinstance(encoded[0], Rejection):
+                invalid.append((row_id, encoded[0], encoded[1]))
                 continue
-            record = encoded
-            identity = identity_text(record.key, record.contact)
+            else:
+                run, index = encoded
+                key = run.keys[index]
+                contact = None
+                if run.identifiers is not None:
+                    contact = (run.identifiers[index], run.values[index])
+                size = run.ends[index] - run.start_of(index)
+            identity = identity_text(key, contact)
             if hash(identity) in in_flight:
                 earlier = held.get(identity)
                 if earlier is not None:
@@ -1055,31 +1073,93 @@ def _scan(
                 continue
             previous = latest.pop(identity, None)
             if previous is not None:
-                superseded.append(previous.row_id)
-                joined -= len(previous.record.data) + 1
-            latest[identity] = ClaimedRow(row_id, record)
-            joined += len(record.data) + 1
-    rows: list[ClaimedRow] = []
-    size = -1
+                superseded.append(previous[0])
+                joined -= previous[1] + 1
+            latest[identity] = (row_id, size, encoded)
+            joined += size + 1
+    kept: list[tuple[int, int, _Valid]] = []
+    total = -1
     for row in latest.values():
-        grown = size + len(row.record.data) + 1
-        if grown > budget and rows:
+        grown = total + row[1] + 1
+        if grown > budget and kept:
             break
-        rows.append(row)
-        size = grown
-    return rows, max(size, 0), len(rows) < len(latest), superseded, invalid, len(held)
+        kept.append(row)
+        total = grown
+    contact_scope = collection is not None and collection.scope is Scope.CONTACT
+    return (
+        _claimed_run(kept, contact_scope),
+        max(total, 0),
+        len(kept) < len(latest),
+        superseded,
+        invalid,
+        len(held),
+    )
 
 
-_Encoded = EncodedRecord | tuple[Rejection, str | None]  # a record, or why not and its key
+def _claimed_run(kept: Sequence[tuple[int, int, _Valid]], contact_scope: bool) -> ClaimedRun:
+    """The kept rows as one run: consecutive records of a page's run are copied in one piece."""
+    parts: list[bytes | memoryview] = []
+    ends = array("q")
+    keys: list[str] = []
+    identifiers: list[str] = []
+    values: list[str] = []
+    lines = array("q")
+    size = 0
+    i = 0
+    while i < len(kept):
+        row_id, _, valid = kept[i]
+        if isinstance(valid, EncodedRecord):
+            parts += (valid.data, b"\n")
+            size += len(valid.data) + 1
+            ends.append(size - 1)
+            keys.append(valid.key)
+            identifier, value = valid.contact or ("", "")
+            identifiers.append(identifier)
+            values.append(value)
+            lines.append(row_id)
+            i += 1
+            continue
+        run, first = valid
+        last = first
+        i += 1
+        while i < len(kept):
+            following = kept[i][2]
+            if isinstance(following, EncodedRecord) or following[0] is not run:
+                break
+            if following[1] != last + 1:
+                break
+            last += 1
+            i += 1
+        start, stop = run.start_of(first), run.ends[last] + 1
+        parts.append(memoryview(run.segment)[start:stop])
+        shift = size - start
+        ends.extend([end + shift for end in run.ends[first : last + 1]])
+        keys += run.keys[first : last + 1]
+        if run.identifiers is not None:
+            identifiers += run.identifiers[first : last + 1]
+            values += run.values[first : last + 1]
+        lines.extend(run.lines[first : last + 1])
+        size += stop - start
+    return ClaimedRun(
+        RecordRun(
+            b"".join(parts),
+            ends,
+            keys,
+            identifiers if contact_scope else None,
+            values if contact_scope else [],
+            RECORD_ORIGIN,
+            lines,
+        )
+    )
 
 
 def _encode_page(
     page: Sequence[tuple[int, bytes]], collection: Collection
-) -> list[tuple[int, _Encoded]]:
+) -> list[tuple[int, _Valid | _Rejected]]:
     """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
     lines are read) for rows that are one line each, the per-line encoder for the others."""
     contact_scope = collection.scope is Scope.CONTACT
-    results: dict[int, _Encoded] = {}
+    results: dict[int, _Valid | _Rejected] = {}
     lines: list[bytes] = []
     ids: list[int] = []
     for row_id, raw in page:
@@ -1094,13 +1174,13 @@ def _encode_page(
         run = encoded.records(data, RECORD_ORIGIN, contact_scope=contact_scope)
         run.lines = array("q", [ids[line - 1] for line in run.lines])  # sources name the rows
         for index, row_id in enumerate(run.lines):
-            results[row_id] = run.record(index)
+            results[row_id] = (run, index)
         for line, rule, message, key, _ in encoded.rejects:
             results[ids[line - 1]] = (Rejection(rule, message), key)
     return [(row_id, results[row_id]) for row_id, _ in page]
 
 
-def _encode_one(raw: bytes, collection: Collection, row_id: int) -> _Encoded:
+def _encode_one(raw: bytes, collection: Collection, row_id: int) -> EncodedRecord | _Rejected:
     try:
         return encode_line(raw, collection, source=Source(RECORD_ORIGIN, row_id))
     except RecordError as error:
