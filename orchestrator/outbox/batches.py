@@ -32,6 +32,10 @@ from orchestrator.refs import RecordRefs
 
 __all__ = ["OutboxBatches", "stored_refs"]
 
+#: Bytes of bodies a queue keeps in memory from their seal to their first PUT (one 50 MB body):
+#: more wait for a slot, and are read back from the store when their turn comes.
+_KEPT_BYTES = 60_000_000
+
 _PHASES = {
     ImportPhase.SEALED: BatchPhase.SEALED,
     ImportPhase.SUBMITTING: BatchPhase.SUBMITTING,
@@ -71,8 +75,8 @@ class OutboxBatches:
         Args:
             held: the import.
             body: its body, just stored: the first ``load_body`` hands this very object over
-                instead of reading the store (the sender frees it after the PUT). One body is
-                kept per queue at most, so bodies waiting for a slot do not pile up in memory.
+                instead of reading the store (the sender frees it after the PUT). A queue keeps
+                60 MB of bodies at most, so bodies waiting for a slot do not pile up in memory.
         """
         if held.queue != self.queue:
             raise JournalStateError(f"import {held.ref} belongs to {held.queue}, not {self.queue}")
@@ -94,8 +98,10 @@ class OutboxBatches:
         )
         self._batches[held.ref] = stored
         self._rows[held.ref] = held.row_ids
-        if body is not None and not self._kept:
-            self._kept[held.ref] = body
+        if body is not None:
+            kept = sum(map(len, self._kept.values()))
+            if not self._kept or kept + len(body) <= _KEPT_BYTES:
+                self._kept[held.ref] = body
         return stored
 
     def _get(self, batch_id: int) -> StoredBatch:
