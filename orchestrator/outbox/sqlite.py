@@ -150,6 +150,7 @@ INSERT_ROW = (
 """The statement that enqueues a row: ``(account, collection, scope, collection_type, record)``."""
 
 _PAGE_ROWS = 1000
+_READ_LANES = ("claims", "listings")  # the read-only connections (see SqliteOutbox.__init__)
 _WAL_PAGES = 40_000  # 160 MB of 4 KB pages: the WAL's size at which the writer checkpoints
 _BLOB_CHUNK = 1 << 20  # bodies are written and read in pieces: the GIL is handed over between
 _QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
@@ -268,10 +269,11 @@ class SqliteOutbox:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._limiter: anyio.CapacityLimiter | None = None
-        # Reads of many rows (claims, listings, bodies) go through a second connection on a
-        # thread of their own, so the writes of imports in flight never wait behind them.
-        self._reader: sqlite3.Connection | None = None
-        self._read_limiter: anyio.CapacityLimiter | None = None
+        # Reads of many rows go through read-only connections, each on a thread of its own, so
+        # the writes of imports in flight never wait behind them: claims and bodies on one,
+        # the watcher's listings (a count over every pending row) on the other.
+        self._readers: dict[str, sqlite3.Connection] = {}
+        self._read_limiters: dict[str, anyio.CapacityLimiter] = {}
         self._checkpointer: _Checkpointer | None = None
         # ref -> its queue and the hashes of its identities, for claims to hold rows back by:
         # an import's identities never change, and refs of imports that ended are dropped.
@@ -287,7 +289,7 @@ class SqliteOutbox:
 
     async def __aenter__(self) -> Self:
         self._limiter = anyio.CapacityLimiter(1)
-        self._read_limiter = anyio.CapacityLimiter(1)
+        self._read_limiters = {lane: anyio.CapacityLimiter(1) for lane in _READ_LANES}
         try:
             await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
         except BaseException:
@@ -369,7 +371,7 @@ class SqliteOutbox:
                 for a, c, s, t, n, oldest, age in rows
             ]
 
-        return await self._run(read, "list pending rows", read=True)
+        return await self._run(read, "list pending rows", read="listings")
 
     async def claim(
         self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
@@ -382,7 +384,7 @@ class SqliteOutbox:
                 conn, queue, self._in_flight_hashes(conn, queue), budget_bytes, max_scan_rows
             ),
             "claim rows",
-            read=True,
+            read="claims",
         )
         rows, records_bytes, full, superseded, invalid, held_back = found
 
@@ -698,7 +700,7 @@ class SqliteOutbox:
                     body += blob.read(_BLOB_CHUNK)
             return body
 
-        return await self._run(read, "load a body", read=True)
+        return await self._run(read, "load a body", read="claims")
 
     async def dead_letters(
         self,
@@ -726,7 +728,7 @@ class SqliteOutbox:
         def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
             return [_dead_letter(row) for row in conn.execute(query, values)]
 
-        return await self._run(read, "list dead letters", read=True)
+        return await self._run(read, "list dead letters", read="listings")
 
     async def requeue(self, ids: Sequence[int]) -> int:
         """See ``OutboxStore.requeue``."""
@@ -771,9 +773,9 @@ class SqliteOutbox:
         return hashes
 
     async def _run(
-        self, fn: Callable[[sqlite3.Connection], _T], what: str, *, read: bool = False
+        self, fn: Callable[[sqlite3.Connection], _T], what: str, *, read: str = ""
     ) -> _T:
-        conn = self._reader if read else self._conn
+        conn = self._readers.get(read) if read else self._conn
         if conn is None:
             raise RuntimeError("the outbox store is not open: use `async with SqliteOutbox(...)`")
 
@@ -786,7 +788,7 @@ class SqliteOutbox:
                 if not read:
                     self._written()
 
-        limiter = self._read_limiter if read else self._limiter
+        limiter = self._read_limiters[read] if read else self._limiter
         return await anyio.to_thread.run_sync(call, limiter=limiter)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
@@ -842,8 +844,9 @@ class SqliteOutbox:
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * 4096}")
             migrate(conn)
-            self._reader = self._connect()
-            self._reader.execute("PRAGMA query_only = ON")
+            for lane in _READ_LANES:
+                reader = self._readers[lane] = self._connect()
+                reader.execute("PRAGMA query_only = ON")
             self._checkpointer = _Checkpointer(self._connect())
         except sqlite3.Error as error:
             raise OutboxError(
@@ -860,13 +863,13 @@ class SqliteOutbox:
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
-        reader, self._reader = self._reader, None
+        readers, self._readers = self._readers, {}
         fd, self._lock_fd = self._lock_fd, None
         checkpointer, self._checkpointer = self._checkpointer, None
         try:
             if checkpointer is not None:
                 checkpointer.close()
-            if reader is not None:
+            for reader in readers.values():
                 reader.close()
             if conn is not None:
                 conn.close()
