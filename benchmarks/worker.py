@@ -253,7 +253,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linger", type=float, default=1.0, help="the worker's linger")
     parser.add_argument("--processing", type=float, default=0.2, help="seconds per import")
     parser.add_argument("--rps", type=float, default=200_000, help="simulator records/s")
+    parser.add_argument(
+        "--only", choices=("throughput", "backlog"), help="one measurement, printed, not recorded"
+    )
     args = parser.parse_args(argv)
+    if args.only:
+        with tempfile.TemporaryDirectory(prefix="worker-bench-") as scratch:
+            if args.only == "throughput":
+                t = throughput(Path(scratch), args.mb, args.rps)
+                print(f"throughput: {t} ratio {t['run_s'] / t['worker_s']:.2f}x")
+            else:
+                b = backlog(Path(scratch), args.backlog_mb, args.rps)
+                print(f"backlog: {b} peak {b['peak'] / 1e6:.0f} MB")
+        return
     folder = Path(tempfile.mkdtemp(prefix="worker-bench-"))
     print(f"working in {folder}", file=sys.stderr)
 

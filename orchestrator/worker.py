@@ -55,6 +55,7 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    ClaimedRun,
     FencedOut,
     ImportPhase,
     OutboxError,
@@ -379,10 +380,10 @@ class _AccountRun:
                     self.capacity.release()
                     await self._release(run)
                     return
-                assert batch.refs.ends is not None
-                held = await self.worker.store.seal(
-                    run.queue, rows, batch.body, ends=batch.refs.ends
-                )
+                refs = batch.refs
+                assert refs.ends is not None
+                held = await self.worker.store.seal(run.queue, rows, batch.body, ends=refs.ends)
+                del rows
         except ClaimConflict as error:
             self.capacity.release()
             log.warning("batch.claim_conflict", account=self.name, error=str(error))
@@ -398,13 +399,23 @@ class _AccountRun:
             account=self.name,
             collection=run.queue.collection,
             batch_id=held.ref,
-            records=len(rows),
+            records=len(held.row_ids),
             body_bytes=held.body_bytes,
         )
-        await self._send(run, held, batch.refs)
+        # the body is stored: the first PUT sends this copy instead of reading it back
+        body = batch.body if isinstance(batch.body, bytearray) else None
+        del batch
+        await self._send(run, held, refs, body=body)
 
-    async def _send(self, run: _QueueRun, held: StoredImport, refs: RecordRefs) -> None:
-        stored = run.batches.register(held)
+    async def _send(
+        self,
+        run: _QueueRun,
+        held: StoredImport,
+        refs: RecordRefs,
+        *,
+        body: bytearray | None = None,
+    ) -> None:
+        stored = run.batches.register(held, body=body)
         await run.send.send(
             BatchTask(stored=stored, refs=refs, identity_hashes=frozenset(), depends_on=())
         )
@@ -449,9 +460,14 @@ def _shared(store: OutboxStore) -> SharedOutboxStore | None:
 
 def _assemble(
     collection: Collection, max_body_bytes: int, rows: Sequence[ClaimedRow]
-) -> tuple[Batch | None, list[ClaimedRow], dict[int, Rejection]]:
+) -> tuple[Batch | None, Sequence[ClaimedRow], dict[int, Rejection]]:
     """Pack claimed rows into one body (in a worker thread): the batch, its rows, the rows too
     large for any body."""
+    if isinstance(rows, ClaimedRun):
+        packed = _assemble_run(collection, max_body_bytes, rows)
+        if packed is not None:
+            return packed
+        rows = list(rows)  # a record too large, or more than one body: record by record
     assembler = BatchAssembler(collection, max_body_bytes=max_body_bytes)
     kept: list[ClaimedRow] = []
     too_large: dict[int, Rejection] = {}
@@ -469,6 +485,22 @@ def _assemble(
             ClaimedRow(row.row_id, EncodedRecord(row.record.key, row.record.contact, b"", None))
         )
     return assembler.seal(), kept, too_large
+
+
+def _assemble_run(
+    collection: Collection, max_body_bytes: int, rows: ClaimedRun
+) -> tuple[Batch | None, ClaimedRun, dict[int, Rejection]] | None:
+    """The common case in one copy: every row of the run fits in one body. ``None`` otherwise."""
+    assembler = BatchAssembler(collection, max_body_bytes=max_body_bytes)
+    run = rows.run
+    try:
+        if assembler.add_run(run) != len(run):
+            return None
+    except RecordError:
+        return None
+    # the body holds the records' bytes now: keep what sealing needs (ids, keys, contacts), so
+    # a body's worth of records is not held twice while the body is stored
+    return assembler.seal(), ClaimedRun(dataclasses.replace(run, segment=b"")), {}
 
 
 class Worker:

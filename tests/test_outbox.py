@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import tempfile
 import textwrap
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from orchestrator.outbox import (
     identity_text,
     migrate,
 )
+from orchestrator.outbox.sqlite import INSERT_ROW
 from orchestrator.records import Collection, Scope
 
 pytestmark = pytest.mark.anyio
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.anyio
 ORDERS = Collection("Orders")
 CONTACTS = Collection("Contacts", Scope.CONTACT, "orders")
 QUEUE = OutboxQueue.of("acme", ORDERS)
+QUEUE_VALUES = (QUEUE.account, QUEUE.collection, QUEUE.scope, QUEUE.collection_type)
 CONTACT_QUEUE = OutboxQueue.of("acme", CONTACTS)
 
 
@@ -125,6 +128,35 @@ async def test_a_database_of_a_newer_release_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OutboxError, match="newer than this release"):
         async with SqliteOutbox(path):
             pass
+
+
+async def test_an_import_held_in_a_version_2_file_is_migrated_whole(tmp_path: Path) -> None:
+    """A file of schema 2 (rows marked held, body in the import) keeps its import on upgrade."""
+    from orchestrator.outbox.sqlite import _MIGRATIONS
+
+    path = tmp_path / "outbox.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE insight_schema (version INTEGER NOT NULL)")
+        for statement in (s for statements in _MIGRATIONS[:2] for s in statements):
+            conn.execute(statement)
+        conn.execute("INSERT INTO insight_schema (version) VALUES (2)")
+        conn.executemany(INSERT_ROW, [(*QUEUE_VALUES, line(k)) for k in ("a", "b", "c")])
+        conn.execute(
+            "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
+            " import_id, body_bytes, sealed_at, row_ids, ends, body) VALUES"
+            " (?, ?, ?, ?, 'submitted', 'imp-1', 4, 0, ?, ?, x'626f6479')",
+            (*QUEUE_VALUES, array("q", [1, 2]).tobytes(), array("q", [1, 3]).tobytes()),
+        )
+        conn.execute("UPDATE insight_outbox SET held_by = 1, identity = '\"a\"' WHERE id = 1")
+        conn.execute("UPDATE insight_outbox SET held_by = 1, identity = '\"b\"' WHERE id = 2")
+    async with SqliteOutbox(path) as store:
+        assert await store.schema_version() == SCHEMA_VERSION
+        (held,) = await store.recover()
+        assert (held.import_id, held.row_ids, held.identities) == ("imp-1", (1, 2), ('"a"', '"b"'))
+        assert await store.load_body(held.ref) == b"body"
+        assert [r.row_id for r in (await store.claim(QUEUE, budget_bytes=10**6)).rows] == [3]
+        assert (await store.finish(held.ref)).imported == 2
+        assert [p.rows for p in await store.pending()] == [1]
 
 
 def test_migrate_inside_the_callers_transaction_rolls_back_with_it(tmp_path: Path) -> None:
@@ -274,7 +306,12 @@ async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(backend: B
             await store.seal(QUEUE, claim.rows, b"body-again")
         assert [imp.ref for imp in await store.recover()] == [sealed.ref]
         assert await store.load_body(sealed.ref) == b"body"
-    held = dict(backend.query("SELECT id, held_by FROM insight_outbox ORDER BY id"))
+    holder = (
+        "(SELECT ref FROM insight_held WHERE row_id = o.id)"
+        if backend.name == "sqlite"
+        else "held_by"
+    )
+    held = dict(backend.query(f"SELECT id, {holder} FROM insight_outbox AS o ORDER BY id"))
     assert held == {1: sealed.ref, 2: None}
 
 

@@ -93,6 +93,32 @@ async def test_burst_imports_every_row_and_empties_the_outbox(
     assert worker.dead_lettered == 0
 
 
+class CountingLoads(SqliteOutbox):
+    """A real SQLite store that counts the bodies read back from the file."""
+
+    loads = 0
+
+    async def load_body(self, ref: int) -> bytes | bytearray:
+        self.loads += 1
+        return await super().load_body(ref)
+
+
+async def test_a_body_is_sent_from_memory_and_stored_before_the_put(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Each first PUT sends the body just sealed: no body is read back from the file."""
+    path = tmp_path / "outbox.sqlite"
+    async with CountingLoads(path, exclusive=True) as store:
+        insert(path, "default", ORDERS, [line(f"o-{i}", i=i) for i in range(300)])
+        settings = fast(max_body_bytes=4_000)
+        async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
+            with anyio.fail_after(30):
+                await w.run(burst=True)
+    assert len(sim.collections["Orders"]) == 300
+    assert len(sim.stats.imports) > 2
+    assert store.loads == 0
+
+
 async def test_last_write_wins_across_imports(sim: Simulator, tmp_path: Path) -> None:
     """A key written again while its first row is in flight ends with the later value."""
     path = tmp_path / "outbox.sqlite"

@@ -207,7 +207,7 @@ def test_kill_9_then_restart_loses_nothing(
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
     with sqlite3.connect(database) as conn:
         in_doubt_rows = conn.execute(
-            "SELECT count(*) FROM insight_outbox o JOIN insight_import i ON o.held_by = i.id"
+            "SELECT count(*) FROM insight_held h JOIN insight_import i ON h.ref = i.id"
             " WHERE i.phase = 'submitting'"
         ).fetchone()[0]
     restarted = run_cli(*args)

@@ -55,10 +55,11 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, overload
 
 import orjson
 
+from orchestrator.chunks import RecordRun
 from orchestrator.errors import JournalError
 from orchestrator.records import Collection, EncodedRecord, Scope
 
@@ -67,6 +68,7 @@ __all__ = [
     "Claim",
     "ClaimConflict",
     "ClaimedRow",
+    "ClaimedRun",
     "FencedOut",
     "Finished",
     "ImportPart",
@@ -204,6 +206,66 @@ class ClaimedRow:
         return identity_text(self.record.key, self.record.contact)
 
 
+class ClaimedRun(Sequence[ClaimedRow]):
+    """Claimed rows in columns: the records of a ``RecordRun`` whose lines are the rows' ids.
+
+    What a store may return as ``Claim.rows`` instead of a tuple: a batch assembler packs the
+    whole run in one copy (``BatchAssembler.add_run``), and no object is made per row unless
+    one is asked for. It compares equal to the tuple of its rows.
+
+    Args:
+        run: the records, in row id order; ``run.lines`` are the rows' ids.
+    """
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: RecordRun) -> None:
+        self.run = run
+
+    def __repr__(self) -> str:
+        return f"ClaimedRun({len(self)} rows)"
+
+    def __len__(self) -> int:
+        return len(self.run)
+
+    @overload
+    def __getitem__(self, index: int) -> ClaimedRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[ClaimedRow, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> ClaimedRow | tuple[ClaimedRow, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("claimed row index out of range")
+        return ClaimedRow(self.run.lines[index], self.run.record(index))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ClaimedRun | tuple):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def row_ids(self) -> tuple[int, ...]:
+        """The rows' ids, in order."""
+        return tuple(self.run.lines)
+
+    def identities(self) -> list[str]:
+        """Each row's identity as stored text (see ``identity_text``), in order."""
+        run = self.run
+        if run.identifiers is None:
+            return [identity_text(key, None) for key in run.keys]
+        return [
+            identity_text(key, (identifier, value))
+            for key, identifier, value in zip(run.keys, run.identifiers, run.values, strict=True)
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What ``claim`` found in one queue.
@@ -212,7 +274,8 @@ class Claim:
         queue: the queue claimed from.
         rows: valid rows in id order, each identity once, whose records joined with commas take
             at most the budget (one row larger than the budget comes alone, so it is never stuck:
-            the batcher dead-letters a record too large for any body).
+            the batcher dead-letters a record too large for any body); a tuple, or a
+            ``ClaimedRun`` (the same rows in columns).
         records_bytes: the bytes of ``rows``' records joined with commas.
         full: rows that would have fitted were left pending for lack of budget.
         superseded: rows deleted because a later valid row has the same identity.
@@ -222,7 +285,7 @@ class Claim:
     """
 
     queue: OutboxQueue
-    rows: tuple[ClaimedRow, ...]
+    rows: Sequence[ClaimedRow]
     records_bytes: int
     full: bool
     superseded: int
@@ -533,8 +596,9 @@ class OutboxStore(Protocol):
         """Every import held, after a restart: SUBMITTING ones come back SEALED, in doubt."""
         ...
 
-    async def load_body(self, ref: int) -> bytes:
-        """The body of import ``ref`` exactly as sealed."""
+    async def load_body(self, ref: int) -> bytes | bytearray:
+        """The body of import ``ref`` exactly as sealed (a ``bytearray`` is the caller's own:
+        it may free it)."""
         ...
 
     async def dead_letters(

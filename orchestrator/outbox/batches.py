@@ -33,6 +33,10 @@ from orchestrator.refs import RecordRefs
 
 __all__ = ["OutboxBatches", "stored_refs"]
 
+#: Bytes of bodies a queue keeps in memory from their seal to their first PUT (one 50 MB body):
+#: more wait for a slot, and are read back from the store when their turn comes.
+_KEPT_BYTES = 60_000_000
+
 _PHASES = {
     ImportPhase.SEALED: BatchPhase.SEALED,
     ImportPhase.SUBMITTING: BatchPhase.SUBMITTING,
@@ -48,7 +52,7 @@ class OutboxBatches:
         queue: the queue whose imports these are.
     """
 
-    keeps_bodies = False  # each load_body reads a fresh copy: the sender frees it after the PUT
+    keeps_bodies = False  # each load_body gives a body of its own, freed after the PUT
 
     def __init__(self, store: OutboxStore, queue: OutboxQueue) -> None:
         self.store = store
@@ -56,6 +60,7 @@ class OutboxBatches:
         self.counters: Counter[str] = Counter()
         self._batches: dict[int, StoredBatch] = {}
         self._rows: dict[int, tuple[int, ...]] = {}  # ref -> row ids in body order
+        self._kept: dict[int, bytearray] = {}  # ref -> its body, until its first load_body
 
     def __repr__(self) -> str:
         return f"OutboxBatches({self.queue!r}, unfinished={len(self._batches)})"
@@ -65,8 +70,15 @@ class OutboxBatches:
         """Imports of this queue known to this process and not finished."""
         return len(self._batches)
 
-    def register(self, held: StoredImport) -> StoredBatch:
-        """Take over an import the store holds (sealed now, or found by ``recover``)."""
+    def register(self, held: StoredImport, *, body: bytearray | None = None) -> StoredBatch:
+        """Take over an import the store holds (sealed now, or found by ``recover``).
+
+        Args:
+            held: the import.
+            body: its body, just stored: the first ``load_body`` hands this very object over
+                instead of reading the store (the sender frees it after the PUT). A queue keeps
+                60 MB of bodies at most, so bodies waiting for a slot do not pile up in memory.
+        """
         if held.queue != self.queue:
             raise JournalStateError(f"import {held.ref} belongs to {held.queue}, not {self.queue}")
         stored = StoredBatch(
@@ -87,6 +99,10 @@ class OutboxBatches:
         )
         self._batches[held.ref] = stored
         self._rows[held.ref] = held.row_ids
+        if body is not None:
+            kept = sum(map(len, self._kept.values()))
+            if not self._kept or kept + len(body) <= _KEPT_BYTES:
+                self._kept[held.ref] = body
         return stored
 
     def _get(self, batch_id: int) -> StoredBatch:
@@ -110,7 +126,11 @@ class OutboxBatches:
         does not outlive the upload until the garbage collector finds the HTTP client's
         reference cycles (bodies are up to 50 MB)."""
         self._get(batch_id)
-        return bytearray(await self.store.load_body(batch_id))
+        kept = self._kept.pop(batch_id, None)
+        if kept is not None:
+            return kept
+        body = await self.store.load_body(batch_id)
+        return body if isinstance(body, bytearray) else bytearray(body)
 
     async def mark_submitting(self, batch_id: int) -> StoredBatch:
         """Record the intent; on a shared store this takes the import's slot, and another worker
@@ -173,6 +193,7 @@ class OutboxBatches:
         new = await self.store.split(batch_id, parts)
         del self._batches[batch_id]
         del self._rows[batch_id]
+        self._kept.pop(batch_id, None)
         for held in new:
             self.register(held)
         return [held.ref for held in new]
@@ -196,6 +217,7 @@ class OutboxBatches:
         self.counters["rows_dead_lettered"] += done.dead_lettered
         del self._batches[batch_id]
         del self._rows[batch_id]
+        self._kept.pop(batch_id, None)
         return dataclasses.replace(
             stored,
             phase=BatchPhase.FINISHED,

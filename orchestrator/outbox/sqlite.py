@@ -2,20 +2,33 @@
 
 The database may be the application's own file: the tables are all named ``insight_*`` and the
 migrations touch nothing else. It is put in WAL mode (readers and the application's writers do
-not block each other) with ``synchronous=FULL``; each state change is one ``BEGIN IMMEDIATE``
-transaction, which takes the write lock up front and waits up to the busy timeout for it. All
-SQLite calls of a store run on a worker thread, one at a time, never on the event loop. A claim
-reads and validates rows outside the write lock, so the application's inserts are held up only
-for the short write that follows.
+not block each other) with ``synchronous=NORMAL``: under WAL every commit is still atomic and
+survives a crash of the process (kill -9 included); only a power cut may lose the last commits,
+which puts the store back to an earlier consistent state (an import found SUBMITTING is sent
+again, in doubt, as after any crash; rows are deleted only by the commits that end imports).
+A FULL fsync of every commit cost more than the rest of a small transaction.
+``secure_delete=FAST`` zeroes deleted rows on the pages SQLite writes anyway, without writing
+freed pages only to zero them (a 50 MB body would be written twice more).
+
+Each state change is one ``BEGIN IMMEDIATE`` transaction, which takes the write lock up front and
+waits up to the busy timeout for it. All SQLite calls of a store run on a worker thread, one at a
+time, never on the event loop. A claim reads and validates rows outside the write lock, so the
+application's inserts are held up only for the short write that follows.
+
+What makes a 50 MB import cheap to keep: its body lives in a table of its own (``insight_body``,
+written and read through incremental blob I/O), so a phase change rewrites a small row, not the
+body; the rows it holds are listed in a narrow table (``insight_held``: row id -> import), so
+sealing writes a few bytes per row instead of rewriting every outbox row; the identities of its
+records are one value of the import's row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +40,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from orchestrator.chunks import encode_chunk
+from orchestrator.chunks import RecordRun, encode_chunk
 from orchestrator.errors import ConfigError, RecordError
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
@@ -35,6 +48,7 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
+    ClaimedRun,
     Finished,
     ImportPart,
     ImportPhase,
@@ -111,6 +125,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     ("ALTER TABLE insight_import ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0",),
+    (
+        # Bodies move to their own table: a phase change no longer rewrites the body.
+        "CREATE TABLE insight_body (ref INTEGER PRIMARY KEY, body BLOB NOT NULL)",
+        "INSERT INTO insight_body (ref, body) SELECT id, body FROM insight_import",
+        "UPDATE insight_import SET body = x''",
+        # Held rows are listed here instead of marked in insight_outbox (whose wide rows an
+        # UPDATE rewrites whole); identities, NULL for imports sealed before, as one value.
+        "CREATE TABLE insight_held (row_id INTEGER PRIMARY KEY, ref INTEGER NOT NULL)",
+        "CREATE INDEX insight_held_ref ON insight_held (ref)",
+        "INSERT INTO insight_held (row_id, ref)"
+        " SELECT id, held_by FROM insight_outbox WHERE held_by IS NOT NULL",
+        "ALTER TABLE insight_import ADD COLUMN identities TEXT",
+        "UPDATE insight_outbox SET held_by = NULL WHERE held_by IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version the migrations of this release lead to."""
@@ -122,10 +150,14 @@ INSERT_ROW = (
 """The statement that enqueues a row: ``(account, collection, scope, collection_type, record)``."""
 
 _PAGE_ROWS = 1000
+_READ_LANES = ("claims", "listings")  # the read-only connections (see SqliteOutbox.__init__)
+_WAL_PAGES = 40_000  # 160 MB of 4 KB pages: the WAL's size at which the writer checkpoints
+_BLOB_CHUNK = 1 << 20  # bodies are written and read in pieces: the GIL is handed over between
 _QUEUE = "account = ? AND collection = ? AND scope = ? AND collection_type = ?"
+_UNHELD = "NOT EXISTS (SELECT 1 FROM insight_held AS h WHERE h.row_id = o.id)"
 _IMPORT_COLUMNS = (
     "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
-    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits"
+    "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits, identities"
 )
 _DEAD_LETTER_COLUMNS = (
     "id, account, collection, scope, collection_type, record, reason, message, details, key, "
@@ -135,7 +167,7 @@ _INSERT_DEAD_LETTER = (
     "INSERT INTO insight_dead_letter (account, collection, scope, collection_type, record, "
     "reason, message, details, key, source_id, import_id) "
     "SELECT account, collection, scope, collection_type, record, ?, ?, ?, ?, id, ? "
-    "FROM insight_outbox WHERE id = ?"
+    "FROM insight_outbox AS o WHERE o.id = ?"
 )
 
 _ADVICE = {
@@ -237,6 +269,15 @@ class SqliteOutbox:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._limiter: anyio.CapacityLimiter | None = None
+        # Reads of many rows go through read-only connections, each on a thread of its own, so
+        # the writes of imports in flight never wait behind them: claims and bodies on one,
+        # the watcher's listings (a count over every pending row) on the other.
+        self._readers: dict[str, sqlite3.Connection] = {}
+        self._read_limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._checkpointer: _Checkpointer | None = None
+        # ref -> its queue and the hashes of its identities, for claims to hold rows back by:
+        # an import's identities never change, and refs of imports that ended are dropped.
+        self._in_flight: dict[int, tuple[OutboxQueue, frozenset[int]]] = {}
 
     def __repr__(self) -> str:
         return f"SqliteOutbox({str(self._path)!r})"
@@ -248,6 +289,7 @@ class SqliteOutbox:
 
     async def __aenter__(self) -> Self:
         self._limiter = anyio.CapacityLimiter(1)
+        self._read_limiters = {lane: anyio.CapacityLimiter(1) for lane in _READ_LANES}
         try:
             await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
         except BaseException:
@@ -319,7 +361,7 @@ class SqliteOutbox:
                        max(0.0, {_NOW} - o.enqueued_at)
                 FROM (SELECT account, collection, scope, collection_type, count(*) AS n,
                              min(id) AS oldest
-                      FROM insight_outbox WHERE held_by IS NULL
+                      FROM insight_outbox AS o WHERE held_by IS NULL AND {_UNHELD}
                       GROUP BY account, collection, scope, collection_type) AS p
                 JOIN insight_outbox AS o ON o.id = p.oldest
                 ORDER BY p.oldest"""
@@ -329,7 +371,7 @@ class SqliteOutbox:
                 for a, c, s, t, n, oldest, age in rows
             ]
 
-        return await self._run(read, "list pending rows")
+        return await self._run(read, "list pending rows", read="listings")
 
     async def claim(
         self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
@@ -338,7 +380,11 @@ class SqliteOutbox:
         if budget_bytes < 1 or max_scan_rows < 1:
             raise ValueError("budget_bytes and max_scan_rows must be at least 1")
         found = await self._run(
-            lambda conn: _scan(conn, queue, budget_bytes, max_scan_rows), "claim rows"
+            lambda conn: _scan(
+                conn, queue, self._in_flight_hashes(conn, queue), budget_bytes, max_scan_rows
+            ),
+            "claim rows",
+            read="claims",
         )
         rows, records_bytes, full, superseded, invalid, held_back = found
 
@@ -352,7 +398,7 @@ class SqliteOutbox:
             deleted, moved = await self._write(write, "delete superseded rows")
         return Claim(
             queue=queue,
-            rows=tuple(rows),
+            rows=rows,
             records_bytes=records_bytes,
             full=full,
             superseded=deleted,
@@ -374,35 +420,40 @@ class SqliteOutbox:
             raise ValueError("a sealed import holds at least one row")
         if ends and len(ends) != len(rows):
             raise ValueError(f"ends has {len(ends)} offsets for {len(rows)} rows")
-        row_ids = tuple(row.row_id for row in rows)
-        identities = tuple(row.identity for row in rows)
+        row_ids = (
+            rows.row_ids if isinstance(rows, ClaimedRun) else tuple(row.row_id for row in rows)
+        )
         sealed_at = time.time()
+        identities: tuple[str, ...] = ()
 
         def write(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
-                " body_bytes, depends_on, sealed_at, row_ids, ends, body)"
-                " VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, ?)",
-                (
-                    *_queue_values(queue),
-                    len(body),
-                    orjson.dumps(list(depends_on)).decode(),
-                    sealed_at,
-                    array("q", row_ids).tobytes(),
-                    array("q", ends).tobytes(),
-                    body,
-                ),
+            nonlocal identities
+            # here: off the event loop
+            if isinstance(rows, ClaimedRun):
+                identities = tuple(rows.identities())
+            else:
+                identities = tuple(row.identity for row in rows)
+            ref = _insert_import(
+                conn,
+                queue,
+                body,
+                row_ids=row_ids,
+                ends=ends,
+                identities=identities,
+                depends_on=depends_on,
+                sealed_at=sealed_at,
             )
-            ref = cursor.lastrowid
-            assert ref is not None
-            held = conn.executemany(
-                f"UPDATE insight_outbox SET held_by = ?, identity = ? "
-                f"WHERE id = ? AND held_by IS NULL AND {_QUEUE}",
-                (
-                    (ref, identity, row_id, *_queue_values(queue))
-                    for row_id, identity in zip(row_ids, identities, strict=True)
-                ),
-            ).rowcount
+            # A row held by another import is ignored here; one deleted since (or of another
+            # queue) is not counted below: either way the seal is refused and rolled back.
+            conn.executemany(
+                "INSERT OR IGNORE INTO insight_held (row_id, ref) VALUES (?, ?)",
+                ((row_id, ref) for row_id in row_ids),
+            )
+            held = conn.execute(
+                "SELECT count(*) FROM insight_held AS h JOIN insight_outbox AS o"
+                f" ON o.id = h.row_id WHERE h.ref = ? AND {_QUEUE}",
+                (ref, *_queue_values(queue)),
+            ).fetchone()[0]
             if held != len(row_ids):
                 raise ClaimConflict(
                     f"{len(row_ids) - held} of the {len(row_ids)} rows of the batch are no longer "
@@ -410,7 +461,12 @@ class SqliteOutbox:
                 )
             return ref
 
-        ref = await self._write(write, "seal a batch")
+        def seal(conn: sqlite3.Connection) -> int:
+            ref = _transaction(conn, write)
+            self._in_flight[ref] = (queue, _hashes(identities))
+            return ref
+
+        ref = await self._run(seal, "seal a batch")
         return StoredImport(
             ref=ref,
             queue=queue,
@@ -502,28 +558,22 @@ class SqliteOutbox:
             given = [row_id for part in parts for row_id in part.row_ids]
             if sorted(given) != sorted(old.row_ids):
                 raise OutboxError(f"cannot split: the parts do not hold exactly the rows of {ref}")
-            values = _queue_values(old.queue)
+            identity_of = dict(zip(old.row_ids, old.identities, strict=True))
             new_refs = []
             for part in parts:
-                cursor = conn.execute(
-                    "INSERT INTO insight_import (account, collection, scope, collection_type,"
-                    " phase, body_bytes, depends_on, sealed_at, row_ids, ends, body, attempts,"
-                    " in_doubt) VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, ?, 0, 0)",
-                    (
-                        *values,
-                        len(part.body),
-                        orjson.dumps(list(old.depends_on)).decode(),
-                        sealed_at,
-                        array("q", part.row_ids).tobytes(),
-                        array("q", part.ends).tobytes(),
-                        part.body,
-                    ),
+                new = _insert_import(
+                    conn,
+                    old.queue,
+                    part.body,
+                    row_ids=part.row_ids,
+                    ends=part.ends,
+                    identities=tuple(identity_of[row_id] for row_id in part.row_ids),
+                    depends_on=old.depends_on,
+                    sealed_at=sealed_at,
                 )
-                new = cursor.lastrowid
-                assert new is not None
                 new_refs.append(new)
                 conn.executemany(
-                    "UPDATE insight_outbox SET held_by = ? WHERE id = ? AND held_by = ?",
+                    "UPDATE insight_held SET ref = ? WHERE row_id = ? AND ref = ?",
                     ((new, row_id, ref) for row_id in part.row_ids),
                 )
             for other, depends in conn.execute(
@@ -537,7 +587,7 @@ class SqliteOutbox:
                         "UPDATE insight_import SET depends_on = ? WHERE id = ?",
                         (orjson.dumps(redirected).decode(), other),
                     )
-            conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+            _forget_import(conn, ref)
             return [
                 _stored_import(conn, found)
                 for found in conn.execute(
@@ -547,7 +597,11 @@ class SqliteOutbox:
                 )
             ]
 
-        return await self._write(write, "split an import")
+        def split(conn: sqlite3.Connection) -> list[StoredImport]:
+            self._in_flight.pop(ref, None)
+            return _transaction(conn, write)
+
+        return await self._run(split, "split an import")
 
     async def finish(
         self,
@@ -566,11 +620,8 @@ class SqliteOutbox:
             if row is None:
                 raise OutboxError(f"import {ref} is not held by the outbox store (finished twice?)")
             import_id = row[0]
-            held = conn.execute(
-                "SELECT id, identity FROM insight_outbox WHERE held_by = ? ORDER BY id", (ref,)
-            ).fetchall()
             letters = []
-            for row_id, identity in held:
+            for row_id, identity in _held_identities(conn, ref):
                 rejection = failures.get(row_id, reject_all)
                 if rejection is not None:
                     letters.append((row_id, rejection, _key_of_identity(identity)))
@@ -588,11 +639,21 @@ class SqliteOutbox:
                     for row_id, r, key in letters
                 ),
             )
-            deleted = conn.execute("DELETE FROM insight_outbox WHERE held_by = ?", (ref,)).rowcount
-            conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+            deleted = conn.execute(
+                "DELETE FROM insight_outbox WHERE id IN"
+                " (SELECT row_id FROM insight_held WHERE ref = ?)",
+                (ref,),
+            ).rowcount
+            conn.execute("DELETE FROM insight_held WHERE ref = ?", (ref,))
+            _forget_import(conn, ref)
             return Finished(imported=deleted - len(letters), dead_lettered=len(letters))
 
-        return await self._write(write, "finish an import")
+        def finish(conn: sqlite3.Connection) -> Finished:
+            done = _transaction(conn, write)
+            self._in_flight.pop(ref, None)
+            return done
+
+        return await self._run(finish, "finish an import")
 
     async def dead_letter_rows(self, rejections: Mapping[int, Rejection]) -> int:
         """See ``OutboxStore.dead_letter_rows``."""
@@ -623,16 +684,23 @@ class SqliteOutbox:
 
         return await self._write(write, "recover imports")
 
-    async def load_body(self, ref: int) -> bytes:
-        """See ``OutboxStore.load_body``."""
+    async def load_body(self, ref: int) -> bytes | bytearray:
+        """See ``OutboxStore.load_body`` (a new bytearray each time: the caller may free it)."""
 
-        def read(conn: sqlite3.Connection) -> bytes:
-            row = conn.execute("SELECT body FROM insight_import WHERE id = ?", (ref,)).fetchone()
-            if row is None:
-                raise OutboxError(f"import {ref} is not held by the outbox store")
-            return bytes(row[0])
+        def read(conn: sqlite3.Connection) -> bytearray:
+            try:
+                blob = conn.blobopen("insight_body", "body", ref, readonly=True)
+            except sqlite3.OperationalError:  # no such row
+                raise OutboxError(f"import {ref} is not held by the outbox store") from None
+            with blob:
+                # Grown piece by piece: bytearray(size) would zero all of it in one call,
+                # holding the GIL for tens of ms.
+                body = bytearray()
+                for _ in range(0, len(blob), _BLOB_CHUNK):
+                    body += blob.read(_BLOB_CHUNK)
+            return body
 
-        return await self._run(read, "load a body")
+        return await self._run(read, "load a body", read="claims")
 
     async def dead_letters(
         self,
@@ -660,7 +728,7 @@ class SqliteOutbox:
         def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
             return [_dead_letter(row) for row in conn.execute(query, values)]
 
-        return await self._run(read, "list dead letters")
+        return await self._run(read, "list dead letters", read="listings")
 
     async def requeue(self, ids: Sequence[int]) -> int:
         """See ``OutboxStore.requeue``."""
@@ -684,8 +752,30 @@ class SqliteOutbox:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
-        conn = self._conn
+    def _in_flight_hashes(self, conn: sqlite3.Connection, queue: OutboxQueue) -> set[int]:
+        """The hashes of the identities in the queue's imports (in the store's thread)."""
+        refs = {
+            ref
+            for (ref,) in conn.execute(
+                f"SELECT id FROM insight_import WHERE {_QUEUE}", _queue_values(queue)
+            )
+        }
+        for ref, (cached, _) in list(self._in_flight.items()):
+            if cached == queue and ref not in refs:
+                self._in_flight.pop(ref, None)  # ended (by another store of the file too)
+        hashes: set[int] = set()
+        for ref in refs:
+            known = self._in_flight.get(ref)
+            if known is None:
+                identities = [identity for _, identity in _held_identities(conn, ref)]
+                known = self._in_flight[ref] = (queue, _hashes(identities))
+            hashes |= known[1]
+        return hashes
+
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], _T], what: str, *, read: str = ""
+    ) -> _T:
+        conn = self._readers.get(read) if read else self._conn
         if conn is None:
             raise RuntimeError("the outbox store is not open: use `async with SqliteOutbox(...)`")
 
@@ -694,11 +784,19 @@ class SqliteOutbox:
                 return fn(conn)
             except sqlite3.Error as error:
                 raise OutboxError(self._explain(what, error)) from error
+            finally:
+                if not read:
+                    self._written()
 
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        limiter = self._read_limiters[read] if read else self._limiter
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         return await self._run(lambda conn: _transaction(conn, fn), what)
+
+    def _written(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _explain(self, what: str, error: sqlite3.Error) -> str:
         name = getattr(error, "sqlite_errorname", "") or ""
@@ -727,14 +825,10 @@ class SqliteOutbox:
                 "check that its directory is writable"
             ) from error
         try:
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            conn = self._conn = self._connect()
         except sqlite3.Error as error:
             raise OutboxError(self._explain("open it", error)) from error
+        # on any failure below, __aenter__ closes what was opened
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -742,27 +836,81 @@ class SqliteOutbox:
                     f"outbox database {self._path}: cannot switch it to WAL mode (got {mode}); "
                     "check that it and its directory are writable"
                 )
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # see the module docstring
+            conn.execute("PRAGMA secure_delete = FAST")
+            # The checkpointer's thread copies the WAL into the file after each write, so a
+            # commit after a 50 MB body does not do it (0.5 s and more); the writer checkpoints
+            # only when the WAL outgrows that (the checkpointer lags), and truncates it after.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * 4096}")
             migrate(conn)
+            for lane in _READ_LANES:
+                reader = self._readers[lane] = self._connect()
+                reader.execute("PRAGMA query_only = ON")
+            self._checkpointer = _Checkpointer(self._connect())
         except sqlite3.Error as error:
-            conn.close()
             raise OutboxError(
                 self._explain("create or upgrade the outbox tables", error)
             ) from error
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
+        readers, self._readers = self._readers, {}
         fd, self._lock_fd = self._lock_fd, None
+        checkpointer, self._checkpointer = self._checkpointer, None
         try:
+            if checkpointer is not None:
+                checkpointer.close()
+            for reader in readers.values():
+                reader.close()
             if conn is not None:
                 conn.close()
         finally:
             if fd is not None:
                 os.close(fd)  # releases the flock
+
+
+class _Checkpointer:
+    """Copies the WAL into the database on a thread (and connection) of its own when poked.
+
+    A PASSIVE checkpoint never waits for the writer nor blocks it; what it cannot copy yet
+    (frames a reader still needs) the next poke does.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="outbox-checkpointer", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closing:
+                    return
+                with contextlib.suppress(sqlite3.Error):  # the writer's own checkpoint remains
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            self._conn.close()
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -788,14 +936,92 @@ def _lock(path: Path) -> int:
     return fd
 
 
+def _insert_import(
+    conn: sqlite3.Connection,
+    queue: OutboxQueue,
+    body: bytes | bytearray,
+    *,
+    row_ids: Sequence[int],
+    ends: Sequence[int],
+    identities: Sequence[str],
+    depends_on: Sequence[int],
+    sealed_at: float,
+) -> int:
+    """Insert a sealed import and its body; return its ref (the rows are held by the caller)."""
+    cursor = conn.execute(
+        "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
+        " body_bytes, depends_on, sealed_at, row_ids, ends, body, identities)"
+        " VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, x'', ?)",
+        (
+            *_queue_values(queue),
+            len(body),
+            orjson.dumps(list(depends_on)).decode(),
+            sealed_at,
+            array("q", row_ids).tobytes(),
+            array("q", ends).tobytes(),
+            orjson.dumps(list(identities)).decode(),
+        ),
+    )
+    ref = cursor.lastrowid
+    assert ref is not None
+    # Through incremental blob I/O: bound as a parameter, SQLite would copy all of the body
+    # before writing it, and hold the GIL meanwhile.
+    conn.execute("INSERT INTO insight_body (ref, body) VALUES (?, zeroblob(?))", (ref, len(body)))
+    if body:
+        view = memoryview(body)
+        with conn.blobopen("insight_body", "body", ref) as blob:
+            for start in range(0, len(view), _BLOB_CHUNK):
+                blob.write(view[start : start + _BLOB_CHUNK])
+    return ref
+
+
+def _forget_import(conn: sqlite3.Connection, ref: int) -> None:
+    conn.execute("DELETE FROM insight_body WHERE ref = ?", (ref,))
+    conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+
+
+def _held_identities(conn: sqlite3.Connection, ref: int) -> list[tuple[int, str]]:
+    """``(row id, identity)`` of each row import ``ref`` holds, in body order."""
+    row = conn.execute(
+        "SELECT row_ids, identities FROM insight_import WHERE id = ?", (ref,)
+    ).fetchone()
+    if row is None:
+        return []
+    row_ids = array("q")
+    row_ids.frombytes(row[0])
+    if row[1] is not None:
+        return list(zip(row_ids, orjson.loads(row[1]), strict=True))
+    # sealed before the identities were kept with the import: each row still has its own
+    stored = dict(
+        conn.execute(
+            "SELECT o.id, o.identity FROM insight_held AS h JOIN insight_outbox AS o"
+            " ON o.id = h.row_id WHERE h.ref = ?",
+            (ref,),
+        )
+    )
+    return [(row_id, stored.get(row_id) or "") for row_id in row_ids]
+
+
+def _hashes(identities: Sequence[str]) -> frozenset[int]:
+    return frozenset(map(hash, identities))
+
+
 def _queue_values(queue: OutboxQueue) -> tuple[str, str, str, str]:
     return (queue.account, queue.collection, queue.scope, queue.collection_type)
 
 
-_Found = tuple[list[ClaimedRow], int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
+_Found = tuple[ClaimedRun, int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
+_Valid = tuple[RecordRun, int] | EncodedRecord  # a record of a page's run, or one on its own
+_Rejected = tuple[Rejection, str | None]  # why a row is not a record, and its key
 
 
-def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: int) -> _Found:
+def _scan(
+    conn: sqlite3.Connection,
+    queue: OutboxQueue,
+    in_flight: set[int],
+    budget: int,
+    max_scan: int,
+) -> _Found:
     """The read half of a claim: which rows to return, delete, dead-letter and hold back."""
     collection: Collection | None
     try:
@@ -804,16 +1030,8 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
     except (ConfigError, ValueError) as error:
         collection = None
         invalid_queue = Rejection(COLLECTION_INVALID, str(error))
-    in_flight = {
-        identity
-        for (identity,) in conn.execute(
-            "SELECT o.identity FROM insight_import AS i JOIN insight_outbox AS o"
-            " ON o.held_by = i.id WHERE i.account = ? AND i.collection = ? AND i.scope = ?"
-            " AND i.collection_type = ?",
-            _queue_values(queue),
-        )
-    }
-    latest: dict[str, ClaimedRow] = {}  # identity -> its latest valid row, in id order
+    # identity -> its latest valid row (id, size, record), in id order
+    latest: dict[str, tuple[int, int, _Valid]] = {}
     held: dict[str, int] = {}  # identity in flight -> its latest pending row
     superseded: list[int] = []
     invalid: list[tuple[int, Rejection, str | None]] = []
@@ -822,8 +1040,10 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
     after = 0
     while scanned < max_scan and joined <= budget:
         page = conn.execute(
-            f"SELECT id, record FROM insight_outbox WHERE held_by IS NULL AND {_QUEUE} "
-            "AND id > ? ORDER BY id LIMIT ?",
+            # the text as stored bytes: no decoding and encoding again (and a row that is not
+            # valid UTF-8 is a record that breaks a rule, not a claim that fails)
+            f"SELECT id, CAST(record AS BLOB) FROM insight_outbox AS o WHERE held_by IS NULL"
+            f" AND {_QUEUE} AND id > ? AND {_UNHELD} ORDER BY id LIMIT ?",
             (*_queue_values(queue), after, min(_PAGE_ROWS, max_scan - scanned)),
         ).fetchall()
         if not page:
@@ -835,12 +1055,20 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
             invalid.extend((row_id, invalid_queue, _key_of_record(text)) for row_id, text in page)
             continue
         for row_id, encoded in _encode_page(page, collection):
-            if not isinstance(encoded, EncodedRecord):
-                invalid.append((row_id, *encoded))
+            if isinstance(encoded, EncodedRecord):
+                key, contact, size = encoded.key, encoded.contact, len(encoded.data)
+            elif isinstance(encoded[0], Rejection):
+                invalid.append((row_id, encoded[0], encoded[1]))
                 continue
-            record = encoded
-            identity = identity_text(record.key, record.contact)
-            if identity in in_flight:
+            else:
+                run, index = encoded
+                key = run.keys[index]
+                contact = None
+                if run.identifiers is not None:
+                    contact = (run.identifiers[index], run.values[index])
+                size = run.ends[index] - run.start_of(index)
+            identity = identity_text(key, contact)
+            if hash(identity) in in_flight:
                 earlier = held.get(identity)
                 if earlier is not None:
                     superseded.append(earlier)
@@ -848,39 +1076,96 @@ def _scan(conn: sqlite3.Connection, queue: OutboxQueue, budget: int, max_scan: i
                 continue
             previous = latest.pop(identity, None)
             if previous is not None:
-                superseded.append(previous.row_id)
-                joined -= len(previous.record.data) + 1
-            latest[identity] = ClaimedRow(row_id, record)
-            joined += len(record.data) + 1
-    rows: list[ClaimedRow] = []
-    size = -1
+                superseded.append(previous[0])
+                joined -= previous[1] + 1
+            latest[identity] = (row_id, size, encoded)
+            joined += size + 1
+    kept: list[tuple[int, int, _Valid]] = []
+    total = -1
     for row in latest.values():
-        grown = size + len(row.record.data) + 1
-        if grown > budget and rows:
+        grown = total + row[1] + 1
+        if grown > budget and kept:
             break
-        rows.append(row)
-        size = grown
-    return rows, max(size, 0), len(rows) < len(latest), superseded, invalid, len(held)
+        kept.append(row)
+        total = grown
+    contact_scope = collection is not None and collection.scope is Scope.CONTACT
+    return (
+        _claimed_run(kept, contact_scope),
+        max(total, 0),
+        len(kept) < len(latest),
+        superseded,
+        invalid,
+        len(held),
+    )
 
 
-_Encoded = EncodedRecord | tuple[Rejection, str | None]  # a record, or why not and its key
+def _claimed_run(kept: Sequence[tuple[int, int, _Valid]], contact_scope: bool) -> ClaimedRun:
+    """The kept rows as one run: consecutive records of a page's run are copied in one piece."""
+    parts: list[bytes | memoryview] = []
+    ends = array("q")
+    keys: list[str] = []
+    identifiers: list[str] = []
+    values: list[str] = []
+    lines = array("q")
+    size = 0
+    i = 0
+    while i < len(kept):
+        row_id, _, valid = kept[i]
+        if isinstance(valid, EncodedRecord):
+            parts += (valid.data, b"\n")
+            size += len(valid.data) + 1
+            ends.append(size - 1)
+            keys.append(valid.key)
+            identifier, value = valid.contact or ("", "")
+            identifiers.append(identifier)
+            values.append(value)
+            lines.append(row_id)
+            i += 1
+            continue
+        run, first = valid
+        last = first
+        i += 1
+        while i < len(kept):
+            following = kept[i][2]
+            if isinstance(following, EncodedRecord) or following[0] is not run:
+                break
+            if following[1] != last + 1:
+                break
+            last += 1
+            i += 1
+        start, stop = run.start_of(first), run.ends[last] + 1
+        parts.append(memoryview(run.segment)[start:stop])
+        shift = size - start
+        ends.extend([end + shift for end in run.ends[first : last + 1]])
+        keys += run.keys[first : last + 1]
+        if run.identifiers is not None:
+            identifiers += run.identifiers[first : last + 1]
+            values += run.values[first : last + 1]
+        lines.extend(run.lines[first : last + 1])
+        size += stop - start
+    return ClaimedRun(
+        RecordRun(
+            b"".join(parts),
+            ends,
+            keys,
+            identifiers if contact_scope else None,
+            values if contact_scope else [],
+            RECORD_ORIGIN,
+            lines,
+        )
+    )
 
 
 def _encode_page(
-    page: Sequence[tuple[int, str]], collection: Collection
-) -> list[tuple[int, _Encoded]]:
+    page: Sequence[tuple[int, bytes]], collection: Collection
+) -> list[tuple[int, _Valid | _Rejected]]:
     """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
     lines are read) for rows that are one line each, the per-line encoder for the others."""
     contact_scope = collection.scope is Scope.CONTACT
-    results: dict[int, _Encoded] = {}
+    results: dict[int, _Valid | _Rejected] = {}
     lines: list[bytes] = []
     ids: list[int] = []
-    for row_id, text in page:
-        try:
-            raw = text.encode()
-        except UnicodeEncodeError:
-            results[row_id] = (Rejection("json-syntax", "the record is not valid UTF-8 JSON"), None)
-            continue
+    for row_id, raw in page:
         if b"\n" in raw or b"\r" in raw or not raw.strip():
             results[row_id] = _encode_one(raw, collection, row_id)
             continue
@@ -890,17 +1175,15 @@ def _encode_page(
         data = b"\n".join(lines) + b"\n"
         encoded = encode_chunk(data, contact_scope=contact_scope, first_line=1)
         run = encoded.records(data, RECORD_ORIGIN, contact_scope=contact_scope)
-        for index in range(len(run)):
-            row_id = ids[run.lines[index] - 1]
-            results[row_id] = dataclasses.replace(
-                run.record(index), source=Source(RECORD_ORIGIN, row_id)
-            )
+        run.lines = array("q", [ids[line - 1] for line in run.lines])  # sources name the rows
+        for index, row_id in enumerate(run.lines):
+            results[row_id] = (run, index)
         for line, rule, message, key, _ in encoded.rejects:
             results[ids[line - 1]] = (Rejection(rule, message), key)
     return [(row_id, results[row_id]) for row_id, _ in page]
 
 
-def _encode_one(raw: bytes, collection: Collection, row_id: int) -> _Encoded:
+def _encode_one(raw: bytes, collection: Collection, row_id: int) -> EncodedRecord | _Rejected:
     try:
         return encode_line(raw, collection, source=Source(RECORD_ORIGIN, row_id))
     except RecordError as error:
@@ -909,7 +1192,7 @@ def _encode_one(raw: bytes, collection: Collection, row_id: int) -> _Encoded:
 
 def _delete_pending(conn: sqlite3.Connection, row_ids: Sequence[int]) -> int:
     return conn.executemany(
-        "DELETE FROM insight_outbox WHERE id = ? AND held_by IS NULL", ((i,) for i in row_ids)
+        f"DELETE FROM insight_outbox AS o WHERE id = ? AND {_UNHELD}", ((i,) for i in row_ids)
     ).rowcount
 
 
@@ -920,7 +1203,7 @@ def _dead_letter_pending(
     if not letters:
         return 0
     conn.executemany(
-        _INSERT_DEAD_LETTER + " AND held_by IS NULL",
+        _INSERT_DEAD_LETTER + f" AND {_UNHELD}",
         (
             (r.reason, r.message, orjson.dumps(list(r.details)).decode(), key, None, row_id)
             for row_id, r, key in letters
@@ -933,7 +1216,7 @@ def _pending_texts(conn: sqlite3.Connection, row_ids: Sequence[int]) -> list[tup
     found: list[tuple[int, str]] = []
     for row_id in row_ids:
         row = conn.execute(
-            "SELECT id, record FROM insight_outbox WHERE id = ? AND held_by IS NULL", (row_id,)
+            f"SELECT id, record FROM insight_outbox AS o WHERE id = ? AND {_UNHELD}", (row_id,)
         ).fetchone()
         if row is not None:
             found.append((row[0], row[1]))
@@ -973,14 +1256,12 @@ def _key_of_record(text: str) -> str | None:
 def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImport:
     (ref, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on,
      attempts, in_doubt, sealed_at, submitted_at, row_ids_blob, ends_blob,
-     resubmits) = row  # fmt: skip
+     resubmits, _) = row  # fmt: skip
     row_ids = array("q")
     row_ids.frombytes(row_ids_blob)
     ends = array("q")
     ends.frombytes(ends_blob)
-    identities = dict(
-        conn.execute("SELECT id, identity FROM insight_outbox WHERE held_by = ?", (ref,))
-    )
+    identities = dict(_held_identities(conn, ref))
     return StoredImport(
         ref=ref,
         queue=OutboxQueue(account, collection, scope, collection_type),
