@@ -138,7 +138,7 @@ class _AccountRun:
         if shared is None:
             self.slots: SlotGate = LocalSlotGate(concurrent)
         else:
-            self.slots = cast(SlotGate, shared.slot_gate(account.name))  # type: ignore[attr-defined]
+            self.slots = shared.slot_gate(account.name)
         # Adopted imports that already hold one of the account's slots in the database pass a
         # gate of their own: behind the shared gate they would wait for their own slot.
         self.held_slots = LocalSlotGate(concurrent)

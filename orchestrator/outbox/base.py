@@ -62,6 +62,7 @@ import orjson
 from orchestrator.chunks import RecordRun
 from orchestrator.errors import JournalError
 from orchestrator.records import Collection, EncodedRecord, Scope
+from orchestrator.slots import SlotGate
 
 __all__ = [
     "RECORD_ORIGIN",
@@ -662,6 +663,10 @@ class SharedOutboxStore(OutboxStore, Protocol):
 
     async def release_queue(self, queue: OutboxQueue) -> None:
         """Give up the queue's lock taken by a claim that will not be sealed."""
+        ...
+
+    def slot_gate(self, account: str) -> SlotGate:
+        """The account's slot gate for the downstream, counted in the store for every worker."""
         ...
 
     async def slots_in_use(self, account: str) -> int:
