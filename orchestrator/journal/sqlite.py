@@ -247,15 +247,17 @@ class SqliteJournal(SealOne):
         """Store sealed batches in one transaction; see ``Journal.seal_batches``."""
         progresses = progress_list(self._require_spec(), progress)
         # Copies taken on the loop: the caller may reuse its lists while the thread writes.
-        frozen = [(len(b.body), _packed(b.refs), tuple(b.depends_on)) for b in batches]
+        frozen = [
+            (len(b.body), _packed(b.refs), tuple(b.depends_on), b.submitting) for b in batches
+        ]
         letters = tuple(dead_letters)
         deltas = dict(counters)
         files = await self._store_bodies([b.body for b in batches])
 
         def write(conn: sqlite3.Connection) -> list[int]:
             ids = [
-                _insert_batch(conn, file, size, refs, deps)
-                for file, (size, refs, deps) in zip(files, frozen, strict=True)
+                _insert_batch(conn, file, size, refs, deps, submitting=submitting)
+                for file, (size, refs, deps, submitting) in zip(files, frozen, strict=True)
             ]
             _apply(conn, progresses, letters, deltas)
             return ids
@@ -827,11 +829,19 @@ def _lock(lock_path: Path) -> int:
 
 
 def _insert_batch(
-    conn: sqlite3.Connection, body_file: str, size: int, refs: RecordRefs, deps: tuple[int, ...]
+    conn: sqlite3.Connection,
+    body_file: str,
+    size: int,
+    refs: RecordRefs,
+    deps: tuple[int, ...],
+    *,
+    submitting: bool = False,
 ) -> int:
+    phase = BatchPhase.SUBMITTING if submitting else BatchPhase.SEALED
     cursor = conn.execute(
-        "INSERT INTO batches (phase, record_count, body_bytes, depends_on) VALUES (?, ?, ?, ?)",
-        (BatchPhase.SEALED.value, len(refs), size, orjson.dumps(deps)),
+        "INSERT INTO batches (phase, record_count, body_bytes, depends_on, submits) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (phase.value, len(refs), size, orjson.dumps(deps), int(submitting)),
     )
     batch_id = cursor.lastrowid
     assert batch_id is not None  # an INSERT into a rowid table always sets it
