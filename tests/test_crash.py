@@ -93,6 +93,8 @@ def test_kill_9_then_rerun_loses_nothing(
     collection = f"Crash{failpoint.capitalize()}{count}"
     records = versioned_orders(seed=count)
     args = run_args(simulator_process, tmp_path, collection, records)
+    if failpoint == "loaded":  # one slot: the second batch always waits for it, body loaded
+        args += ["--max-concurrent", "1"]
     crash_then_rerun(simulator_process, collection, records, args, f"{failpoint}:{count}")
 
     report = orjson.loads((tmp_path / "report.json").read_bytes())
