@@ -910,3 +910,24 @@ def test_parsing_a_body_leaves_the_collector_as_it_was() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_the_simulators_own_process_freezes_what_a_parse_made() -> None:
+    """With freeze set (serve's process), a parsed body's objects leave the collector's walks."""
+    body = orjson.dumps(
+        {
+            "collectionName": "Orders",
+            "collectionScope": "account",
+            "collectionType": "custom",
+            "records": [{"key": f"k{i}", "json": {"a": [i]}} for i in range(100)],
+        }
+    )
+    _collector_paused.freeze = True
+    try:
+        before = gc.get_freeze_count()
+        records = _parse(body)[3]
+        assert gc.get_freeze_count() >= before + len(records)
+        assert gc.isenabled()
+    finally:
+        _collector_paused.freeze = False
+        gc.unfreeze()

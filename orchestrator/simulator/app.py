@@ -612,16 +612,23 @@ class _CollectorPause:
 
     A body of 50 MB becomes hundreds of thousands of dicts and lists, and every few hundred of
     them the collector walks the young objects, and now and then every object the simulator
-    keeps (the collections' records): half the CPU of parsing a body went to it. What is parsed
-    holds no cycles, so nothing is left for the collector to find. Nested pauses (several
-    bodies in threads at once) count, and the collector is turned back on by the last one only
-    if it was on before the first.
+    keeps (the collections' records). What is parsed holds no cycles, so nothing is left for
+    the collector to find. Nested pauses (several bodies in threads at once) count, and the
+    collector is turned back on by the last one only if it was on before the first.
+
+    Paused, the collector only walks the same objects later. With ``freeze`` (set by ``serve``,
+    the simulator's own process) the last pause also moves every object alive into the
+    collector's permanent generation (``gc.freeze()``): the parsed records are never walked,
+    and the simulator's CPU per body halves (six 25 MB bodies parsed and kept: 3.5 s against
+    6.3 s). They are still freed as usual when nothing refers to them; only a cycle that became
+    garbage during a parse (the HTTP server's, a few objects per request) stays in memory.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pauses = 0
         self._was_enabled = False
+        self.freeze = False
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -636,6 +643,8 @@ class _CollectorPause:
             with self._lock:
                 self._pauses -= 1
                 if self._pauses == 0 and self._was_enabled:
+                    if self.freeze:
+                        gc.freeze()
                     gc.enable()
 
 
@@ -976,11 +985,15 @@ async def serve(
         port: the port to listen on; 0 picks a free one.
         on_started: called with the running :class:`Simulator` once the port is bound.
     """
-    async with Simulator(config, faults=faults, host=host, port=port) as sim:
-        logger.info("simulator.started", base_url=sim.base_url)
-        if on_started is not None:
-            on_started(sim)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            logger.info("simulator.stopped", imports=len(sim.stats.imports))
+    _collector_paused.freeze = True  # this process is the simulator's own: see _CollectorPause
+    try:
+        async with Simulator(config, faults=faults, host=host, port=port) as sim:
+            logger.info("simulator.started", base_url=sim.base_url)
+            if on_started is not None:
+                on_started(sim)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                logger.info("simulator.stopped", imports=len(sim.stats.imports))
+    finally:
+        _collector_paused.freeze = False
