@@ -380,25 +380,27 @@ Where the time beyond the bounds goes, on this 2-core machine shared with other 
 while it ran, so every figure moves by tens of percent, and up to 2x, from run to run):
 
 - **The machine's CPU, in the rounds.** The simulator parses every record it is sent, now
-  3.5-5 CPU seconds per 200 MB (5.7-7 before its garbage collector was paused while it parses
-  a body), on the same two cores as the command (4.5-6 CPU seconds per 200 MB, parse workers
-  included) and the other work on the machine. Producing a 50 MB body takes 1.0-1.9 s of the
-  parse workers; the simulator's check of it before the 202, 0.6-1.5 s.
+  3.6-4.1 CPU seconds per 200 MB (6.4-6.7 before its process froze what each parse made), on
+  the same two cores as the command (4.6-5.2 CPU seconds per 200 MB, parse workers included)
+  and the other work on the machine. Producing a 50 MB body takes 0.6-1.9 s of the parse
+  workers; the simulator's check of it before the 202, 0.6-1.5 s.
 - **The journal**, now 0.02-0.2 s a body (a 50 MB body: 0.12-0.16 s to write and fsync, 45 ms to
   drop; it took 0.7-1.0 s and 0.5-0.7 s in SQLite's pages). Bodies sealed while a slot is free
   are sent without being read back; the body next in line for a slot is read while it waits.
 - **Uploads.** At most 60 MB of bodies are being written out at once, so 50 MB bodies go one
   after the other; each now gives its share back when its last byte is written, not at the 202
   (which came after the simulator's check: up to 1.5 s a body).
-- **Start-up, 0.5-1.7 s.** The imports of a run are ~0.44 s of CPU (aiohttp's client, the
-  engine, structlog, anyio); the rest is the busy machine (a bare `python -c pass` is 30 ms).
+- **Start-up, 0.5-1.1 s** (3.5 s at the worst load seen). The imports of a run are ~0.44 s of
+  CPU (aiohttp's client, the engine, structlog, anyio); the rest is the busy machine (a bare
+  `python -c pass` is 30 ms).
 - **The tail**, 0.2-0.7 s: the last poll, the summary, the interpreter's exit."""
 
 HEADER = (
     "| case | batches | bound s: rounds x processing + produce + upload | makespan s, best"
     " (median) | makespan / bound | bound with every body produced: produce all + upload +"
     " processing, and makespan / the larger bound | start-up s | to first sealed, beyond produce |"
-    " sealed to accepted, beyond upload | journal round trip of a body (alone) |"
+    " sealed to accepted, beyond upload | journal: a body sealed with its intent, then dropped"
+    " (alone) |"
     " rounds, beyond processing | tail s (seen / closed / exit) | command CPU s |"
     " simulator CPU s |\n|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|\n"
 )
