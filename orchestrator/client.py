@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
@@ -367,9 +367,12 @@ class _JsonBody(aiohttp_payload.BytesPayload):
     take at once into its buffer, doubling a 50 MB body in memory for the whole upload.
     """
 
-    def __init__(self, value: bytes | bytearray) -> None:
+    def __init__(
+        self, value: bytes | bytearray, on_sent: Callable[[], object] | None = None
+    ) -> None:
         aiohttp_payload.Payload.__init__(self, value, content_type="application/json")
         self._size = len(value)
+        self._on_sent = on_sent
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
@@ -382,6 +385,8 @@ class _JsonBody(aiohttp_payload.BytesPayload):
             view = view[:content_length]
         for start in range(0, len(view), _WRITE_CHUNK):
             await writer.write(view[start : start + _WRITE_CHUNK])
+        if self._on_sent is not None:
+            self._on_sent()
 
 
 @dataclass(slots=True)
@@ -393,6 +398,7 @@ class _CallState:
     rate_limit_wait: float | None = None
     # the last failure never reached the server (DNS, refused, TLS)
     unreachable: bool = False
+    on_sent: Callable[[], object] | None = None  # told when a PUT's body is written in full
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,7 +486,9 @@ class InsightClient:
                 self._session._retry_connection = False
         return self._session
 
-    async def submit_import(self, body: bytes | bytearray) -> SubmitReceipt:
+    async def submit_import(
+        self, body: bytes | bytearray, *, on_sent: Callable[[], object] | None = None
+    ) -> SubmitReceipt:
         """Start a bulk import: ``PUT /insightData/v3/import`` with ``body`` sent as given.
 
         A PUT whose answer was lost after the body went out is sent again (records are
@@ -488,6 +496,8 @@ class InsightClient:
 
         Args:
             body: the complete JSON request body, already encoded; it is never copied.
+            on_sent: called each time a PUT has written the whole body, before its answer
+                (the API answers once it has checked the body): e.g. to start the next upload.
 
         Raises:
             AccountFullError: all import slots of the account are taken (not retried here).
@@ -497,7 +507,7 @@ class InsightClient:
             ServerError: 5xx answers outlived the retry budget (a TransientError).
             TransportError: no answer (resets, timeouts) within the retry budget.
         """
-        answer, state = await self._call("PUT", IMPORT_PATH, body=body)
+        answer, state = await self._call("PUT", IMPORT_PATH, body=body, on_sent=on_sent)
         data = answer.data
         import_id = data.get("importId") if isinstance(data, dict) else None
         if not isinstance(import_id, str) or not import_id:
@@ -577,9 +587,10 @@ class InsightClient:
         body: bytes | bytearray | None = None,
         attempts: int | None = None,
         first_contact: bool = False,
+        on_sent: Callable[[], object] | None = None,
     ) -> tuple[_Answer, _CallState]:
         policy = self.settings.retry
-        state = _CallState()
+        state = _CallState(on_sent=on_sent)
         clock = time.monotonic
         deadline = clock() + policy.timeout
 
@@ -695,7 +706,7 @@ class InsightClient:
             async with session.request(
                 method,
                 self.settings.api_root + path,
-                data=_JsonBody(body) if body is not None else None,
+                data=_JsonBody(body, state.on_sent) if body is not None else None,
                 headers=self._headers,
                 timeout=timeout,
                 allow_redirects=False,

@@ -16,7 +16,8 @@ __all__ = ["NAMES", "hit"]
 NAMES = frozenset(
     {
         "read",  # a chunk of input was read and validated
-        "sealed",  # a batch was sealed into the journal
+        "sealed",  # a batch was sealed into the journal (with its intent, if a slot was free)
+        "loaded",  # a batch waiting for a slot has its body loaded, nothing sent
         "intent",  # the intent to submit is journaled; the PUT has not been sent
         "accepted",  # the API answered 202; the import id is not journaled yet
         "submitted",  # the import id is journaled

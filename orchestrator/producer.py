@@ -14,6 +14,11 @@ that depends on the batches holding its keys, so the newer version is never appl
 older one, while the main stream keeps every slot busy. Both open batches are sealed together,
 in one journal transaction with the progress mark: every line before the mark is in a sealed
 batch or dead-lettered, so a crash loses nothing and re-sends nothing that was sealed.
+
+A batch sealed while one of the account's slots is free (the first wave) is journaled with its
+intent to submit in the same transaction, and handed downstream with its body in memory: its
+PUT starts once that transaction commits, without reading the body back (see
+``lifecycle`` for why the PUT never starts before the commit).
 """
 
 from __future__ import annotations
@@ -309,18 +314,21 @@ class Producer:
             return
         # Held records come before the main batch's last records in the input, so the two are
         # journaled together: a crash can never keep one and re-read the other.
-        plans: list[tuple[_Sealed, tuple[int, ...]]] = []
+        # (sealed, depends_on, sent at once): the held batch waits for its dependencies
+        plans: list[tuple[_Sealed, tuple[int, ...], bool]] = []
         if held is not None:
-            plans.append((held, tuple(sorted(self._held_depends_on))))
+            plans.append((held, tuple(sorted(self._held_depends_on)), False))
             self._held_depends_on = set()
         if main is not None:
-            plans.append((main, ()))
+            plans.append((main, (), self._slot_free()))
         for _ in plans:
             await self._capacity.acquire()
-        self._count("records_submitted", sum(s.batch.record_count for s, _ in plans))
+        self._count("records_submitted", sum(s.batch.record_count for s, _, _ in plans))
         letters = self._dead_letters
         batch_ids = await self._journal.seal_batches(
-            batches=[NewBatch(s.batch.body, s.batch.refs, deps) for s, deps in plans],
+            batches=[
+                NewBatch(s.batch.body, s.batch.refs, deps, submitting=now) for s, deps, now in plans
+            ],
             progress=self._progresses(progress),
             dead_letters=letters,
             counters=self._counters,
@@ -328,13 +336,14 @@ class Producer:
         self._clear()
         failpoints.hit("sealed")
         if not self._journal.keeps_bodies:
-            # The journal holds copies of the bodies now: the next ones are built in their memory.
-            if main is not None:
+            # The journal holds copies of the bodies now: the next ones are built in their memory
+            # (but a body sent at once, which the downstream frees after its upload).
+            if main is not None and not plans[-1][2]:
                 self._main.recycle(main.batch.body)
             if held is not None:
                 self._held.recycle(held.batch.body)
         await self._tell_rejects(letters)
-        for batch_id, (sealed, depends_on) in zip(batch_ids, plans, strict=True):
+        for batch_id, (sealed, depends_on, now) in zip(batch_ids, plans, strict=True):
             batch = sealed.batch
             self._stats.batches_sealed += 1
             log.info(
@@ -351,14 +360,22 @@ class Producer:
                     record_count=batch.record_count,
                     body_bytes=batch.body_bytes,
                     depends_on=depends_on,
+                    submitting=now,
                 ),
                 refs=batch.refs,
                 identity_hashes=sealed.hashes,
                 depends_on=depends_on,
+                body=batch.body if now else None,
             )
             # Registered before the next record is read, so that record sees it.
             self._in_flight.add(batch_id, sealed.hashes)
             await self._batches.send(task)
+
+    def _slot_free(self) -> bool:
+        """Whether a batch sealed now would find a slot free: none in use by every other, nor
+        promised to a batch sent downstream that has not reached the gate yet."""
+        waiting = self._batches.statistics().current_buffer_used
+        return self._slots.in_use + waiting < self._slots.capacity
 
     async def _flush(self, progress: InputProgress | None = None) -> None:
         """Journal the progress, rejects and counters gathered since the last seal, if any."""

@@ -27,7 +27,10 @@ from orchestrator import (
     inputs,
     parsing,
 )
+from orchestrator.engine import _start_pool_for
+from orchestrator.lifecycle import ByteBudget
 from orchestrator.logs import capture_events
+from orchestrator.parsing import PROCESS_AFTER, ParsePool
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.conftest import sim_client_settings
 
@@ -621,3 +624,80 @@ async def test_a_file_parsed_in_processes_imports_each_record_once_last_write_wi
     got = {identity[2]: record["json"] for identity, record in stored(sim, "Versions").items()}
     assert got == expected
     assert sim.stats.max_active_seen <= 5
+
+
+async def test_the_parse_pool_starts_as_a_large_input_is_opened(tmp_path: Path) -> None:
+    """An input past PROCESS_AFTER bytes starts the pool at once; small ones and stdin do not."""
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b"{}\n")
+    large = tmp_path / "large.jsonl"
+    with large.open("wb") as handle:
+        handle.truncate(PROCESS_AFTER + 1)  # sparse: only its size matters here
+    async with ParsePool(1) as pool:
+        await _start_pool_for(pool, ["-", str(small), str(tmp_path / "missing.jsonl")])
+        assert pool._executor is None
+        await _start_pool_for(pool, [str(small), str(large)])
+        assert pool._executor is not None
+
+
+async def test_a_parse_pool_that_cannot_start_does_not_fail_the_run(tmp_path: Path) -> None:
+    """Starting the pool ahead is best effort: a closed pool is left to the input to report."""
+    large = tmp_path / "large.jsonl"
+    with large.open("wb") as handle:
+        handle.truncate(PROCESS_AFTER + 1)
+    pool = ParsePool(1)
+    await pool.aclose()
+    await _start_pool_for(pool, [str(large)])
+
+
+class CountingJournal(SqliteJournal):
+    """The durable journal, counting the bodies read back from it."""
+
+    loads = 0
+
+    async def load_body(self, batch_id: int) -> bytes | bytearray:
+        self.loads += 1
+        return await super().load_body(batch_id)
+
+
+async def test_the_first_wave_is_sent_from_memory_with_its_intent_sealed(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Bodies sealed while a slot is free are never read back; their intent is in the seal."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(400))
+    async with (
+        CountingJournal(tmp_path / "j.sqlite") as journal,
+        Orchestrator(client_for(sim), settings=FAST) as orch,
+    ):
+        wave = Collection("Wave", "contact")
+        result = await orch.import_files(wave, [str(data)], journal=journal)
+    assert result.records_imported == 400
+    assert 1 < len(result.imports) <= FAST.max_concurrent
+    assert journal.loads == 0
+    assert [batch.submits for batch in result.imports] == [1] * len(result.imports)
+
+
+async def test_an_upload_gives_its_budget_back_when_told_before_its_block_ends() -> None:
+    """A holder that releases early lets the next one in while it still waits for its answer."""
+    budget = ByteBudget(10)
+    order: list[str] = []
+
+    async def first(release_sent: anyio.Event) -> None:
+        async with budget.hold(8) as uploaded:
+            order.append("first in")
+            uploaded()
+            await release_sent.wait()
+            order.append("first out")
+
+    async def second() -> None:
+        async with budget.hold(8):
+            order.append("second in")
+
+    answered = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first, answered)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        answered.set()
+    assert order == ["first in", "second in", "first out"]

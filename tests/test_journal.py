@@ -450,10 +450,18 @@ async def test_file_is_private_and_parents_are_created(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.with_name("journal.db.lock").stat().st_mode) == 0o600
 
 
-async def test_the_body_is_the_payload_records_last_column(tmp_path: Path) -> None:
-    """A body goes in as a zeroblob then blob writes; only as the record's last column is the
-    zeroblob not made in memory first (50 MB of zeros for a full body). Layout, and round trip."""
+def body_files(path: Path) -> list[str]:
+    """The body files beside a journal."""
+    bodies = path.with_name(path.name + ".bodies")
+    return sorted(p.name for p in bodies.iterdir()) if bodies.exists() else []
+
+
+async def test_a_body_is_a_private_file_beside_the_journal_until_its_batch_ends(
+    tmp_path: Path,
+) -> None:
+    """A body is a 0600 file in a 0700 directory beside the journal; it goes with its batch."""
     path = tmp_path / "journal.db"
+    bodies = tmp_path / "journal.db.bodies"
     async with SqliteJournal(path) as journal:
         await journal.open(SPEC)
         body = bytes(range(256)) * 20_000
@@ -463,10 +471,86 @@ async def test_the_body_is_the_payload_records_last_column(tmp_path: Path) -> No
             dead_letters=[],
             counters={},
         )
+        [name] = body_files(path)
+        assert stat.S_IMODE(bodies.stat().st_mode) == 0o700
+        assert stat.S_IMODE((bodies / name).stat().st_mode) == 0o600
+        assert (bodies / name).read_bytes() == body
         assert await journal.load_body(batch_id) == body
+        assert journal._conn is not None
+        [(stored,)] = journal._conn.execute("SELECT length(body) FROM payloads").fetchall()
+        assert stored == 0  # not in the table as well
+        await journal.mark_finished(
+            batch_id, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
+        )
+        assert body_files(path) == []
+        await journal.mark_complete()
+        assert not bodies.exists()
+
+
+async def test_body_files_no_batch_names_are_removed_at_open(tmp_path: Path) -> None:
+    """A body file left by a seal that never committed, or a batch that ended, goes at open."""
+    path = tmp_path / "journal.db"
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        kept = await seal(journal)
+    [name] = body_files(path)
+    bodies = tmp_path / "journal.db.bodies"
+    (bodies / "0123456789abcdef.body").write_bytes(b"orphan")
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        assert body_files(path) == [name]
+        assert await journal.load_body(kept) == b'{"records":[xxx]}'
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC, fresh=True)
+        assert body_files(path) == []
+
+
+async def test_a_missing_body_file_is_a_journal_error(tmp_path: Path) -> None:
+    """A body file removed behind the journal's back is reported, not read as empty."""
+    path = tmp_path / "journal.db"
+    async with SqliteJournal(path) as journal:
+        await journal.open(SPEC)
+        batch = await seal(journal)
+        [name] = body_files(path)
+        (tmp_path / "journal.db.bodies" / name).unlink()
+        with pytest.raises(JournalError, match=f"cannot load the body of batch {batch}"):
+            await journal.load_body(batch)
+
+
+def make_older_journal(path: Path, body: bytes) -> None:
+    """A journal of schema 2, bodies kept in the table: one sealed batch holding ``body``."""
+
+    async def write() -> None:
+        async with SqliteJournal(path) as journal:
+            await journal.open(SPEC)
+            await seal(journal)
+
+    anyio.run(write)
+    for name in body_files(path):
+        (path.with_name(path.name + ".bodies") / name).unlink()
     with sqlite3.connect(path) as conn:
-        columns = [row[1] for row in conn.execute("PRAGMA table_info(payloads)")]
-    assert columns[-1] == "body"
+        conn.execute("UPDATE payloads SET body = ?", (body,))
+        conn.execute("ALTER TABLE payloads DROP COLUMN body_file")
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+
+async def test_an_older_journal_is_migrated_and_its_bodies_read_from_the_table(
+    tmp_path: Path,
+) -> None:
+    """A schema-2 journal opens, its kept body loads, and a new batch's body goes to a file."""
+    path = tmp_path / "journal.db"
+    body = os.urandom(300_000)
+    await anyio.to_thread.run_sync(make_older_journal, path, body)
+    async with SqliteJournal(path) as journal:
+        state = await journal.open(SPEC)
+        [old] = [stored.batch_id for stored in state.unfinished]
+        assert await journal.load_body(old) == body
+        new = await seal(journal, lines=3)
+        assert len(body_files(path)) == 1
+        assert await journal.load_body(new) == b'{"records":[xxx]}'
+        assert journal._conn is not None
+        assert journal._conn.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 async def test_second_open_of_the_same_journal_is_refused(path: Path) -> None:
@@ -537,17 +621,11 @@ async def test_poll_counts_skip_the_fsync_then_restore_it(path: Path) -> None:
 
 
 async def test_mark_complete_gives_dropped_bodies_back(path: Path) -> None:
-    """After the run completes, the pages of dropped bodies are returned to the disk."""
+    """After the run completes, the pages of bodies an older journal kept are given back."""
+    await anyio.to_thread.run_sync(make_older_journal, path, os.urandom(400_000))
     async with SqliteJournal(path) as journal:
-        await journal.open(SPEC)
-        batch = await journal.seal_batch(
-            body=os.urandom(400_000),
-            refs=make_refs(1),
-            depends_on=(),
-            progress=None,
-            dead_letters=(),
-            counters={},
-        )
+        state = await journal.open(SPEC)
+        [batch] = [stored.batch_id for stored in state.unfinished]
         await journal.mark_finished(
             batch, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
         )
@@ -588,8 +666,10 @@ async def test_mark_complete_does_not_rewrite_the_dropped_bodies(path: Path) -> 
 
 async def test_mark_complete_keeps_many_dead_letters_and_frees_the_rest(path: Path) -> None:
     """With more kept than freed, completing still gives every freed page back, keeping all."""
+    await anyio.to_thread.run_sync(make_older_journal, path, os.urandom(400_000))
     async with SqliteJournal(path) as journal:
-        await journal.open(SPEC)
+        state = await journal.open(SPEC)
+        [batch] = [stored.batch_id for stored in state.unfinished]
         letters = [
             DeadLetter(
                 source=f"/data/orders.jsonl:{i}",
@@ -601,14 +681,7 @@ async def test_mark_complete_keeps_many_dead_letters_and_frees_the_rest(path: Pa
             )
             for i in range(1_000)
         ]
-        batch = await journal.seal_batch(
-            body=os.urandom(400_000),
-            refs=make_refs(1),
-            depends_on=(),
-            progress=None,
-            dead_letters=letters,
-            counters={},
-        )
+        await journal.save_progress(progress=None, dead_letters=letters, counters={})
         await journal.mark_finished(
             batch, status="Finished", imported=1, dead_letters=(), finished_at=1.0, counters={}
         )
@@ -633,12 +706,13 @@ async def test_disk_full_raises_and_keeps_the_previous_state(path: Path) -> None
                 refs=make_refs(50),
                 depends_on=(),
                 progress=InputProgress(0, 53, "d"),
-                dead_letters=[letter(1)],
+                dead_letters=[letter(1, record=os.urandom(200_000))],
                 counters={"records_read": 50},
             )
         assert [b.batch_id for b in await journal.batches()] == [kept]
         assert await journal.counters() == {"records_read": 3}
         assert await journal.dead_letters() == []
+        assert len(body_files(path)) == 1  # the failed seal's body file is gone
         journal._conn.execute("PRAGMA max_page_count = 1073741823")
         assert await seal(journal, lines=3) == kept + 1
     async with SqliteJournal(path) as journal:
@@ -826,6 +900,8 @@ async def check_consistent(path: Path) -> int:
         letters = await journal.dead_letters()
         counters = await journal.counters()
         assert [b.batch_id for b in batches] == list(range(1, len(batches) + 1))
+        unfinished = [b for b in batches if b.phase is not BatchPhase.FINISHED]
+        assert len(body_files(path)) == len(unfinished)  # none left over by the kill
         total = sum(b.record_count for b in batches)
         assert counters.get("records_read", 0) == total + len(letters) == state.inputs[0].lines
         assert counters.get("records_rejected", 0) == len(letters) == len(batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import re
 import time
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.simulator import Faults, Simulator, SimulatorConfig, serve
+from orchestrator.simulator.app import _collector_paused, _parse
 from orchestrator.simulator.rules import analyse_records, default_contact_exists
 
 pytestmark = pytest.mark.anyio
@@ -826,3 +828,106 @@ def test_deep_checks_match_a_reference(value: dict[str, Any]) -> None:
     else:
         assert analysis.failures == []
         assert list(analysis.upserts) == ["k"]
+
+
+def _first_problem(value: dict[str, Any]) -> str | None:
+    """The first problem of a JSON object in document order, found the slow way."""
+    for name, item in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            return "JsonKeyInvalidCharacters"
+        found = _first_problem_in(item, in_array=False)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_problem_in(value: Any, *, in_array: bool) -> str | None:
+    if isinstance(value, dict):
+        return _first_problem(value)
+    if isinstance(value, list):
+        if in_array:
+            return "JsonContainsNestedArray"
+        for item in value:
+            found = _first_problem_in(item, in_array=True)
+            if found is not None:
+                return found
+    return None
+
+
+_names = st.sampled_from(["a", "b", "c-1", "d_2", "e f", "g.h", ""])
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            _names,
+            st.recursive(
+                st.integers(0, 3),
+                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_names, inner),
+                max_leaves=8,
+            ),
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_deep_checks_report_the_first_problem_in_document_order(
+    values: list[dict[str, Any]],
+) -> None:
+    """With names learned from earlier records, the reason is still the first problem in order."""
+    analysis = analyse_records(
+        [{"key": f"k{i}", "json": value} for i, value in enumerate(values)],
+        contact_scope=False,
+        contact_exists=default_contact_exists,
+    )
+    reasons = {failure.index: failure.reason for failure in analysis.failures}
+    assert reasons == {
+        i: problem
+        for i, value in enumerate(values)
+        if (problem := _first_problem(value)) is not None
+    }
+
+
+def test_parsing_a_body_leaves_the_collector_as_it_was() -> None:
+    """The collector, paused while a body is parsed, is on again after; off stays off."""
+    body = orjson.dumps(
+        {
+            "collectionName": "Orders",
+            "collectionScope": "account",
+            "collectionType": "custom",
+            "records": [{"key": "k", "json": {"a": [1]}}],
+        }
+    )
+    assert gc.isenabled()
+    assert _parse(body)[3] == [{"key": "k", "json": {"a": [1]}}]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collector_paused():
+            _parse(body)
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_simulators_own_process_freezes_what_a_parse_made() -> None:
+    """With freeze set (serve's process), a parsed body's objects leave the collector's walks."""
+    body = orjson.dumps(
+        {
+            "collectionName": "Orders",
+            "collectionScope": "account",
+            "collectionType": "custom",
+            "records": [{"key": f"k{i}", "json": {"a": [i]}} for i in range(100)],
+        }
+    )
+    _collector_paused.freeze = True
+    try:
+        before = gc.get_freeze_count()
+        records = _parse(body)[3]
+        assert gc.get_freeze_count() >= before + len(records)
+        assert gc.isenabled()
+    finally:
+        _collector_paused.freeze = False
+        gc.unfreeze()

@@ -140,12 +140,19 @@ class StoredBatch:
 
     @classmethod
     def sealed(
-        cls, batch_id: int, *, record_count: int, body_bytes: int, depends_on: Sequence[int] = ()
+        cls,
+        batch_id: int,
+        *,
+        record_count: int,
+        body_bytes: int,
+        depends_on: Sequence[int] = (),
+        submitting: bool = False,
     ) -> StoredBatch:
-        """A batch as it is stored when sealed: nothing sent yet."""
+        """A batch as it is stored when sealed: nothing sent yet (``submitting``: with the
+        intent to send it written, see ``NewBatch``)."""
         return cls(
             batch_id=batch_id,
-            phase=BatchPhase.SEALED,
+            phase=BatchPhase.SUBMITTING if submitting else BatchPhase.SEALED,
             import_id=None,
             record_count=record_count,
             body_bytes=body_bytes,
@@ -157,6 +164,7 @@ class StoredBatch:
             submitted_at=None,
             finished_at=None,
             status=None,
+            submits=int(submitting),
         )
 
 
@@ -226,11 +234,15 @@ class NewBatch:
         body: the request body.
         refs: the batch's records, in body order.
         depends_on: batch ids that must finish before this one is submitted.
+        submitting: store it with the intent to PUT it written (phase SUBMITTING, ``submits``
+            1), in the seal's transaction: for a body sent as soon as it is sealed. Ignored by
+            ``split_batch``.
     """
 
     body: bytes | bytearray
     refs: Sequence[RecordRef]
     depends_on: Sequence[int] = ()
+    submitting: bool = False
 
 
 @dataclass(frozen=True, slots=True)

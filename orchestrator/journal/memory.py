@@ -137,6 +137,7 @@ class MemoryJournal(SealOne):
                 record_count=len(batch.refs),
                 body_bytes=len(batch.body),
                 depends_on=batch.depends_on,
+                submitting=batch.submitting,
             )
             refs = batch.refs
             run.payloads[batch_id] = (

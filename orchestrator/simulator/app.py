@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
+import gc
 import hashlib
 import hmac
 import random
 import re
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -452,11 +455,12 @@ _LOST = web.RequestKey("simulator_lost_response", bool)
 def _analyse(
     records: list[dict[str, Any]], *, contact_scope: bool, exists: Callable[[str], bool]
 ) -> tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]]:
-    analysis = analyse_records(records, contact_scope=contact_scope, contact_exists=exists)
-    return analysis.upserts, [
-        _failure_entry(records[failure.index], failure, contact_scope)
-        for failure in analysis.failures
-    ]
+    with _collector_paused():
+        analysis = analyse_records(records, contact_scope=contact_scope, contact_exists=exists)
+        return analysis.upserts, [
+            _failure_entry(records[failure.index], failure, contact_scope)
+            for failure in analysis.failures
+        ]
 
 
 def _failure_entry(
@@ -607,7 +611,56 @@ def _too_large(state: SimulatorState, size: str) -> web.Response:
     )
 
 
+class _CollectorPause:
+    """Pauses the cyclic garbage collector while bodies are parsed and analysed.
+
+    A body of 50 MB becomes hundreds of thousands of dicts and lists, and every few hundred of
+    them the collector walks the young objects, and now and then every object the simulator
+    keeps (the collections' records). What is parsed holds no cycles, so nothing is left for
+    the collector to find. Nested pauses (several bodies in threads at once) count, and the
+    collector is turned back on by the last one only if it was on before the first.
+
+    Paused, the collector only walks the same objects later. With ``freeze`` (set by ``serve``,
+    the simulator's own process) the last pause also moves every object alive into the
+    collector's permanent generation (``gc.freeze()``): the parsed records are never walked,
+    and the simulator's CPU per body halves (six 25 MB bodies parsed and kept: 3.5 s against
+    6.3 s). They are still freed as usual when nothing refers to them; only a cycle that became
+    garbage during a parse (the HTTP server's, a few objects per request) stays in memory.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pauses = 0
+        self._was_enabled = False
+        self.freeze = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._pauses == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._pauses += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pauses -= 1
+                if self._pauses == 0 and self._was_enabled:
+                    if self.freeze:
+                        gc.freeze()
+                    gc.enable()
+
+
+_collector_paused = _CollectorPause()
+
+
 def _parse(body: bytes | bytearray) -> tuple[str, str, str, list[dict[str, Any]]]:
+    with _collector_paused():
+        return _parse_body(body)
+
+
+def _parse_body(body: bytes | bytearray) -> tuple[str, str, str, list[dict[str, Any]]]:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -945,11 +998,15 @@ async def serve(
         port: the port to listen on; 0 picks a free one.
         on_started: called with the running :class:`Simulator` once the port is bound.
     """
-    async with Simulator(config, faults=faults, host=host, port=port) as sim:
-        logger.info("simulator.started", base_url=sim.base_url)
-        if on_started is not None:
-            on_started(sim)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            logger.info("simulator.stopped", imports=len(sim.stats.imports))
+    _collector_paused.freeze = True  # this process is the simulator's own: see _CollectorPause
+    try:
+        async with Simulator(config, faults=faults, host=host, port=port) as sim:
+            logger.info("simulator.started", base_url=sim.base_url)
+            if on_started is not None:
+                on_started(sim)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                logger.info("simulator.stopped", imports=len(sim.stats.imports))
+    finally:
+        _collector_paused.freeze = False

@@ -284,6 +284,24 @@ def _record_failure(
 
 
 def _json_problem(value: dict[str, Any]) -> str | None:
+    if not _valid_field_names.issuperset(value):
+        return _json_problem_learning(value)
+    # Every name is known to be valid (one C-level check): only the values can fail, and they
+    # are checked in the same order as below, so the first problem found is the same.
+    for item in value.values():
+        kind = type(item)
+        if kind is dict:
+            problem = _json_problem(item)
+            if problem is not None:
+                return problem
+        elif kind is list:
+            problem = _array_problem(item)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _json_problem_learning(value: dict[str, Any]) -> str | None:
     for name, item in value.items():
         if name not in _valid_field_names:
             if _JSON_FIELD_NAME.fullmatch(name) is None:
