@@ -913,7 +913,8 @@ def test_parsing_a_body_leaves_the_collector_as_it_was() -> None:
 
 
 def test_the_simulators_own_process_freezes_what_a_parse_made() -> None:
-    """With freeze set (serve's process), a parsed body's objects leave the collector's walks."""
+    """In serve's own process a parsed body's objects leave the collector's walks; elsewhere the
+    simulator leaves the collector alone."""
     body = orjson.dumps(
         {
             "collectionName": "Orders",
@@ -922,12 +923,14 @@ def test_the_simulators_own_process_freezes_what_a_parse_made() -> None:
             "records": [{"key": f"k{i}", "json": {"a": [i]}} for i in range(100)],
         }
     )
-    _collector_paused.freeze = True
+    before = gc.get_freeze_count()
+    _parse(body)
+    assert gc.get_freeze_count() == before  # embedded: nothing moved
+    _collector_paused.own_process = True
     try:
-        before = gc.get_freeze_count()
         records = _parse(body)[3]
         assert gc.get_freeze_count() >= before + len(records)
         assert gc.isenabled()
     finally:
-        _collector_paused.freeze = False
+        _collector_paused.own_process = False
         gc.unfreeze()

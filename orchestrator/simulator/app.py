@@ -37,6 +37,7 @@ from orchestrator.logs import get_logger
 
 from .rules import (
     BodyError,
+    KnownFieldNames,
     RecordFailure,
     analyse_records,
     default_contact_exists,
@@ -279,6 +280,7 @@ class SimulatorState:
         self.active: set[str] = set()
         self.contacts: frozenset[str] | None = None
         self.rng = random.Random(config.seed)
+        self.field_names = KnownFieldNames()  # valid names seen, so the deep check is a lookup
         self._server_error_turn = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -362,7 +364,11 @@ class SimulatorState:
             assert records is not None
             contact_scope = stats.scope == "contact"
             work = functools.partial(
-                _analyse, records, contact_scope=contact_scope, exists=entry.contact_exists
+                _analyse,
+                records,
+                contact_scope=contact_scope,
+                exists=entry.contact_exists,
+                known=self.field_names,
             )
             result: tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]] = ({}, [])
             pending: asyncio.Future[Any] | None = None
@@ -453,10 +459,16 @@ _LOST = web.RequestKey("simulator_lost_response", bool)
 
 
 def _analyse(
-    records: list[dict[str, Any]], *, contact_scope: bool, exists: Callable[[str], bool]
+    records: list[dict[str, Any]],
+    *,
+    contact_scope: bool,
+    exists: Callable[[str], bool],
+    known: KnownFieldNames,
 ) -> tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]]:
     with _collector_paused():
-        analysis = analyse_records(records, contact_scope=contact_scope, contact_exists=exists)
+        analysis = analyse_records(
+            records, contact_scope=contact_scope, contact_exists=exists, known=known
+        )
         return analysis.upserts, [
             _failure_entry(records[failure.index], failure, contact_scope)
             for failure in analysis.failures
@@ -612,7 +624,9 @@ def _too_large(state: SimulatorState, size: str) -> web.Response:
 
 
 class _CollectorPause:
-    """Pauses the cyclic garbage collector while bodies are parsed and analysed.
+    """Pauses the cyclic garbage collector while bodies are parsed and analysed, in the
+    simulator's own process only (``serve`` sets ``own_process``): a simulator running inside
+    another program (its tests, say) leaves that program's collector alone.
 
     A body of 50 MB becomes hundreds of thousands of dicts and lists, and every few hundred of
     them the collector walks the young objects, and now and then every object the simulator
@@ -620,10 +634,9 @@ class _CollectorPause:
     the collector to find. Nested pauses (several bodies in threads at once) count, and the
     collector is turned back on by the last one only if it was on before the first.
 
-    Paused, the collector only walks the same objects later. With ``freeze`` (set by ``serve``,
-    the simulator's own process) the last pause also moves every object alive into the
-    collector's permanent generation (``gc.freeze()``): the parsed records are never walked,
-    and the simulator's CPU per body halves (six 25 MB bodies parsed and kept: 3.5 s against
+    Paused, the collector only walks the same objects later, so the last pause also moves
+    every object alive into the collector's permanent generation (``gc.freeze()``): the parsed
+    records are never walked, and the simulator's CPU per body halves (six 25 MB bodies parsed and kept: 3.5 s against
     6.3 s). They are still freed as usual when nothing refers to them; only a cycle that became
     garbage during a parse (the HTTP server's, a few objects per request) stays in memory.
     """
@@ -632,10 +645,13 @@ class _CollectorPause:
         self._lock = threading.Lock()
         self._pauses = 0
         self._was_enabled = False
-        self.freeze = False
+        self.own_process = False
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
+        if not self.own_process:
+            yield
+            return
         with self._lock:
             if self._pauses == 0:
                 self._was_enabled = gc.isenabled()
@@ -647,8 +663,7 @@ class _CollectorPause:
             with self._lock:
                 self._pauses -= 1
                 if self._pauses == 0 and self._was_enabled:
-                    if self.freeze:
-                        gc.freeze()
+                    gc.freeze()
                     gc.enable()
 
 
@@ -998,7 +1013,7 @@ async def serve(
         port: the port to listen on; 0 picks a free one.
         on_started: called with the running :class:`Simulator` once the port is bound.
     """
-    _collector_paused.freeze = True  # this process is the simulator's own: see _CollectorPause
+    _collector_paused.own_process = True  # this process is the simulator's own: see _CollectorPause
     try:
         async with Simulator(config, faults=faults, host=host, port=port) as sim:
             logger.info("simulator.started", base_url=sim.base_url)
@@ -1009,4 +1024,4 @@ async def serve(
             finally:
                 logger.info("simulator.stopped", imports=len(sim.stats.imports))
     finally:
-        _collector_paused.freeze = False
+        _collector_paused.own_process = False

@@ -56,8 +56,16 @@ _MAX_DETAILS = 50
 
 # Field names repeat across records: remembering the valid ones makes the deep check a set lookup.
 # Bounded, because some data uses ids as field names.
-_valid_field_names: set[str] = set()
 _MAX_REMEMBERED_NAMES = 100_000
+
+
+class KnownFieldNames:
+    """Field names already found valid, remembered by their owner (a simulator) across bodies."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
 
 
 class BodyError(Exception):
@@ -217,6 +225,7 @@ def analyse_records(
     *,
     contact_scope: bool,
     contact_exists: Callable[[str], bool],
+    known: KnownFieldNames | None = None,
 ) -> Analysis:
     """Process validated records the way the API does: per-record failures, last key wins.
 
@@ -227,7 +236,9 @@ def analyse_records(
         records: records that passed :func:`validate_body`.
         contact_scope: whether the collection is contact-scoped.
         contact_exists: tells whether a contact value is known to the account.
+        known: field names found valid before (by the caller's simulator); else this call's.
     """
+    names = (known if known is not None else KnownFieldNames()).names
     result = Analysis()
     last_index: dict[Any, int] = {}
     records = list(records)
@@ -240,7 +251,7 @@ def analyse_records(
         last_index[storage_key] = index
     for storage_key, index in last_index.items():
         record = records[index]
-        failure = _record_failure(index, record, contact_scope, contact_exists)
+        failure = _record_failure(index, record, contact_scope, contact_exists, names)
         if failure is None:
             result.upserts[storage_key] = record
         else:
@@ -261,6 +272,7 @@ def _record_failure(
     record: dict[str, Any],
     contact_scope: bool,
     contact_exists: Callable[[str], bool],
+    names: set[str],
 ) -> RecordFailure | None:
     if contact_scope:
         identity = record["contactIdentity"]
@@ -275,7 +287,7 @@ def _record_failure(
             return RecordFailure(
                 index, "InvalidContactIdentifier", "No contact matches this identifier."
             )
-    reason = _json_problem(record["json"])
+    reason = _json_problem(record["json"], names)
     if reason is None:
         return None
     if reason == "JsonContainsNestedArray":
@@ -283,50 +295,50 @@ def _record_failure(
     return RecordFailure(index, reason, "Field names may only contain [A-Za-z0-9_-].")
 
 
-def _json_problem(value: dict[str, Any]) -> str | None:
-    if not _valid_field_names.issuperset(value):
-        return _json_problem_learning(value)
+def _json_problem(value: dict[str, Any], names: set[str]) -> str | None:
+    if not names.issuperset(value):
+        return _json_problem_learning(value, names)
     # Every name is known to be valid (one C-level check): only the values can fail, and they
     # are checked in the same order as below, so the first problem found is the same.
     for item in value.values():
         kind = type(item)
         if kind is dict:
-            problem = _json_problem(item)
+            problem = _json_problem(item, names)
             if problem is not None:
                 return problem
         elif kind is list:
-            problem = _array_problem(item)
+            problem = _array_problem(item, names)
             if problem is not None:
                 return problem
     return None
 
 
-def _json_problem_learning(value: dict[str, Any]) -> str | None:
+def _json_problem_learning(value: dict[str, Any], names: set[str]) -> str | None:
     for name, item in value.items():
-        if name not in _valid_field_names:
+        if name not in names:
             if _JSON_FIELD_NAME.fullmatch(name) is None:
                 return "JsonKeyInvalidCharacters"
-            if len(_valid_field_names) < _MAX_REMEMBERED_NAMES:
-                _valid_field_names.add(name)
+            if len(names) < _MAX_REMEMBERED_NAMES:
+                names.add(name)
         kind = type(item)
         if kind is dict:
-            problem = _json_problem(item)
+            problem = _json_problem(item, names)
             if problem is not None:
                 return problem
         elif kind is list:
-            problem = _array_problem(item)
+            problem = _array_problem(item, names)
             if problem is not None:
                 return problem
     return None
 
 
-def _array_problem(items: list[Any]) -> str | None:
+def _array_problem(items: list[Any], names: set[str]) -> str | None:
     for item in items:
         kind = type(item)
         if kind is list:
             return "JsonContainsNestedArray"
         if kind is dict:
-            problem = _json_problem(item)
+            problem = _json_problem(item, names)
             if problem is not None:
                 return problem
     return None
