@@ -636,9 +636,10 @@ class _CollectorPause:
 
     Paused, the collector only walks the same objects later, so the last pause also moves
     every object alive into the collector's permanent generation (``gc.freeze()``): the parsed
-    records are never walked, and the simulator's CPU per body halves (six 25 MB bodies parsed and kept: 3.5 s against
-    6.3 s). They are still freed as usual when nothing refers to them; only a cycle that became
-    garbage during a parse (the HTTP server's, a few objects per request) stays in memory.
+    records are never walked, and the simulator's CPU per body halves (six 25 MB bodies parsed
+    and kept: 3.5 s against 6.3 s). They are still freed as usual when nothing refers to them;
+    only a cycle that became garbage during a parse (the HTTP server's, a few objects per
+    request) stays in memory.
     """
 
     def __init__(self) -> None:
