@@ -554,6 +554,7 @@ class PostgresOutbox:
         )
         # off the event loop: a 50 MB body holds some 40,000 records
         identities = await anyio.to_thread.run_sync(_identities_of, rows)
+        joined_identities = _joined_texts(identities)
         sealed_at = time.time()
         me, fence = self._identity()
 
@@ -594,7 +595,7 @@ class PostgresOutbox:
                 f"UPDATE insight_outbox AS o SET held_by = %s, identity = v.identity"
                 f" FROM unnest({_INTS}, {_TEXTS}) AS v(id, identity)"
                 f" WHERE o.id = v.id AND o.held_by IS NULL AND {_O_QUEUE}",
-                (ref, _joined_ints(row_ids), _joined_texts(identities), *_queue_values(queue)),
+                (ref, _joined_ints(row_ids), joined_identities, *_queue_values(queue)),
             )
             if cursor.rowcount != len(row_ids):
                 raise ClaimConflict(
@@ -604,9 +605,8 @@ class PostgresOutbox:
             clash = await (
                 await conn.execute(
                     f"SELECT count(*) FROM insight_outbox WHERE held_by IS NOT NULL AND {_QUEUE}"
-                    " AND held_by <> %s AND identity IN"
-                    " (SELECT identity FROM insight_outbox WHERE held_by = %s)",
-                    (*_queue_values(queue), ref, ref),
+                    f" AND held_by <> %s AND identity = ANY({_TEXTS})",
+                    (*_queue_values(queue), ref, joined_identities),
                 )
             ).fetchone()
             if clash is not None and clash[0]:
@@ -1116,11 +1116,12 @@ class PostgresOutbox:
 
     async def _check_alive(self, conn: _Conn) -> None:
         """Lock this worker's row for the transaction: an adopter's delete waits for it, or it
-        is gone and nothing of the transaction is written."""
+        is gone and nothing of the transaction is written. (KEY SHARE: the adopter's FOR UPDATE
+        and DELETE wait for it, this worker's own heartbeat, an UPDATE of no key, does not.)"""
         me, fence = self._identity()
         row = await (
             await conn.execute(
-                "SELECT 1 FROM insight_worker WHERE id = %s AND fence = %s FOR SHARE",
+                "SELECT 1 FROM insight_worker WHERE id = %s AND fence = %s FOR KEY SHARE",
                 (me, fence),
             )
         ).fetchone()
