@@ -4,7 +4,10 @@
   by N replicas (real processes, continuous mode, stopped once the outbox is empty); records/s
   and the ratio to 1 replica;
 - **claim overhead**: time in ``claim`` + ``seal`` per batch of one replica's store (in this
-  process, the body assembled between them is not counted).
+  process, the body assembled between them is not counted);
+- **CPU**: CPU seconds per 1,000 records of the replicas, the simulators and every PostgreSQL
+  process of the server (other users of the server included) during each drain, and how busy
+  the machine's cores were: what bounds the scaling.
 
 The PostgreSQL server is the one of the tests: ``INSIGHT_IMPORT_TEST_POSTGRES`` (each run gets a
 fresh schema); without it the benchmark says so and exits.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks._common import SIM_PASSWORD, credentials_env, simulator_process
+from benchmarks._common import SIM_PASSWORD, credentials_env, simulator_child
 from benchmarks._data import record_section, write_orders_jsonl
 
 TITLE = "Replicas: workers sharing a PostgreSQL outbox (benchmarks.replicas)"
@@ -76,8 +79,40 @@ def left(url: str) -> int:
     return int(row[0])
 
 
-def drain(url: str, accounts: Path, replicas: int, max_body: int) -> float:
-    """Seconds from starting ``replicas`` workers to an empty outbox."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    """Every process named ``postgres`` on the machine (the server's backends)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    found.append(int(entry.name))
+    return found
+
+
+def busy_cores() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def drain(
+    url: str, accounts: Path, replicas: int, max_body: int, sim_pids: list[int]
+) -> tuple[float, dict[str, float]]:
+    """Seconds from starting ``replicas`` workers to an empty outbox, and CPU seconds spent
+    meanwhile by the workers, the simulators, PostgreSQL, and the machine (busy, elapsed)."""
     command = [
         sys.executable,
         "-m",
@@ -103,22 +138,45 @@ def drain(url: str, accounts: Path, replicas: int, max_body: int) -> float:
         "json",
     ]
     env = {**credentials_env(), "SIM_PASSWORD": SIM_PASSWORD}
+    sims_before = cpu_seconds(sim_pids)
+    pg_before = {pid: cpu_seconds([pid]) for pid in postgres_pids()}
+    machine_before = busy_cores()
     started = time.perf_counter()
-    processes = [
-        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(replicas)
-    ]
+    logs = [accounts.with_name(f"replica-{i}.log") for i in range(replicas)]
+    processes = []
+    for log in logs:
+        with log.open("wb") as stream:
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stream)
+            )
     try:
         while left(url):
-            if any(p.poll() is not None for p in processes):
-                raise RuntimeError("a replica exited before the outbox was drained")
+            for process, log in zip(processes, logs, strict=True):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"a replica exited ({process.returncode}) before the outbox was drained:"
+                        f"\n{log.read_text()[-3000:]}"
+                    )
             time.sleep(0.05)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        busy, total = busy_cores()
+        cpu = {
+            "workers": cpu_seconds([p.pid for p in processes]),
+            "simulators": cpu_seconds(sim_pids) - sims_before,
+            "postgres": sum(
+                cpu_seconds([pid]) - pg_before.get(pid, 0.0) for pid in postgres_pids()
+            ),
+            "busy": busy - machine_before[0],
+            "elapsed": total - machine_before[1],
+        }
+        return seconds, cpu
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
+        for log in logs:
+            log.unlink()
 
 
 async def claim_overhead(url: str, lines: list[str], max_body: int) -> dict[str, float]:
@@ -170,11 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = jsonl.read_text(encoding="utf-8").splitlines()
     jsonl.unlink()
     results: dict[int, float] = {}
+    cpus: dict[int, dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
-        sims = [
-            stack.enter_context(simulator_process(records_per_second=args.rps, seed=i))
+        children = [
+            stack.enter_context(simulator_child(records_per_second=args.rps, seed=i))
             for i in range(len(ACCOUNTS))
         ]
+        sims = [base_url for base_url, _ in children]
+        sim_pids = [pid for _, pid in children]
         accounts = folder / "accounts.toml"
         accounts.write_text(
             "".join(
@@ -191,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
                     stdout=subprocess.DEVNULL,
                 )
                 fill(url, lines)
-                results[replicas] = drain(url, accounts, replicas, max_body)
+                results[replicas], cpus[replicas] = drain(
+                    url, accounts, replicas, max_body, sim_pids
+                )
                 print(f"{replicas} replicas: {results[replicas]:.2f} s", file=sys.stderr)
     with fresh_schema(server) as url:
         overhead = anyio.run(claim_overhead, url, lines, max_body)
@@ -202,6 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         f"| {n} | {seconds:.2f} | {total / seconds:,.0f} | {results[1] / seconds:.2f}x |"
         for n, seconds in results.items()
     )
+    thousands = total / 1000
+    cpu_rows = "\n".join(
+        f"| {n} | {cpu['workers'] / thousands:.3f} | {cpu['simulators'] / thousands:.3f} |"
+        f" {cpu['postgres'] / thousands:.3f} | {cpu['busy'] / cpu['elapsed']:.0%} |"
+        for n, cpu in cpus.items()
+    )
     body = f"""
 {len(ACCOUNTS)} accounts, a simulator process each at {args.rps:,.0f} records/s; {size / 1e6:.0f} MB
 ({count:,} orders) enqueued per account before the replicas start; the wall time runs from
@@ -211,6 +280,13 @@ bodies of up to {args.max_body_mb:g} MB.
 | replicas | seconds | records/s | vs 1 replica |
 |---:|---:|---:|---:|
 {rows}
+
+CPU seconds per 1,000 records during each drain (PostgreSQL: every process of the server,
+its other users included), and the share of the machine's {os.cpu_count()} cores that was busy:
+
+| replicas | workers | simulators | PostgreSQL | cores busy |
+|---:|---:|---:|---:|---:|
+{cpu_rows}
 
 Claim overhead (one store, {overhead["batches"]:.0f} batches of up to {args.max_body_mb:g} MB):
 claim + seal **{overhead["mean_ms"]:.1f} ms** a batch on average (p50 {overhead["p50_ms"]:.1f} ms).

@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from orchestrator.errors import RecordError
 from orchestrator.outbox import (
     ClaimConflict,
+    ClaimedRun,
     FencedOut,
     ImportPhase,
     OutboxError,
@@ -90,7 +91,7 @@ async def test_outbox_init_runs_each_migration_once_also_when_workers_race(
 
     async def open_one() -> None:
         async with PostgresOutbox(postgres_url) as store:
-            assert await store.schema_version() == SCHEMA_VERSION == 3
+            assert await store.schema_version() == SCHEMA_VERSION == 4
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):
@@ -233,6 +234,36 @@ async def test_a_stopped_worker_hands_its_imports_over(postgres_url: str) -> Non
         assert [imp.ref for imp in await second.recover()] == [ref]
         claim = await second.claim(QUEUE, budget_bytes=10**6)
         assert [r.record.key for r in claim.rows] == ["b"]
+
+
+async def test_bodies_are_stored_without_the_slow_default_compression(postgres_url: str) -> None:
+    """The body column uses lz4, or no compression where the server lacks it, never pglz."""
+    async with PostgresOutbox(postgres_url):
+        [(compression, storage)] = query(
+            postgres_url,
+            "SELECT attcompression::text, attstorage::text FROM pg_attribute"
+            " WHERE attrelid = 'insight_import'::regclass AND attname = 'body'",
+        )
+    assert compression == "l" or storage == "e"
+
+
+async def test_claims_come_in_columns_and_wait_for_another_workers_import(
+    postgres_url: str,
+) -> None:
+    """A claim is a ClaimedRun; a key sealed by another worker holds its newer row back."""
+    async with (
+        PostgresOutbox(postgres_url, worker=True) as first,
+        PostgresOutbox(postgres_url, worker=True) as second,
+    ):
+        assert (await second.claim(QUEUE, budget_bytes=10**6)).rows == ()
+        await sealed(first, ["a", "b"])
+        await second.enqueue("acme", ORDERS, [line(k) for k in ["a", "c", "a", "d"]])
+        claim = await second.claim(QUEUE, budget_bytes=10**6)
+        assert isinstance(claim.rows, ClaimedRun)
+        assert [r.record.key for r in claim.rows] == ["c", "d"]
+        assert (claim.held_back, claim.superseded) == (1, 1)
+        held = await second.seal(QUEUE, claim.rows, b"body")
+        assert held.identities == ('"c"', '"d"')
 
 
 async def test_rows_of_an_open_transaction_wait_even_when_later_rows_committed(

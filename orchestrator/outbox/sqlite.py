@@ -40,11 +40,8 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from orchestrator.chunks import RecordRun, encode_chunk
-from orchestrator.errors import ConfigError, RecordError
+from orchestrator.errors import ConfigError
 from orchestrator.outbox.base import (
-    COLLECTION_INVALID,
-    RECORD_ORIGIN,
     Claim,
     ClaimConflict,
     ClaimedRow,
@@ -58,10 +55,9 @@ from orchestrator.outbox.base import (
     Rejection,
     StoredDeadLetter,
     StoredImport,
-    identity_text,
 )
-from orchestrator.provenance import Source
-from orchestrator.records import Collection, EncodedRecord, Scope, encode_line
+from orchestrator.outbox.scan import ClaimScan, Scanned, key_of_record
+from orchestrator.records import Collection
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -386,24 +382,23 @@ class SqliteOutbox:
             "claim rows",
             read="claims",
         )
-        rows, records_bytes, full, superseded, invalid, held_back = found
 
         def write(conn: sqlite3.Connection) -> tuple[int, int]:
-            deleted = _delete_pending(conn, superseded)
-            moved = _dead_letter_pending(conn, invalid)
+            deleted = _delete_pending(conn, found.superseded)
+            moved = _dead_letter_pending(conn, found.invalid)
             return deleted, moved
 
         deleted, moved = (0, 0)
-        if superseded or invalid:
+        if found.superseded or found.invalid:
             deleted, moved = await self._write(write, "delete superseded rows")
         return Claim(
             queue=queue,
-            rows=rows,
-            records_bytes=records_bytes,
-            full=full,
+            rows=found.rows,
+            records_bytes=found.records_bytes,
+            full=found.full,
             superseded=deleted,
             dead_lettered=moved,
-            held_back=held_back,
+            held_back=found.held_back,
         )
 
     async def seal(
@@ -664,7 +659,7 @@ class SqliteOutbox:
         def write(conn: sqlite3.Connection) -> int:
             rows = _pending_texts(conn, list(given))
             return _dead_letter_pending(
-                conn, [(row_id, given[row_id], _key_of_record(text)) for row_id, text in rows]
+                conn, [(row_id, given[row_id], key_of_record(text)) for row_id, text in rows]
             )
 
         return await self._write(write, "dead-letter rows")
@@ -1010,35 +1005,18 @@ def _queue_values(queue: OutboxQueue) -> tuple[str, str, str, str]:
     return (queue.account, queue.collection, queue.scope, queue.collection_type)
 
 
-_Found = tuple[ClaimedRun, int, bool, list[int], list[tuple[int, Rejection, str | None]], int]
-_Valid = tuple[RecordRun, int] | EncodedRecord  # a record of a page's run, or one on its own
-_Rejected = tuple[Rejection, str | None]  # why a row is not a record, and its key
-
-
 def _scan(
     conn: sqlite3.Connection,
     queue: OutboxQueue,
     in_flight: set[int],
     budget: int,
     max_scan: int,
-) -> _Found:
+) -> Scanned:
     """The read half of a claim: which rows to return, delete, dead-letter and hold back."""
-    collection: Collection | None
-    try:
-        collection = queue.target()
-        invalid_queue: Rejection | None = None
-    except (ConfigError, ValueError) as error:
-        collection = None
-        invalid_queue = Rejection(COLLECTION_INVALID, str(error))
-    # identity -> its latest valid row (id, size, record), in id order
-    latest: dict[str, tuple[int, int, _Valid]] = {}
-    held: dict[str, int] = {}  # identity in flight -> its latest pending row
-    superseded: list[int] = []
-    invalid: list[tuple[int, Rejection, str | None]] = []
-    joined = -1  # bytes of the latest rows' records joined with commas
+    scan = ClaimScan(queue, in_flight, budget)
     scanned = 0
     after = 0
-    while scanned < max_scan and joined <= budget:
+    while scanned < max_scan and scan.wants_more:
         page = conn.execute(
             # the text as stored bytes: no decoding and encoding again (and a row that is not
             # valid UTF-8 is a record that breaks a rule, not a claim that fails)
@@ -1050,144 +1028,8 @@ def _scan(
             break
         scanned += len(page)
         after = page[-1][0]
-        if collection is None:
-            assert invalid_queue is not None
-            invalid.extend((row_id, invalid_queue, _key_of_record(text)) for row_id, text in page)
-            continue
-        for row_id, encoded in _encode_page(page, collection):
-            if isinstance(encoded, EncodedRecord):
-                key, contact, size = encoded.key, encoded.contact, len(encoded.data)
-            elif isinstance(encoded[0], Rejection):
-                invalid.append((row_id, encoded[0], encoded[1]))
-                continue
-            else:
-                run, index = encoded
-                key = run.keys[index]
-                contact = None
-                if run.identifiers is not None:
-                    contact = (run.identifiers[index], run.values[index])
-                size = run.ends[index] - run.start_of(index)
-            identity = identity_text(key, contact)
-            if hash(identity) in in_flight:
-                earlier = held.get(identity)
-                if earlier is not None:
-                    superseded.append(earlier)
-                held[identity] = row_id
-                continue
-            previous = latest.pop(identity, None)
-            if previous is not None:
-                superseded.append(previous[0])
-                joined -= previous[1] + 1
-            latest[identity] = (row_id, size, encoded)
-            joined += size + 1
-    kept: list[tuple[int, int, _Valid]] = []
-    total = -1
-    for row in latest.values():
-        grown = total + row[1] + 1
-        if grown > budget and kept:
-            break
-        kept.append(row)
-        total = grown
-    contact_scope = collection is not None and collection.scope is Scope.CONTACT
-    return (
-        _claimed_run(kept, contact_scope),
-        max(total, 0),
-        len(kept) < len(latest),
-        superseded,
-        invalid,
-        len(held),
-    )
-
-
-def _claimed_run(kept: Sequence[tuple[int, int, _Valid]], contact_scope: bool) -> ClaimedRun:
-    """The kept rows as one run: consecutive records of a page's run are copied in one piece."""
-    parts: list[bytes | memoryview] = []
-    ends = array("q")
-    keys: list[str] = []
-    identifiers: list[str] = []
-    values: list[str] = []
-    lines = array("q")
-    size = 0
-    i = 0
-    while i < len(kept):
-        row_id, _, valid = kept[i]
-        if isinstance(valid, EncodedRecord):
-            parts += (valid.data, b"\n")
-            size += len(valid.data) + 1
-            ends.append(size - 1)
-            keys.append(valid.key)
-            identifier, value = valid.contact or ("", "")
-            identifiers.append(identifier)
-            values.append(value)
-            lines.append(row_id)
-            i += 1
-            continue
-        run, first = valid
-        last = first
-        i += 1
-        while i < len(kept):
-            following = kept[i][2]
-            if isinstance(following, EncodedRecord) or following[0] is not run:
-                break
-            if following[1] != last + 1:
-                break
-            last += 1
-            i += 1
-        start, stop = run.start_of(first), run.ends[last] + 1
-        parts.append(memoryview(run.segment)[start:stop])
-        shift = size - start
-        ends.extend([end + shift for end in run.ends[first : last + 1]])
-        keys += run.keys[first : last + 1]
-        if run.identifiers is not None:
-            identifiers += run.identifiers[first : last + 1]
-            values += run.values[first : last + 1]
-        lines.extend(run.lines[first : last + 1])
-        size += stop - start
-    return ClaimedRun(
-        RecordRun(
-            b"".join(parts),
-            ends,
-            keys,
-            identifiers if contact_scope else None,
-            values if contact_scope else [],
-            RECORD_ORIGIN,
-            lines,
-        )
-    )
-
-
-def _encode_page(
-    page: Sequence[tuple[int, bytes]], collection: Collection
-) -> list[tuple[int, _Valid | _Rejected]]:
-    """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
-    lines are read) for rows that are one line each, the per-line encoder for the others."""
-    contact_scope = collection.scope is Scope.CONTACT
-    results: dict[int, _Valid | _Rejected] = {}
-    lines: list[bytes] = []
-    ids: list[int] = []
-    for row_id, raw in page:
-        if b"\n" in raw or b"\r" in raw or not raw.strip():
-            results[row_id] = _encode_one(raw, collection, row_id)
-            continue
-        lines.append(raw)
-        ids.append(row_id)
-    if lines:
-        data = b"\n".join(lines) + b"\n"
-        encoded = encode_chunk(data, contact_scope=contact_scope, first_line=1)
-        run = encoded.records(data, RECORD_ORIGIN, contact_scope=contact_scope)
-        run.lines = array("q", [ids[line - 1] for line in run.lines])  # sources name the rows
-        for index, row_id in enumerate(run.lines):
-            results[row_id] = (run, index)
-        for line, rule, message, key, _ in encoded.rejects:
-            results[ids[line - 1]] = (Rejection(rule, message), key)
-    return [(row_id, results[row_id]) for row_id, _ in page]
-
-
-def _encode_one(raw: bytes, collection: Collection, row_id: int) -> EncodedRecord | _Rejected:
-    try:
-        return encode_line(raw, collection, source=Source(RECORD_ORIGIN, row_id))
-    except RecordError as error:
-        return (Rejection(error.rule, error.message), error.key)
+        scan.add(page)
+    return scan.result()
 
 
 def _delete_pending(conn: sqlite3.Connection, row_ids: Sequence[int]) -> int:
@@ -1239,17 +1081,6 @@ def _key_of_identity(identity: str | None) -> str | None:
         return None
     value = orjson.loads(identity)
     key = value if isinstance(value, str) else value[2]
-    return key if isinstance(key, str) else None
-
-
-def _key_of_record(text: str) -> str | None:
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    key = obj.get("key") if isinstance(obj, dict) else None
-    if isinstance(key, int) and not isinstance(key, bool):
-        return str(key)
     return key if isinstance(key, str) else None
 
 
