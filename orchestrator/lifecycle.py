@@ -263,6 +263,7 @@ class Downstream:
     _task_group: TaskGroup | None = None
     # held by the one batch waiting for a slot with its body loaded
     _next_up: anyio.Lock = field(default_factory=anyio.Lock)
+    _loaded_ahead: BatchTask | None = None  # the last batch whose body was loaded ahead
 
     async def run(self, batches: MemoryObjectReceiveStream[BatchTask]) -> None:
         """Give every batch from ``batches`` its task; return when the channel is closed and
@@ -319,14 +320,19 @@ class Downstream:
 
     async def _load_ahead(self, task: BatchTask) -> None:
         """Load the body of the batch next in line while it waits, so its PUT goes as the slot
-        frees (no more than one body waits so: the caller holds ``_next_up``)."""
+        frees. No more than one body waits so: the caller holds ``_next_up``, and a body loaded
+        ahead before must have started its upload (else, once its slot came, it would wait for
+        the upload budget and the next batch in line would load one more)."""
         stored = task.stored
+        last = self._loaded_ahead
         if (
-            task.body is None
+            (last is None or last.body is None)
+            and task.body is None
             and stored.phase is not BatchPhase.SUBMITTED
             and stored.body_bytes <= self.settings.max_body_bytes
         ):
             task.body = await self.journal.load_body(task.batch_id)
+            self._loaded_ahead = task
             failpoints.hit("loaded")
 
     def _drop_body(self, task: BatchTask) -> None:

@@ -119,6 +119,7 @@ class Producer:
             collection, max_body_bytes=settings.max_body_bytes, on_superseded=self._superseded
         )
         self._held_depends_on: set[int] = set()
+        self._from_memory: BatchTask | None = None  # the last batch handed with its body
         self._oldest: float | None = None  # when the oldest record of the open batches came
         # what the next journal transaction records along with its batches
         self._dead_letters: list[DeadLetter] = []
@@ -320,7 +321,7 @@ class Producer:
             plans.append((held, tuple(sorted(self._held_depends_on)), False))
             self._held_depends_on = set()
         if main is not None:
-            plans.append((main, (), self._slot_free()))
+            plans.append((main, (), self._send_from_memory()))
         for _ in plans:
             await self._capacity.acquire()
         self._count("records_submitted", sum(s.batch.record_count for s, _, _ in plans))
@@ -367,13 +368,21 @@ class Producer:
                 depends_on=depends_on,
                 body=batch.body if now else None,
             )
+            if now:
+                self._from_memory = task
             # Registered before the next record is read, so that record sees it.
             self._in_flight.add(batch_id, sealed.hashes)
             await self._batches.send(task)
 
-    def _slot_free(self) -> bool:
-        """Whether a batch sealed now would find a slot free: none in use by every other, nor
-        promised to a batch sent downstream that has not reached the gate yet."""
+    def _send_from_memory(self) -> bool:
+        """Whether a batch sealed now goes downstream with its body: it would find a slot free
+        (none in use by every other, nor promised to a batch sent downstream that has not
+        reached the gate yet), and the last body handed so has started its upload. One body at
+        most waits in memory so: five sealed at once would each hold 50 MB until its turn to
+        upload (the others are read back from the journal when their upload starts)."""
+        last = self._from_memory
+        if last is not None and last.body is not None:
+            return False
         waiting = self._batches.statistics().current_buffer_used
         return self._slots.in_use + waiting < self._slots.capacity
 
