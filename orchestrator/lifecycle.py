@@ -74,6 +74,10 @@ log = get_logger("orchestrator.lifecycle")
 OutcomeSink = Callable[[ImportOutcome], Awaitable[None]]
 
 
+#: Bodies of up to this fraction of the upload budget are loaded ahead of their slot.
+_LOAD_AHEAD_SHARE = 4
+
+
 @dataclass(slots=True, eq=False)
 class BatchTask:
     """One unfinished batch: its journaled state and what only this process knows of it.
@@ -322,7 +326,9 @@ class Downstream:
         """Load the body of the batch next in line while it waits, so its PUT goes as the slot
         frees. No more than one body waits so: the caller holds ``_next_up``, and a body loaded
         ahead before must have started its upload (else, once its slot came, it would wait for
-        the upload budget and the next batch in line would load one more)."""
+        the upload budget and the next batch in line would load one more). Only small bodies
+        are loaded so: a large one is read back from its file in a fraction of its upload, and
+        holding one more of 50 MB would lift the run's peak memory by as much."""
         stored = task.stored
         last = self._loaded_ahead
         if (
@@ -330,6 +336,7 @@ class Downstream:
             and task.body is None
             and stored.phase is not BatchPhase.SUBMITTED
             and stored.body_bytes <= self.settings.max_body_bytes
+            and stored.body_bytes <= self.settings.max_upload_bytes // _LOAD_AHEAD_SHARE
         ):
             task.body = await self.journal.load_body(task.batch_id)
             self._loaded_ahead = task
