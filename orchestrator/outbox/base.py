@@ -55,7 +55,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self, overload
+from typing import Any, Protocol, Self, overload
 
 import orjson
 
@@ -387,6 +387,13 @@ class Finished:
     dead_lettered: int
 
 
+#: The columns ``StoredDeadLetter.from_row`` reads, in its order.
+DEAD_LETTER_COLUMNS = (
+    "id, account, collection, scope, collection_type, record, reason, message, details, key, "
+    "source_id, import_id, created_at"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredDeadLetter:
     """One row of ``insight_dead_letter``.
@@ -414,6 +421,24 @@ class StoredDeadLetter:
     source_id: int | None
     import_id: str | None
     created_at: float
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoredDeadLetter:
+        """A row of ``SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter`` (either store)."""
+        (id_, account, collection, scope, collection_type, record, reason, message, details, key,
+         source_id, import_id, created_at) = row  # fmt: skip
+        return cls(
+            id=id_,
+            queue=OutboxQueue(account, collection, scope, collection_type),
+            record=record,
+            reason=reason,
+            message=message,
+            details=tuple(orjson.loads(details)),
+            key=key,
+            source_id=source_id,
+            import_id=import_id,
+            created_at=created_at,
+        )
 
     def to_json(self) -> bytes:
         """This dead letter as one JSON line (no newline), for ``insight-import dead-letters``.

@@ -33,6 +33,7 @@ import psycopg_pool
 
 from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
+    DEAD_LETTER_COLUMNS,
     Claim,
     ClaimConflict,
     ClaimedRow,
@@ -191,10 +192,6 @@ _VISIBLE = "txid < pg_snapshot_xmin(pg_current_snapshot())"
 _IMPORT_COLUMNS = (
     "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
     "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits"
-)
-_DEAD_LETTER_COLUMNS = (
-    "id, account, collection, scope, collection_type, record, reason, message, details, key, "
-    "source_id, import_id, created_at"
 )
 _SLOT_CHANNEL = "insight_slot"
 _ROW_CHANNEL = "insight_outbox"
@@ -908,13 +905,13 @@ class PostgresOutbox:
             values.append(collection)
         values.append(limit)
         query = (
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
             f"WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
         )
 
         async def read(conn: _Conn) -> list[StoredDeadLetter]:
             rows = await (await conn.execute(query, values)).fetchall()
-            return [_dead_letter(row) for row in rows]
+            return [StoredDeadLetter.from_row(row) for row in rows]
 
         return await self._call(read, "list dead letters")
 
@@ -1507,21 +1504,4 @@ async def _stored_import(conn: _Conn, row: tuple[Any, ...]) -> StoredImport:
         sealed_at=sealed_at,
         submitted_at=submitted_at,
         resubmits=resubmits,
-    )
-
-
-def _dead_letter(row: tuple[Any, ...]) -> StoredDeadLetter:
-    (id_, account, collection, scope, collection_type, record, reason, message, details, key,
-     source_id, import_id, created_at) = row  # fmt: skip
-    return StoredDeadLetter(
-        id=id_,
-        queue=OutboxQueue(account, collection, scope, collection_type),
-        record=record,
-        reason=reason,
-        message=message,
-        details=tuple(orjson.loads(details)),
-        key=key,
-        source_id=source_id,
-        import_id=import_id,
-        created_at=created_at,
     )

@@ -42,6 +42,7 @@ import orjson
 
 from orchestrator.errors import ConfigError
 from orchestrator.outbox.base import (
+    DEAD_LETTER_COLUMNS,
     Claim,
     ClaimConflict,
     ClaimedRow,
@@ -154,10 +155,6 @@ _UNHELD = "NOT EXISTS (SELECT 1 FROM insight_held AS h WHERE h.row_id = o.id)"
 _IMPORT_COLUMNS = (
     "id, account, collection, scope, collection_type, phase, import_id, body_bytes, depends_on, "
     "attempts, in_doubt, sealed_at, submitted_at, row_ids, ends, resubmits, identities"
-)
-_DEAD_LETTER_COLUMNS = (
-    "id, account, collection, scope, collection_type, record, reason, message, details, key, "
-    "source_id, import_id, created_at"
 )
 _INSERT_DEAD_LETTER = (
     "INSERT INTO insight_dead_letter (account, collection, scope, collection_type, record, "
@@ -716,12 +713,12 @@ class SqliteOutbox:
             values.append(collection)
         values.append(limit)
         query = (
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
             f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
         )
 
         def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
-            return [_dead_letter(row) for row in conn.execute(query, values)]
+            return [StoredDeadLetter.from_row(row) for row in conn.execute(query, values)]
 
         return await self._run(read, "list dead letters", read="listings")
 
@@ -1108,21 +1105,4 @@ def _stored_import(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredImpo
         sealed_at=sealed_at,
         submitted_at=submitted_at,
         resubmits=resubmits,
-    )
-
-
-def _dead_letter(row: tuple[Any, ...]) -> StoredDeadLetter:
-    (id_, account, collection, scope, collection_type, record, reason, message, details, key,
-     source_id, import_id, created_at) = row  # fmt: skip
-    return StoredDeadLetter(
-        id=id_,
-        queue=OutboxQueue(account, collection, scope, collection_type),
-        record=record,
-        reason=reason,
-        message=message,
-        details=tuple(orjson.loads(details)),
-        key=key,
-        source_id=source_id,
-        import_id=import_id,
-        created_at=created_at,
     )
