@@ -307,6 +307,7 @@ class Orchestrator:
             settings=self.settings,
             journal=journal,
             slots=self._slots,
+            uploads=self._uploads,
             in_flight=in_flight,
             capacity=capacity,
             batches=send,

@@ -187,6 +187,12 @@ class ByteBudget:
         finally:
             release()
 
+    def admits(self, size: int) -> bool:
+        """Whether a hold of ``size`` bytes would get in now, without waiting."""
+        if self._used and self._used + size > self._budget:
+            return False
+        return self._parent is None or self._parent.admits(size)
+
     async def _take(self, size: int) -> None:
         while self._used and self._used + size > self._budget:
             if self._changed is None:

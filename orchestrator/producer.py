@@ -35,7 +35,7 @@ from orchestrator.chunks import RecordRun
 from orchestrator.errors import JournalMismatchError, RecordError
 from orchestrator.inputs import Chunk, RecordInput
 from orchestrator.journal import DeadLetter, InputProgress, Journal, NewBatch, StoredBatch
-from orchestrator.lifecycle import BatchTask, InFlight, OutcomeSink
+from orchestrator.lifecycle import BatchTask, ByteBudget, InFlight, OutcomeSink
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.records import Collection, EncodedRecord, RejectedRecord
@@ -97,6 +97,7 @@ class Producer:
         settings: Settings,
         journal: Journal,
         slots: SlotGate,
+        uploads: ByteBudget,
         in_flight: InFlight,
         capacity: anyio.Semaphore,
         batches: MemoryObjectSendStream[BatchTask],
@@ -107,6 +108,7 @@ class Producer:
         self._settings = settings
         self._journal = journal
         self._slots = slots
+        self._uploads = uploads
         self._in_flight = in_flight
         self._capacity = capacity
         self._batches = batches
@@ -321,7 +323,7 @@ class Producer:
             plans.append((held, tuple(sorted(self._held_depends_on)), False))
             self._held_depends_on = set()
         if main is not None:
-            plans.append((main, (), self._send_from_memory()))
+            plans.append((main, (), self._send_from_memory(main.batch.body_bytes)))
         for _ in plans:
             await self._capacity.acquire()
         self._count("records_submitted", sum(s.batch.record_count for s, _, _ in plans))
@@ -374,14 +376,18 @@ class Producer:
             self._in_flight.add(batch_id, sealed.hashes)
             await self._batches.send(task)
 
-    def _send_from_memory(self) -> bool:
+    def _send_from_memory(self, body_bytes: int) -> bool:
         """Whether a batch sealed now goes downstream with its body: it would find a slot free
         (none in use by every other, nor promised to a batch sent downstream that has not
-        reached the gate yet), and the last body handed so has started its upload. One body at
-        most waits in memory so: five sealed at once would each hold 50 MB until its turn to
-        upload (the others are read back from the journal when their upload starts)."""
+        reached the gate yet) and room in the upload budget, and the last body handed so has
+        started its upload. No body waits in memory so: five sealed at once would each hold
+        50 MB until their turn to upload, and one sealed while another uploads would hold it
+        until that upload ends, while the next is built in fresh memory (bodies not sent at
+        once are read back from the journal when their upload starts)."""
         last = self._from_memory
         if last is not None and last.body is not None:
+            return False
+        if not self._uploads.admits(body_bytes):
             return False
         waiting = self._batches.statistics().current_buffer_used
         return self._slots.in_use + waiting < self._slots.capacity

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from orchestrator import (
     AuthenticationError,
+    ClientSettings,
     Collection,
     ImportOutcome,
     InsightClient,
@@ -32,6 +33,7 @@ from orchestrator.lifecycle import ByteBudget
 from orchestrator.logs import capture_events
 from orchestrator.parsing import PROCESS_AFTER, ParsePool
 from orchestrator.simulator import Simulator, SimulatorConfig
+from orchestrator.wire import SubmitReceipt
 from tests.conftest import sim_client_settings
 
 pytestmark = pytest.mark.anyio
@@ -651,12 +653,27 @@ async def test_a_parse_pool_that_cannot_start_does_not_fail_the_run(tmp_path: Pa
 
 
 class CountingJournal(SqliteJournal):
-    """The durable journal, counting the bodies read back from it."""
+    """The durable journal, counting the bodies read back from it and the seals."""
 
     loads = 0
+    seals = 0
+
+    def __init__(self, path: Path, *, signal_after_seals: int = 0) -> None:
+        super().__init__(path)
+        self.loaded: list[int] = []
+        self._signal_after = signal_after_seals
+        self.sealed_enough = anyio.Event()  # set once that many batches are sealed
+
+    async def seal_batches(self, **kwargs: Any) -> list[int]:
+        ids = await super().seal_batches(**kwargs)
+        self.seals += len(ids)
+        if self.seals >= self._signal_after:
+            self.sealed_enough.set()
+        return ids
 
     async def load_body(self, batch_id: int) -> bytes | bytearray:
         self.loads += 1
+        self.loaded.append(batch_id)
         return await super().load_body(batch_id)
 
 
@@ -675,6 +692,43 @@ async def test_the_first_wave_is_sent_from_memory_with_its_intent_sealed(
     assert 1 < len(result.imports) <= FAST.max_concurrent
     assert journal.loads == 0
     assert [batch.submits for batch in result.imports] == [1] * len(result.imports)
+
+
+class UploadGatedClient(InsightClient):
+    """The real client, whose first upload does not start until ``gate`` is set."""
+
+    def __init__(self, settings: ClientSettings, gate: anyio.Event) -> None:
+        super().__init__(settings)
+        self._gate: anyio.Event | None = gate
+
+    async def submit_import(
+        self, body: bytes | bytearray, *, on_sent: Callable[[], object] | None = None
+    ) -> SubmitReceipt:
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            with anyio.fail_after(10):
+                await gate.wait()
+        return await super().submit_import(body, on_sent=on_sent)
+
+
+async def test_a_body_sealed_while_another_uploads_waits_in_the_journal(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """With the upload budget taken, the next body is read back when its upload starts: it is
+    not kept in memory beside the one being sent and the one being built."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(400))
+    slow = Settings.scaled(0.01, max_body_bytes=20_000, max_upload_bytes=20_000)
+    async with CountingJournal(tmp_path / "j.sqlite", signal_after_seals=3) as journal:
+        client = UploadGatedClient(sim_client_settings(sim), journal.sealed_enough)
+        async with Orchestrator(client, settings=slow) as orch:
+            result = await orch.import_files(
+                Collection("Wave", "contact"), [str(data)], journal=journal
+            )
+    assert result.records_imported == 400
+    first, second, third = sorted(i.batch_id for i in result.imports if i.batch_id)[:3]
+    # the first body went from memory; those sealed during its upload were read back
+    assert first not in journal.loaded
+    assert {second, third} <= set(journal.loaded)
 
 
 async def test_an_upload_gives_its_budget_back_when_told_before_its_block_ends() -> None:
