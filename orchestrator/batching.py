@@ -18,7 +18,13 @@ from itertools import accumulate
 from orchestrator import errors
 from orchestrator.chunks import RecordRun
 from orchestrator.provenance import Source
-from orchestrator.records import Collection, EncodedRecord, identity_of
+from orchestrator.records import (
+    Collection,
+    EncodedRecord,
+    IdentityHashes,
+    hash_identities,
+    identity_of,
+)
 from orchestrator.refs import RecordRefs
 
 __all__ = ["Batch", "BatchAssembler", "record_spans", "split_batch"]
@@ -387,10 +393,10 @@ class BatchAssembler:
     def __contains__(self, identity: object) -> bool:
         return identity in self._index
 
-    def identity_hashes(self) -> frozenset[int]:
+    def identity_hashes(self) -> IdentityHashes:
         """The hashes of the identities in the open batch (what ``seal`` would seal), made in C
         from the index: much cheaper than from the sealed refs."""
-        return frozenset(map(hash, self._index))
+        return hash_identities(self._index)
 
     def holds_any(self, identities: Iterable[object]) -> bool:
         """Whether the open batch holds any of these identities."""

@@ -60,7 +60,7 @@ from orchestrator.journal import BatchPhase, BatchStore, DeadLetter, NewBatch, S
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.polling import CallBudget, PollPlanner
-from orchestrator.records import Collection
+from orchestrator.records import Collection, IdentityHashes, hash_identities
 from orchestrator.refs import RecordRefs
 from orchestrator.settings import Settings
 from orchestrator.slots import SlotGate
@@ -93,7 +93,7 @@ class BatchTask:
 
     stored: StoredBatch
     refs: RecordRefs
-    identity_hashes: frozenset[int]
+    identity_hashes: IdentityHashes
     depends_on: tuple[int, ...]
     holds_capacity: bool = True
     accepted: float | None = None  # loop clock when the 202 arrived (this process only)
@@ -119,12 +119,12 @@ class InFlight:
     __slots__ = ("_batches",)
 
     def __init__(self) -> None:
-        self._batches: dict[int, frozenset[int]] = {}
+        self._batches: dict[int, IdentityHashes] = {}
 
     def __bool__(self) -> bool:
         return bool(self._batches)
 
-    def add(self, batch_id: int, identity_hashes: frozenset[int]) -> None:
+    def add(self, batch_id: int, identity_hashes: IdentityHashes) -> None:
         self._batches[batch_id] = identity_hashes
 
     def discard(self, batch_id: int) -> None:
@@ -141,12 +141,12 @@ class InFlight:
     def holds_any(self, identity_hashes: Iterable[int]) -> bool:
         """Whether any unfinished batch holds one of these identities."""
         probe = set(identity_hashes)
-        return any(not held.isdisjoint(probe) for held in self._batches.values())
+        return any(not held.keys().isdisjoint(probe) for held in self._batches.values())
 
 
-def identity_hashes(refs: RecordRefs) -> frozenset[int]:
+def identity_hashes(refs: RecordRefs) -> IdentityHashes:
     """The hashes of the records' identities (run it in a worker thread: one per record)."""
-    return frozenset(map(hash, refs.identities()))
+    return hash_identities(refs.identities())
 
 
 class ByteBudget:

@@ -38,7 +38,7 @@ from orchestrator.journal import DeadLetter, InputProgress, Journal, NewBatch, S
 from orchestrator.lifecycle import BatchTask, ByteBudget, InFlight, OutcomeSink
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
-from orchestrator.records import Collection, EncodedRecord, RejectedRecord
+from orchestrator.records import Collection, EncodedRecord, IdentityHashes, RejectedRecord
 from orchestrator.settings import Settings
 from orchestrator.slots import SlotGate
 
@@ -55,7 +55,7 @@ class _Sealed:
     """A sealed batch with the hashes of its records' identities (both made in a thread)."""
 
     batch: Batch
-    hashes: frozenset[int]
+    hashes: IdentityHashes
 
 
 def _progress_after(index: int, chunk: Chunk) -> InputProgress:

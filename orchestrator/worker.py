@@ -203,7 +203,7 @@ class _AccountRun:
                     BatchTask(
                         stored=run.batches.register(held),
                         refs=stored_refs(held),
-                        identity_hashes=frozenset(),
+                        identity_hashes={},
                         depends_on=(),
                         holds_capacity=False,
                     )
@@ -416,9 +416,7 @@ class _AccountRun:
         body: bytearray | None = None,
     ) -> None:
         stored = run.batches.register(held, body=body)
-        await run.send.send(
-            BatchTask(stored=stored, refs=refs, identity_hashes=frozenset(), depends_on=())
-        )
+        await run.send.send(BatchTask(stored=stored, refs=refs, identity_hashes={}, depends_on=()))
 
     async def _ended(self, run: _QueueRun, outcome: ImportOutcome) -> None:
         worker = self.worker

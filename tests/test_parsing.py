@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -369,3 +370,13 @@ async def test_a_closed_pool_says_so() -> None:
     await pool.aclose()
     with pytest.raises(OrchestratorError, match="keep every run inside"):
         await pool.executor()
+
+
+async def test_workers_run_below_the_parents_priority() -> None:
+    """Parsing is background work: the workers are niced, so the parent's event loop gets a CPU
+    first when both want one."""
+    async with ParsePool(1) as pool:
+        executor = await pool.executor()
+        theirs = await asyncio.wrap_future(executor.submit(os.getpriority, os.PRIO_PROCESS, 0))
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert theirs == min(ours + 10, 19)

@@ -51,7 +51,7 @@ from orchestrator.outbox.base import (
     StoredImport,
 )
 from orchestrator.outbox.scan import ClaimScan, Letter, Scanned, key_of_record
-from orchestrator.records import Collection
+from orchestrator.records import Collection, IdentityHashes, hash_identities
 
 __all__ = [
     "INSERT_ROW",
@@ -302,7 +302,7 @@ class PostgresOutbox:
         self._notified: Counter[str] = Counter()  # notifications received, per channel
         # import ref -> (its queue, hashes of its records' identities): an import's identities
         # never change once sealed (a split makes new refs), so each is read once
-        self._in_flight: dict[int, tuple[OutboxQueue, frozenset[int]]] = {}
+        self._in_flight: dict[int, tuple[OutboxQueue, IdentityHashes]] = {}
 
     def __repr__(self) -> str:
         return f"PostgresOutbox({redacted(self._conninfo)!r})"
@@ -615,7 +615,7 @@ class PostgresOutbox:
             return ref
 
         ref = await self._call(write, "seal a batch")
-        self._in_flight[ref] = (queue, frozenset(map(hash, identities)))
+        self._in_flight[ref] = (queue, hash_identities(identities))
         return StoredImport(
             ref=ref,
             queue=queue,
@@ -1209,9 +1209,9 @@ class PostgresOutbox:
             if identities is not None or ref not in self._in_flight:
                 self._in_flight[ref] = (
                     queue,
-                    frozenset(map(hash, identities.split("\n"))) if identities else frozenset(),
+                    hash_identities(identities.split("\n")) if identities else {},
                 )
-            hashes |= self._in_flight[ref][1]
+            hashes.update(self._in_flight[ref][1])
         return hashes
 
     async def _unlock_queue(self, conn: _Conn, queue: OutboxQueue) -> None:

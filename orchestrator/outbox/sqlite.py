@@ -58,7 +58,7 @@ from orchestrator.outbox.base import (
     StoredImport,
 )
 from orchestrator.outbox.scan import ClaimScan, Scanned, key_of_record
-from orchestrator.records import Collection
+from orchestrator.records import Collection, IdentityHashes, hash_identities
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -270,7 +270,7 @@ class SqliteOutbox:
         self._checkpointer: _Checkpointer | None = None
         # ref -> its queue and the hashes of its identities, for claims to hold rows back by:
         # an import's identities never change, and refs of imports that ended are dropped.
-        self._in_flight: dict[int, tuple[OutboxQueue, frozenset[int]]] = {}
+        self._in_flight: dict[int, tuple[OutboxQueue, IdentityHashes]] = {}
 
     def __repr__(self) -> str:
         return f"SqliteOutbox({str(self._path)!r})"
@@ -455,7 +455,7 @@ class SqliteOutbox:
 
         def seal(conn: sqlite3.Connection) -> int:
             ref = _transaction(conn, write)
-            self._in_flight[ref] = (queue, _hashes(identities))
+            self._in_flight[ref] = (queue, hash_identities(identities))
             return ref
 
         ref = await self._run(seal, "seal a batch")
@@ -760,8 +760,8 @@ class SqliteOutbox:
             known = self._in_flight.get(ref)
             if known is None:
                 identities = [identity for _, identity in _held_identities(conn, ref)]
-                known = self._in_flight[ref] = (queue, _hashes(identities))
-            hashes |= known[1]
+                known = self._in_flight[ref] = (queue, hash_identities(identities))
+            hashes.update(known[1])
         return hashes
 
     async def _run(
@@ -992,10 +992,6 @@ def _held_identities(conn: sqlite3.Connection, ref: int) -> list[tuple[int, str]
         )
     )
     return [(row_id, stored.get(row_id) or "") for row_id in row_ids]
-
-
-def _hashes(identities: Sequence[str]) -> frozenset[int]:
-    return frozenset(map(hash, identities))
 
 
 def _queue_values(queue: OutboxQueue) -> tuple[str, str, str, str]:
