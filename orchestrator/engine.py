@@ -44,10 +44,10 @@ from orchestrator.inputs import FileInput, IterableInput, RecordInput
 from orchestrator.journal import Journal, MemoryJournal, RunSpec, RunState, account_id
 from orchestrator.lifecycle import (
     BatchTask,
-    ByteBudget,
     Downstream,
     InFlight,
     OutcomeSink,
+    UploadBudget,
     identity_hashes,
 )
 from orchestrator.logs import get_logger
@@ -84,7 +84,7 @@ class Orchestrator:
         self.client = client
         self.settings = settings if settings is not None else Settings()
         self._slots = LocalSlotGate(self.settings.max_concurrent)
-        self._uploads = ByteBudget(self.settings.max_upload_bytes)
+        self._uploads = UploadBudget(self.settings.max_upload_bytes)
         self._planner = PollPlanner(
             poll_min=self.settings.poll_min, poll_max=self.settings.poll_max
         )

@@ -66,7 +66,15 @@ from orchestrator.settings import Settings
 from orchestrator.slots import SlotGate
 from orchestrator.wire import ImportState, ImportStatus, SubmitReceipt
 
-__all__ = ["BatchTask", "ByteBudget", "Downstream", "InFlight", "OutcomeSink", "identity_hashes"]
+__all__ = [
+    "BatchTask",
+    "ByteBudget",
+    "Downstream",
+    "InFlight",
+    "OutcomeSink",
+    "UploadBudget",
+    "identity_hashes",
+]
 
 log = get_logger("orchestrator.lifecycle")
 
@@ -207,6 +215,37 @@ class ByteBudget:
             changed.set()
 
 
+class UploadBudget:
+    """The request bodies an account holds in memory to send: at most ``budget`` bytes being
+    written at once, and at most as many again written and waiting for their answer.
+
+    A body is kept until its answer comes (a lost answer sends it again), but it gives its
+    writing share back when its last byte is written, so the next upload overlaps the API's
+    check of the last body. Without the second bound, every slot's body could wait in memory
+    for its answer at once.
+
+    Args:
+        budget: the bytes being written at once (``Settings.max_upload_bytes``).
+        parent: a wider budget each body also takes until its answer (the worker's
+            process-wide one).
+    """
+
+    def __init__(self, budget: int, *, parent: ByteBudget | None = None) -> None:
+        self._writing = ByteBudget(budget)
+        self._held = ByteBudget(2 * budget, parent=parent)
+
+    def admits(self, size: int) -> bool:
+        """Whether a body of ``size`` bytes could start its upload now, without waiting."""
+        return self._held.admits(size) and self._writing.admits(size)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[Callable[[], None]]:
+        """Hold a body of ``size`` bytes until the block ends; the function it gives returns the
+        writing share (call it once the body is written)."""
+        async with self._held.hold(size), self._writing.hold(size) as written:
+            yield written
+
+
 # ------------------------------------------------------------------------------ verdicts
 
 
@@ -248,7 +287,7 @@ class Downstream:
         settings: slot, polling and resubmit settings.
         collection: the collection the bodies are for (to split one).
         slots: the account's slot gate.
-        uploads: the account's budget of body bytes being sent at once.
+        uploads: the account's budget of bodies being sent, or waiting for their answer.
         planner: the account's poll planner.
         status_budget: the account's status calls a minute, if limited.
         in_flight: the run's register of records in unfinished batches.
@@ -262,7 +301,7 @@ class Downstream:
     settings: Settings
     collection: Collection
     slots: SlotGate
-    uploads: ByteBudget
+    uploads: UploadBudget
     planner: PollPlanner
     status_budget: CallBudget | None
     in_flight: InFlight
@@ -467,8 +506,9 @@ class Downstream:
         """One submit: intent, PUT, import id, each journaled; the body is in memory only here
         (and while the batch waited for its slot, or came from the producer, see the top).
 
-        At most ``max_upload_bytes`` of bodies are loaded and being written out at once: a body
-        is the biggest thing the run holds, and uploads share one network link anyway.
+        At most ``max_upload_bytes`` of bodies are loaded and being written out at once, and as
+        many again written and waiting for their answer (``UploadBudget``): a body is the
+        biggest thing the run holds, and uploads share one network link anyway.
         """
         batch_id = task.batch_id
         async with self.uploads.hold(task.stored.body_bytes) as uploaded:

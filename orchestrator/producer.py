@@ -35,7 +35,7 @@ from orchestrator.chunks import RecordRun
 from orchestrator.errors import JournalMismatchError, RecordError
 from orchestrator.inputs import Chunk, RecordInput
 from orchestrator.journal import DeadLetter, InputProgress, Journal, NewBatch, StoredBatch
-from orchestrator.lifecycle import BatchTask, ByteBudget, InFlight, OutcomeSink
+from orchestrator.lifecycle import BatchTask, InFlight, OutcomeSink, UploadBudget
 from orchestrator.logs import get_logger
 from orchestrator.outcomes import ImportOutcome, RunStats
 from orchestrator.records import Collection, EncodedRecord, IdentityHashes, RejectedRecord
@@ -97,7 +97,7 @@ class Producer:
         settings: Settings,
         journal: Journal,
         slots: SlotGate,
-        uploads: ByteBudget,
+        uploads: UploadBudget,
         in_flight: InFlight,
         capacity: anyio.Semaphore,
         batches: MemoryObjectSendStream[BatchTask],

@@ -49,7 +49,7 @@ from orchestrator.accounts import Account
 from orchestrator.batching import Batch, BatchAssembler
 from orchestrator.client import InsightClient
 from orchestrator.errors import ConfigError, RecordError
-from orchestrator.lifecycle import BatchTask, ByteBudget, Downstream, InFlight
+from orchestrator.lifecycle import BatchTask, ByteBudget, Downstream, InFlight, UploadBudget
 from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
     Claim,
@@ -142,7 +142,7 @@ class _AccountRun:
         # Adopted imports that already hold one of the account's slots in the database pass a
         # gate of their own: behind the shared gate they would wait for their own slot.
         self.held_slots = LocalSlotGate(concurrent)
-        self.uploads = ByteBudget(self.settings.max_upload_bytes, parent=worker._held)
+        self.uploads = UploadBudget(self.settings.max_upload_bytes, parent=worker._held)
         self.planner = PollPlanner(poll_min=self.settings.poll_min, poll_max=self.settings.poll_max)
         rate = self.settings.status_calls_per_minute  # the account's, shared by its collections
         self.status_budget = (

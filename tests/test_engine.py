@@ -29,7 +29,7 @@ from orchestrator import (
     parsing,
 )
 from orchestrator.engine import _start_pool_for
-from orchestrator.lifecycle import ByteBudget
+from orchestrator.lifecycle import ByteBudget, UploadBudget
 from orchestrator.logs import capture_events
 from orchestrator.parsing import PROCESS_AFTER, ParsePool
 from orchestrator.simulator import Simulator, SimulatorConfig
@@ -755,3 +755,31 @@ async def test_an_upload_gives_its_budget_back_when_told_before_its_block_ends()
         await anyio.wait_all_tasks_blocked()
         answered.set()
     assert order == ["first in", "second in", "first out"]
+
+
+async def test_bodies_waiting_for_their_answer_are_bounded_too() -> None:
+    """An upload gives its writing share back when written, but the next ones wait once as many
+    bytes again are written and still waiting for their answer: at most two bodies here."""
+    budget = UploadBudget(10)
+    order: list[str] = []
+    answers = [anyio.Event() for _ in range(3)]
+
+    async def upload(n: int) -> None:
+        async with budget.hold(8) as written:
+            order.append(f"{n} writing")
+            written()
+            await answers[n].wait()
+        order.append(f"{n} answered")
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(upload, n)
+            await anyio.wait_all_tasks_blocked()
+        assert order == ["0 writing", "1 writing"]
+        assert not budget.admits(8)
+        answers[0].set()
+        await anyio.wait_all_tasks_blocked()
+        assert order == ["0 writing", "1 writing", "0 answered", "2 writing"]
+        answers[1].set()
+        answers[2].set()
+    assert budget.admits(8)
