@@ -394,6 +394,27 @@ DEAD_LETTER_COLUMNS = (
 )
 
 
+def dead_letters_query(
+    placeholder: str, *, account: str | None, collection: str | None, after: int, limit: int
+) -> tuple[str, list[object]]:
+    """The query of ``OutboxStore.dead_letters`` and its values, for a driver whose parameters
+    are written ``placeholder`` (``?`` for sqlite3, ``%s`` for psycopg)."""
+    where = [f"id > {placeholder}"]
+    values: list[object] = [after]
+    if account is not None:
+        where.append(f"account = {placeholder}")
+        values.append(account)
+    if collection is not None:
+        where.append(f"collection = {placeholder}")
+        values.append(collection)
+    values.append(limit)
+    query = (
+        f"SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
+        f"WHERE {' AND '.join(where)} ORDER BY id LIMIT {placeholder}"
+    )
+    return query, values
+
+
 @dataclass(frozen=True, slots=True)
 class StoredDeadLetter:
     """One row of ``insight_dead_letter``.

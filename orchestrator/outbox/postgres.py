@@ -33,7 +33,6 @@ import psycopg_pool
 
 from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
-    DEAD_LETTER_COLUMNS,
     Claim,
     ClaimConflict,
     ClaimedRow,
@@ -49,6 +48,7 @@ from orchestrator.outbox.base import (
     SlotsFull,
     StoredDeadLetter,
     StoredImport,
+    dead_letters_query,
 )
 from orchestrator.outbox.scan import ClaimScan, Letter, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
@@ -895,18 +895,8 @@ class PostgresOutbox:
         limit: int = 1000,
     ) -> list[StoredDeadLetter]:
         """See ``OutboxStore.dead_letters``."""
-        where = ["id > %s"]
-        values: list[object] = [after]
-        if account is not None:
-            where.append("account = %s")
-            values.append(account)
-        if collection is not None:
-            where.append("collection = %s")
-            values.append(collection)
-        values.append(limit)
-        query = (
-            f"SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
-            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
+        query, values = dead_letters_query(
+            "%s", account=account, collection=collection, after=after, limit=limit
         )
 
         async def read(conn: _Conn) -> list[StoredDeadLetter]:

@@ -42,7 +42,6 @@ import orjson
 
 from orchestrator.errors import ConfigError
 from orchestrator.outbox.base import (
-    DEAD_LETTER_COLUMNS,
     Claim,
     ClaimConflict,
     ClaimedRow,
@@ -56,6 +55,7 @@ from orchestrator.outbox.base import (
     Rejection,
     StoredDeadLetter,
     StoredImport,
+    dead_letters_query,
 )
 from orchestrator.outbox.scan import ClaimScan, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
@@ -703,18 +703,8 @@ class SqliteOutbox:
         limit: int = 1000,
     ) -> list[StoredDeadLetter]:
         """See ``OutboxStore.dead_letters``."""
-        where = ["id > ?"]
-        values: list[object] = [after]
-        if account is not None:
-            where.append("account = ?")
-            values.append(account)
-        if collection is not None:
-            where.append("collection = ?")
-            values.append(collection)
-        values.append(limit)
-        query = (
-            f"SELECT {DEAD_LETTER_COLUMNS} FROM insight_dead_letter "
-            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        query, values = dead_letters_query(
+            "?", account=account, collection=collection, after=after, limit=limit
         )
 
         def read(conn: sqlite3.Connection) -> list[StoredDeadLetter]:
