@@ -17,8 +17,10 @@ aside), so its numbers reach the API as written; a mapping is stored as the JSON
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio.to_thread
 
 from orchestrator.errors import RecordError
 from orchestrator.outbox import sqlite as sqlite_sql
@@ -42,6 +44,22 @@ _PG_MISSING = (
 
 _ORIGIN = "<records>"
 _JSON_SYNTAX = "the line is not valid UTF-8 JSON; each line must hold one complete JSON object"
+
+
+async def stored_texts(
+    account: str, collection: Collection, records: Sequence[object], *, check: bool
+) -> list[str]:
+    """The texts an outbox store's ``enqueue`` stores for ``records``: checked with the record
+    rules off the event loop, or taken as they are when ``check`` is false (checked already).
+
+    Raises:
+        errors.ConfigError: ``account`` is not an account name.
+        errors.RecordError: a record breaks a rule (with ``check``).
+    """
+    sqlite_sql.check_account(account)
+    if check:
+        return await anyio.to_thread.run_sync(record_texts, records, collection)
+    return [r if isinstance(r, str) else bytes(cast(bytes, r)).decode() for r in records]
 
 
 def record_texts(

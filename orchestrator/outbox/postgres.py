@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -450,14 +450,9 @@ class PostgresOutbox:
         check: bool = True,
     ) -> int:
         """See ``OutboxStore.enqueue``."""
-        from orchestrator.outbox.enqueue import record_texts
-        from orchestrator.outbox.sqlite import check_account
+        from orchestrator.outbox.enqueue import stored_texts
 
-        check_account(account)
-        if check:
-            texts = await anyio.to_thread.run_sync(record_texts, records, collection)
-        else:
-            texts = [r if isinstance(r, str) else bytes(cast(bytes, r)).decode() for r in records]
+        texts = await stored_texts(account, collection, records, check=check)
         queue = OutboxQueue.of(account, collection)
         if not texts:
             return 0

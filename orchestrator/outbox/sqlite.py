@@ -34,7 +34,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -327,13 +327,9 @@ class SqliteOutbox:
         check: bool = True,
     ) -> int:
         """See ``OutboxStore.enqueue``."""
-        from orchestrator.outbox.enqueue import record_texts
+        from orchestrator.outbox.enqueue import stored_texts
 
-        check_account(account)
-        if check:
-            texts = await anyio.to_thread.run_sync(record_texts, records, collection)
-        else:
-            texts = [r if isinstance(r, str) else bytes(cast(bytes, r)).decode() for r in records]
+        texts = await stored_texts(account, collection, records, check=check)
         queue = OutboxQueue.of(account, collection)
         rows = [
             (queue.account, queue.collection, queue.scope, queue.collection_type, t) for t in texts
