@@ -26,34 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 
 from benchmarks._common import SIM_PASSWORD, credentials_env, simulator_child
 from benchmarks._data import record_section, write_orders_jsonl
+from tests.conftest import fresh_schema
 
 TITLE = "Replicas: workers sharing a PostgreSQL outbox (benchmarks.replicas)"
 ACCOUNTS = ("acme", "globex", "initech")
 COLLECTION = "Orders"
 ENV = "INSIGHT_IMPORT_TEST_POSTGRES"
-
-
-@contextlib.contextmanager
-def fresh_schema(server: str) -> Iterator[str]:
-    import psycopg
-
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in server else "?"
-    try:
-        yield f"{server}{separator}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def fill(url: str, lines: list[str]) -> None:
@@ -245,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         for replicas in (1, 2, 3):
-            with fresh_schema(server) as url:
+            with fresh_schema(server, prefix="bench") as url:
                 subprocess.run(
                     [sys.executable, "-m", "orchestrator", "outbox", "init", "--database", url],
                     check=True,
@@ -256,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     url, accounts, replicas, max_body, sim_pids
                 )
                 print(f"{replicas} replicas: {results[replicas]:.2f} s", file=sys.stderr)
-    with fresh_schema(server) as url:
+    with fresh_schema(server, prefix="bench") as url:
         overhead = anyio.run(claim_overhead, url, lines, max_body)
     accounts.unlink()
     os.rmdir(folder)

@@ -19,7 +19,8 @@ its intent already in the seal's transaction): it is sent without reading it bac
 next in line for a slot loads its body while it waits, so the PUT starts as the slot frees.
 Each upload takes its size from the account's upload budget until its body is written out,
 not until the answer: the API answers once it has checked the body, and the next upload need
-not wait for that.
+not wait for that. A body written and waiting for its answer is still in memory (a lost answer
+sends it again): those are bounded apart, to as many bytes again (``UploadBudget``).
 
 What a crash may do. A PUT is sent only after the transaction that holds its body and its
 intent has committed: the API can never have accepted a body the journal does not hold. A crash

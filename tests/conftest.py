@@ -37,10 +37,17 @@ def postgres_server() -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A URL of the test PostgreSQL whose tables live in a fresh schema of their own."""
+    with fresh_schema(postgres_server()) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_schema(server: str, *, prefix: str = "test") -> Iterator[str]:
+    """A URL of ``server`` whose tables live in a new schema, dropped with them at the end
+    (the benchmarks use it too)."""
     import psycopg
 
-    server = postgres_server()
-    schema = f"test_{uuid.uuid4().hex[:12]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     separator = "&" if "?" in server else "?"

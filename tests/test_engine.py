@@ -731,6 +731,48 @@ async def test_a_body_sealed_while_another_uploads_waits_in_the_journal(
     assert {second, third} <= set(journal.loaded)
 
 
+class LoadAheadProbe(InsightClient):
+    """The real client, whose first upload waits until two batches are sealed and every task
+    has settled, then notes which bodies the journal was asked for meanwhile."""
+
+    def __init__(self, settings: ClientSettings, journal: CountingJournal) -> None:
+        super().__init__(settings)
+        self._journal = journal
+        self.loaded_during_first_upload: list[int] | None = None
+
+    async def submit_import(
+        self, body: bytes | bytearray, *, on_sent: Callable[[], object] | None = None
+    ) -> SubmitReceipt:
+        if self.loaded_during_first_upload is None:
+            with anyio.fail_after(10):
+                await self._journal.sealed_enough.wait()
+            await anyio.wait_all_tasks_blocked()  # the second batch waits for the slot by now
+            self.loaded_during_first_upload = list(self._journal.loaded)
+        return await super().submit_import(body, on_sent=on_sent)
+
+
+@pytest.mark.parametrize(("max_upload_bytes", "ahead"), [(200_000, True), (60_000, False)])
+async def test_only_a_small_body_is_loaded_ahead_of_its_slot(
+    sim: Simulator, tmp_path: Path, max_upload_bytes: int, ahead: bool
+) -> None:
+    """A batch waiting for a slot has its body loaded ahead only if that body is at most a
+    quarter of the upload budget: a large one is read back from its file in a fraction of its
+    upload, and holding it ahead would lift the run's peak memory by as much."""
+    data = write_jsonl(tmp_path / "in.jsonl", orders(1000))
+    one_slot = Settings.scaled(
+        0.01, max_body_bytes=20_000, max_concurrent=1, max_upload_bytes=max_upload_bytes
+    )
+    async with CountingJournal(tmp_path / "j.sqlite", signal_after_seals=2) as journal:
+        client = LoadAheadProbe(sim_client_settings(sim), journal)
+        async with Orchestrator(client, settings=one_slot) as orch:
+            result = await orch.import_files(
+                Collection("Wave", "contact"), [str(data)], journal=journal
+            )
+    assert result.records_imported == 1000
+    second = sorted(i.batch_id for i in result.imports if i.batch_id)[1]
+    assert client.loaded_during_first_upload == ([second] if ahead else [])
+
+
 async def test_an_upload_gives_its_budget_back_when_told_before_its_block_ends() -> None:
     """A holder that releases early lets the next one in while it still waits for its answer."""
     budget = ByteBudget(10)

@@ -515,15 +515,7 @@ class PostgresOutbox:
             moved = await _dead_letter_pending(conn, found.invalid)
             if not found.rows:
                 await self._unlock_queue(conn, queue)
-            return Claim(
-                queue=queue,
-                rows=found.rows,
-                records_bytes=found.records_bytes,
-                full=found.full,
-                superseded=deleted,
-                dead_lettered=moved,
-                held_back=found.held_back,
-            )
+            return found.claim(queue, superseded=deleted, dead_lettered=moved)
 
         return await self._call(write, "claim rows")
 

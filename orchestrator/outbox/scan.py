@@ -21,6 +21,7 @@ from orchestrator.errors import ConfigError, RecordError
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
     RECORD_ORIGIN,
+    Claim,
     ClaimedRun,
     OutboxQueue,
     Rejection,
@@ -57,6 +58,19 @@ class Scanned:
     superseded: list[int]
     invalid: list[Letter]
     held_back: int
+
+    def claim(self, queue: OutboxQueue, *, superseded: int, dead_lettered: int) -> Claim:
+        """The claim of these rows, once the store deleted ``superseded`` rows and moved
+        ``dead_lettered`` to the dead letters."""
+        return Claim(
+            queue=queue,
+            rows=self.rows,
+            records_bytes=self.records_bytes,
+            full=self.full,
+            superseded=superseded,
+            dead_lettered=dead_lettered,
+            held_back=self.held_back,
+        )
 
 
 class ClaimScan:

@@ -384,15 +384,7 @@ class SqliteOutbox:
         deleted, moved = (0, 0)
         if found.superseded or found.invalid:
             deleted, moved = await self._write(write, "delete superseded rows")
-        return Claim(
-            queue=queue,
-            rows=found.rows,
-            records_bytes=found.records_bytes,
-            full=found.full,
-            superseded=deleted,
-            dead_lettered=moved,
-            held_back=found.held_back,
-        )
+        return found.claim(queue, superseded=deleted, dead_lettered=moved)
 
     async def seal(
         self,
