@@ -1,5 +1,5 @@
 """The ``insight-import`` command: run, demo, simulator, status (the outbox commands and the
-worker live in ``outbox/cli.py`` and ``worker_cli.py``).
+worker live in ``outbox_cli.py`` and ``worker_cli.py``).
 
 Exit status: 0 every record imported; 1 finished, some records in the dead-letter file; 2 usage,
 configuration or input error before any import; 3 aborted (credentials, region, or an error that
@@ -12,7 +12,6 @@ import argparse
 import ctypes
 import errno
 import gc
-import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from orchestrator.errors import (
     OrchestratorError,
 )
 from orchestrator.options import OPTIONS
-from orchestrator.outbox.cli import OUTBOX_COMMANDS, add_outbox_commands
+from orchestrator.outbox_cli import OUTBOX_COMMANDS, add_outbox_commands
 from orchestrator.worker_cli import add_worker_command
 
 __all__ = ["main"]
@@ -51,10 +50,33 @@ exit status:
 
 
 def _version() -> str:
+    # Imported here: importlib.metadata is ~40 ms of a start-up that seldom shows the version.
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("insight-orchestrator")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when it is asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the version and exit")
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=formatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -172,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command == "status":
         code = _main_status(args)
     elif command in OUTBOX_COMMANDS:
-        from orchestrator.outbox.cli import run_outbox_command
+        from orchestrator.outbox_cli import run_outbox_command
 
         code = run_outbox_command(args)
     else:

@@ -792,6 +792,44 @@ def test_version_and_help_show_defaults_and_exit_codes() -> None:
     assert "130" in helped
 
 
+def test_a_run_loads_only_what_it_needs(
+    simulator_process: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A whole `run` imports none of the outbox, the worker, the simulator, the extras, rich
+    or importlib.metadata: each would add to every cron run's start-up."""
+    data = write_jsonl(tmp_path / "orders.jsonl", orders(20))
+    args = fast_run_args(simulator_process, tmp_path, "CliLean")
+    loaded = tmp_path / "modules.txt"
+    script = (
+        "import sys\n"
+        "from orchestrator.cli import main\n"
+        "code = main(sys.argv[2:])\n"
+        "open(sys.argv[1], 'w').write('\\n'.join(sorted(sys.modules)))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(loaded), "run", str(data), *args, "--scope", "contact"],
+        capture_output=True,
+        env=run_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    modules = set(loaded.read_text().split())
+    assert "orchestrator.engine" in modules  # the run did run
+    unneeded = {
+        "orchestrator.outbox",  # the package; its commands' parsers live in outbox_cli
+        "orchestrator.worker",
+        "orchestrator.worker_http",
+        "orchestrator.simulator",
+        "psycopg",
+        "prometheus_client",
+        "rich",
+        "importlib.metadata",
+    }
+    assert modules & unneeded == set()
+
+
 def test_simulator_on_a_taken_port_says_so_in_one_line() -> None:
     """`simulator --port N` with N taken exits 2 with one line, not a traceback."""
     with socket.socket() as taken:
