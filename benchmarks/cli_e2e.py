@@ -48,6 +48,7 @@ from benchmarks._common import (
     SIM_PASSWORD,
     SIM_USER,
     credentials_env,
+    ensure_bytecode,
     quiet_logs,
     sim_stats,
     simulator_child,
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-max", type=float, default=0.5)
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args(argv)
+    ensure_bytecode()  # start-ups as an installed copy makes them
     quiet_logs()
 
     rows = []

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks._common import SIM_PASSWORD, credentials_env, simulator_child
+from benchmarks._common import SIM_PASSWORD, credentials_env, ensure_bytecode, simulator_child
 from benchmarks._data import record_section, write_orders_jsonl
 from tests.conftest import fresh_schema
 
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rps", type=float, default=200_000, help="simulator records/s")
     parser.add_argument("--max-body-mb", type=float, default=2.0, help="body cap, MB")
     args = parser.parse_args(argv)
+    ensure_bytecode()  # start-ups as an installed copy makes them
     server = os.environ.get(ENV, "")
     if not server:
         print(f"benchmarks.replicas: skipped, set {ENV} to a PostgreSQL URL", file=sys.stderr)

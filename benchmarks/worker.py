@@ -31,7 +31,14 @@ from typing import Any
 import orjson
 import psutil
 
-from benchmarks._common import credentials_env, goal, percentile, sim_stats, simulator_process
+from benchmarks._common import (
+    credentials_env,
+    ensure_bytecode,
+    goal,
+    percentile,
+    sim_stats,
+    simulator_process,
+)
 from benchmarks._data import record_section, write_orders_jsonl
 from orchestrator.outbox import migrate
 
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         "--only", choices=("throughput", "backlog"), help="one measurement, printed, not recorded"
     )
     args = parser.parse_args(argv)
+    ensure_bytecode()  # start-ups as an installed copy makes them
     if args.only:
         with tempfile.TemporaryDirectory(prefix="worker-bench-") as scratch:
             if args.only == "throughput":
