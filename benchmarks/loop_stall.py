@@ -103,6 +103,40 @@ class _Watchdog:
             self.samples[tick] = (stack, others)
 
 
+class _Collections:
+    """The collector's passes while it is installed: how many of each generation, and how long
+    the full ones took (each stalls the loop that long, in whichever thread it runs)."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.full: list[float] = []
+        self._started = 0.0
+
+    def __enter__(self) -> _Collections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = info["generation"]
+        self.counts[generation] += 1
+        if generation == 2:
+            self.full.append(time.perf_counter() - self._started)
+
+    def summary(self) -> str:
+        young, middle, full = self.counts
+        longest = f", the longest {max(self.full) * 1000:.0f} ms" if self.full else ""
+        return (
+            f"the collector ran {young:,} young, {middle:,} middle and {full:,} full passes"
+            f" during the import{longest}"
+        )
+
+
 def _frame(frame: object) -> str:
     code = frame.f_code  # type: ignore[attr-defined]
     return f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}"  # type: ignore[attr-defined]
@@ -224,6 +258,7 @@ def main() -> None:
                 logging.getLogger("asyncio").addHandler(slow)
                 logging.getLogger("asyncio").setLevel(logging.WARNING)
             with contextlib.ExitStack() as stack:
+                collections = stack.enter_context(_Collections())
                 watchdog = None
                 if args.watchdog:
                     watchdog = stack.enter_context(_Watchdog(args.watchdog / 1000))
@@ -280,6 +315,7 @@ def main() -> None:
         + "\n\n"
         + f"- **max stall / 50 ms goal: {max_ratio:.2f}x** (goal < 1: {goal(max_ratio < 1)})\n"
         + f"- p99 during import / p99 idle: **{p99_ratio:.1f}x**\n"
+        + f"- {collections.summary()}\n"
     )
     if args.diagnose and slow.messages:
         worst = sorted(slow.messages, key=_seconds, reverse=True)[:8]
@@ -299,6 +335,7 @@ def main() -> None:
     record_section(title, body)
     print(table)
     print(f"max stall / 50 ms goal: {max_ratio:.2f}x (goal < 1); max {busy_max * 1000:.1f} ms")
+    print(collections.summary())
     print(
         f"p99 during import / idle p99: {p99_ratio:.1f}x "
         f"({busy_p99 * 1000:.2f} ms vs {idle_p99 * 1000:.2f} ms)"

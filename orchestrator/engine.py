@@ -119,6 +119,22 @@ class Orchestrator:
         finally:
             await self.client.aclose()
 
+    def poll_history(self) -> list[tuple[int, float]]:
+        """What this orchestrator's poll planner learned: ``(records, seconds)`` of the
+        account's recent finished imports, oldest first. Keep it and hand it to
+        :meth:`restore_poll_history` of a later orchestrator (the command keeps it beside its
+        journal), and that one aims its first polls instead of probing for each import's end."""
+        return self._planner.history()
+
+    def restore_poll_history(self, history: Iterable[tuple[int, float]]) -> bool:
+        """Start the poll planner from an earlier orchestrator's :meth:`poll_history` of the
+        same account. Ignored once this one has learned from an import of its own.
+
+        Returns:
+            whether the planner now has a model of the account's imports.
+        """
+        return self._planner.restore(history)
+
     async def import_records(
         self,
         collection: Collection,

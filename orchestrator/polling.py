@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -211,6 +211,30 @@ class PollPlanner:
         if self._learned is not None:
             self._learned.set()  # imports waiting for their next poll aim again
             self._learned = None
+
+    def history(self) -> list[tuple[int, float]]:
+        """What the model is fitted to: ``(records, seconds)`` of recent finished imports,
+        oldest first (at most ``window``). Kept between runs, it lets :meth:`restore` aim the
+        next run's first imports instead of probing for them."""
+        return [(seen.records, seen.seconds) for seen in self._seen]
+
+    def restore(self, history: Iterable[tuple[int, float]]) -> bool:
+        """Start from what an earlier planner of the account learned (its :meth:`history`).
+
+        Only a planner that has learned nothing yet takes it: its own imports say more. Entries
+        that are not a positive record count and duration are skipped.
+
+        Returns:
+            whether the planner now has a model.
+        """
+        if self._latency is not None:
+            return False
+        for records, seconds in history:
+            if records > 0 and 0.0 < seconds < math.inf:
+                self._seen.append(_Observation(int(records), float(seconds), 0.0))
+        if self._seen:
+            self._fit()
+        return self._latency is not None
 
     def track(self, *, records: int, submitted: float) -> PollTrack:
         """The polls of one import submitted at ``submitted`` (a time of :attr:`clock`)."""

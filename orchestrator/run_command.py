@@ -61,6 +61,7 @@ from orchestrator.journal.base import mismatch_message
 from orchestrator.logs import configure_logging, get_logger
 from orchestrator.options import OPTIONS, resolve_options, unknown_environment
 from orchestrator.outcomes import ImportResult, RunStats, iso_time
+from orchestrator.poll_history import history_path, load_history, save_history
 from orchestrator.progress import ProgressDisplay
 from orchestrator.records import Collection
 from orchestrator.settings import Settings, api_limit_breaches
@@ -506,6 +507,10 @@ async def execute_async(job: Job) -> int:
             print(f"insight-import: {note}", flush=True)
         orchestrator = Orchestrator(InsightClient(job.client), settings=job.settings)
         await stack.enter_async_context(orchestrator)
+        polls = history_path(
+            job.journal.parent, api_root=job.client.api_root, username=job.client.username
+        )
+        restored = await _restore_poll_history(orchestrator, polls)
         display = ProgressDisplay(stats, live=job.progress, log_every=job.progress_interval)
         await stack.enter_async_context(display)
         async with anyio.create_task_group() as tg:
@@ -545,6 +550,7 @@ async def execute_async(job: Job) -> int:
                         await display.stop()
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            await _keep_poll_history(orchestrator, polls, restored)
             try:
                 await _write_dead_letters(journal, job.dead_letter, carried)
                 final = result if result is not None else await _result_so_far(journal, started)
@@ -581,6 +587,27 @@ async def execute_async(job: Job) -> int:
     elif code in (EXIT_OK, EXIT_REJECTED):
         _print_summary(final, job, carried=len(carried), without_record=without_record)
     return code
+
+
+async def _restore_poll_history(orchestrator: Orchestrator, path: Path) -> list[tuple[int, float]]:
+    """Start the poll planner from what earlier runs of the account learned (``poll_history``)."""
+    history = await anyio.to_thread.run_sync(load_history, path)
+    if orchestrator.restore_poll_history(history):
+        log.info("polls.history_restored", imports=len(history))
+    return history
+
+
+async def _keep_poll_history(
+    orchestrator: Orchestrator, path: Path, restored: list[tuple[int, float]]
+) -> None:
+    """Save what the planner knows for the account's next run, if this run taught it more."""
+    history = orchestrator.poll_history()
+    if not history or history == restored:
+        return
+    try:
+        await anyio.to_thread.run_sync(save_history, path, history)
+    except OSError as error:  # only a hint for the next run: this one is not affected
+        log.warning("polls.history_not_saved", path=str(path), error=error.strerror or str(error))
 
 
 async def _result_so_far(journal: SqliteJournal, started: float) -> ImportResult:

@@ -75,6 +75,28 @@ def test_run_imports_a_file_and_writes_the_report(
     assert b"Imported 500 of 500 records" in done.stdout
 
 
+def test_a_later_run_of_the_account_aims_its_first_polls(tmp_path: Path) -> None:
+    """What a run learned of the account's import times is kept beside its journal: the next
+    command with a journal there aims its first imports' polls instead of probing for them."""
+    first = write_jsonl(tmp_path / "monday.jsonl", orders(200, prefix="m"))
+    second = write_jsonl(tmp_path / "tuesday.jsonl", orders(200, prefix="t"))
+    with serve_simulator("--min-processing", "1.0", "--jitter", "0") as sim:
+        polls = []
+        for data, journal in ((first, "monday.sqlite"), (second, "tuesday.sqlite")):
+            args = [*fast_run_args(sim, tmp_path, "CliHistory"), "--poll-max", "1.5"]
+            args += ["--journal", str(tmp_path / journal), "--max-body-bytes", "20000"]
+            done = run_cli("run", str(data), *args, "--scope", "contact")
+            assert done.returncode == 0, done.stderr.decode()
+            report = orjson.loads((tmp_path / "report.json").read_bytes())
+            polls.append([entry["polls"] for entry in report["imports"]])
+    histories = list(tmp_path.glob("polls-*.json"))
+    assert len(histories) == 1
+    assert b"apiuser" not in histories[0].read_bytes()
+    # probed: 0.05, 0.125, 0.24, 0.41, 0.66, 1.04 s; aimed: one poll just after 1 s
+    assert min(polls[0]) >= 5, polls
+    assert max(polls[1]) <= 3, polls
+
+
 def test_the_reports_call_counts_are_the_calls_the_api_saw(tmp_path: Path) -> None:
     """Through 5xx answers, a lost response, a Failed import, rate limits and slots held by
     another integration, the report counts every PUT and status call the simulator received."""

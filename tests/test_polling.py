@@ -166,6 +166,64 @@ def test_latency_and_per_record_cost_are_told_apart() -> None:
     assert times[-1] - 8.05 <= 1.5
 
 
+@given(
+    history=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=200_000), st.floats(min_value=0.01, max_value=600.0)
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    records=st.integers(min_value=1, max_value=500_000),
+)
+def test_a_restored_history_gives_the_model_it_was_taken_from(
+    history: list[tuple[int, float]], records: int
+) -> None:
+    """A planner restored from another's history predicts as that one does, and keeps at most
+    its window of the newest imports."""
+    clock = FakeClock()
+    learned = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    for count, seconds in history:
+        run_import(learned, clock, count, seconds)
+    restored = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    assert restored.restore(learned.history())
+    assert restored.history() == learned.history()
+    assert len(restored.history()) == min(len(history), restored.window)
+    assert restored.expected_duration(records) == pytest.approx(learned.expected_duration(records))
+
+
+def test_a_restored_planner_aims_its_first_imports() -> None:
+    """Started from an earlier run's history, the first wave is aimed, not probed for: a 60 s
+    import is seen done in the fewest polls poll_max allows, where probing takes five."""
+    clock = FakeClock()
+    earlier = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    for _ in range(4):
+        run_import(earlier, clock, 10_000, 60.0)
+    cold = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    warm = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    assert warm.restore(earlier.history())
+    cold_polls, warm_polls = (
+        run_import(cold, clock, 10_000, 60.0),
+        run_import(warm, clock, 10_000, 60.0),
+    )
+    assert len(cold_polls) == 5  # 5, 12.5, 23.75, 40.6, 65.9
+    assert len(warm_polls) == 3  # 60 s in polls of at most 30 s, the last at the finish
+    assert warm_polls[-1] - 60.0 < cold_polls[-1] - 60.0
+
+
+def test_a_history_is_not_taken_over_what_the_planner_learned() -> None:
+    """Once a planner learned from an import of its own, a restored history changes nothing;
+    entries that are not a positive count and duration are skipped."""
+    clock = FakeClock()
+    planner = PollPlanner(poll_min=5, poll_max=30, clock=clock)
+    assert not planner.restore([(0, 10.0), (100, 0.0), (100, -1.0), (100, math.inf)])
+    assert planner.model is None
+    run_import(planner, clock, 1_000, 12.0)
+    model = planner.model
+    assert not planner.restore([(1_000, 500.0)] * 8)
+    assert planner.model == model
+
+
 def test_one_outlier_moves_the_estimate_but_does_not_blow_it_up() -> None:
     """A single import ten times slower than the rest at most doubles its own observation."""
     planner = PollPlanner(poll_min=1, poll_max=600)
