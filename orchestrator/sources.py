@@ -391,7 +391,7 @@ class JsonLinesReader:
             cut = block.rfind(b"\n") + 1
             if cut:
                 if held + block.index(b"\n") > limit:
-                    data = self._after_oversized(parts, held, block)
+                    data = self._after_oversized(parts, held, block, first=not self._started)
                     break
                 # one copy: the tail of the last read and this block up to its last newline
                 parts.append(memoryview(block)[:cut] if cut < len(block) else block)
@@ -419,15 +419,16 @@ class JsonLinesReader:
         self._next_line += count
         return chunk
 
-    def _prefix(self, parts: list[bytes | memoryview]) -> bytes:
-        """The first ``KEPT_PREFIX_BYTES`` of a line that starts with ``parts``."""
-        want = KEPT_PREFIX_BYTES + (0 if self._started else len(_BOM))
+    def _prefix(self, parts: list[bytes | memoryview], *, first: bool) -> bytes:
+        """The first ``KEPT_PREFIX_BYTES`` of a line that starts with ``parts``; ``first``: the
+        line is the input's first, whose byte order mark is not part of it."""
+        want = KEPT_PREFIX_BYTES + (len(_BOM) if first else 0)
         prefix = b""
         for part in parts:
             prefix += part[: want - len(prefix)]
             if len(prefix) >= want:
                 break
-        if not self._started and prefix.startswith(_BOM):
+        if first and prefix.startswith(_BOM):
             prefix = prefix[len(_BOM) :]
         return prefix[:KEPT_PREFIX_BYTES]
 
@@ -439,7 +440,8 @@ class JsonLinesReader:
         start = done = 0
         while (end := data.find(b"\n", start)) != -1:
             if end - start > limit and not data.startswith(OVERSIZED_LINE_START, start):
-                parts += (view[done:start], self._stand_in(view[start:end], end - start))
+                first = start == 0 and not self._started
+                parts += (view[done:start], self._stand_in(view[start:end], end - start, first))
                 done = end
             start = end + 1
         if not parts:
@@ -447,14 +449,17 @@ class JsonLinesReader:
         parts.append(view[done:])
         return b"".join(parts)
 
-    def _stand_in(self, start: bytes | memoryview, size: int) -> bytes:
-        return oversized_line(size, self._max_line_bytes, self._prefix([start]))
+    def _stand_in(self, line: bytes | memoryview, size: int, first: bool) -> bytes:
+        return oversized_line(size, self._max_line_bytes, self._prefix([line], first=first))
 
-    def _after_oversized(self, parts: list[bytes | memoryview], size: int, block: bytes) -> bytes:
+    def _after_oversized(
+        self, parts: list[bytes | memoryview], size: int, block: bytes, *, first: bool
+    ) -> bytes:
         """The chunk when an over-long line, of ``size`` bytes before ``block`` and starting with
         ``parts``, ends in ``block``: its stand-in, then the whole lines after it."""
         end = block.index(b"\n")
-        line = oversized_line(size + end, self._max_line_bytes, self._prefix([*parts, block[:end]]))
+        prefix = self._prefix([*parts, block[:end]], first=first)
+        line = oversized_line(size + end, self._max_line_bytes, prefix)
         cut = block.rfind(b"\n") + 1
         self._tail = [block[cut:]] if cut < len(block) else []
         return line + block[end:cut]
@@ -462,18 +467,23 @@ class JsonLinesReader:
     def _drop_oversized(self, parts: list[bytes | memoryview], size: int) -> bytes:
         """Read the rest of an over-long line, keeping only its first bytes; return the chunk
         that ends it (see ``_after_oversized``)."""
-        prefix = self._prefix(parts)
+        first = not self._started
+        # The line's first bytes as read, with room for a byte order mark that _prefix drops
+        # (read one byte at a time, a mark comes in pieces).
+        want = KEPT_PREFIX_BYTES + len(_BOM)
+        head = b"".join(bytes(part[:want]) for part in parts)[:want]
         parts.clear()
         while True:
             block = self._read(self._chunk_bytes)
             if not block:
                 self._eof = True
                 self._tail = []
+                prefix = self._prefix([head], first=first)
                 return oversized_line(size, self._max_line_bytes, prefix) + b"\n"
             if b"\n" in block:
-                return self._after_oversized([prefix], size, block)
-            if len(prefix) < KEPT_PREFIX_BYTES:
-                prefix = self._prefix([prefix, block])
+                return self._after_oversized([head], size, block, first=first)
+            if len(head) < want:
+                head += block[: want - len(head)]
             size += len(block)
 
     async def skip(self, lines: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 import xxhash
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import errors
@@ -392,6 +392,7 @@ async def read_limited(path: str, chunk_bytes: int, limit: int) -> list[LineChun
     limit=st.integers(1, 40),
     trailing_newline=st.booleans(),
 )
+@example(lines=[b"", b"\xef\xbb\xbf", b""], chunk_bytes=5, limit=1, trailing_newline=False)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_line_longer_than_the_limit_gets_its_stand_in(
     tmp_path: Path, lines: list[bytes], chunk_bytes: int, limit: int, trailing_newline: bool
