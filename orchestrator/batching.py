@@ -22,7 +22,6 @@ from orchestrator.records import (
     Collection,
     EncodedRecord,
     IdentityHashes,
-    hash_identities,
     identity_of,
 )
 from orchestrator.refs import RecordRefs
@@ -121,7 +120,11 @@ class BatchAssembler:
         self._body = body
         self._used = len(self._prefix)
         self._ends = array("q")  # where each record's bytes end in the body
-        self._index: dict[tuple[str, str, str] | str, int] = {}
+        # identity hash -> the place of the open record with that identity. Ints, not the
+        # identities: a dict of ints is no work for the collector, and a batch's worth of
+        # identity tuples alive at once set off passes that stall the event loop. A hash is
+        # always checked against the record's columns (``_same``) before it counts as a match.
+        self._index: dict[int, int] = {}
         # The records' fields in flat columns, as RecordRefs packs them: holding a tuple per
         # contact or a Source per record would cost an object per record, and sealing would
         # take them apart again.
@@ -155,9 +158,16 @@ class BatchAssembler:
             raise self._too_large(record)
         contact = record.contact
         key = record.key
-        identity = key if contact is None else (contact[0], contact[1], key)
+        identity = hash(key if contact is None else (contact[0], contact[1], key))
         index = self._index
         old = index.get(identity)
+        sealed = None
+        if old is not None and not self._same(old, key, contact):
+            # Another identity with the same hash (one pair in about 2**61): seal first, so
+            # that within a batch a hash names one identity. fits() says so beforehand.
+            sealed = self._seal()
+            index = self._index
+            old = None
         if old is not None:
             del index[identity]
             start, end = self._span(old)
@@ -165,7 +175,6 @@ class BatchAssembler:
                 self._on_superseded(self._record_at(old, bytes(self._body[start:end])))
             self._dropped.add(old)
             self._size -= end - start
-        sealed = None
         # count commas: the n records already open plus this one need n separators
         if index and self._base + self._size + len(index) + data_len > self._cap:
             sealed = self._seal()
@@ -228,19 +237,18 @@ class BatchAssembler:
         # commas) + ends[k-1] - offset, stays within the cap.
         limit = self._cap - self._base - self._size - count + offset
         stop = bisect_right(ends, limit, start, total)
-        identities = run.identities(start, min(stop + 1, total))  # and the first that does not fit
+        hashes = run.identity_hashes()
         first = len(self._keys)
-        fresh = dict(
-            zip(identities[: stop - start], range(first, first + stop - start), strict=True)
-        )
-        blocked = identities[-1] if stop < total else None
+        fresh = dict(zip(hashes[start:stop], range(first, first + stop - start), strict=True))
+        blocked = hashes[stop] if stop < total else None  # the first that does not fit
         if (
             len(fresh) != stop - start
             or not self._index.keys().isdisjoint(fresh)
             or (blocked is not None and (blocked in fresh or blocked in self._index))
         ):
             # rare: a key repeats in the batch (the record that does not fit may still replace
-            # an older one and so fit): one by one, exactly as add() does
+            # an older one and so fit), or two hashes are equal: one by one, exactly as add()
+            # does
             return self._add_one_by_one(run, start)
         if stop == start:
             if self._base + ends[start] - offset > self._cap:
@@ -317,10 +325,12 @@ class BatchAssembler:
         Args:
             record: the encoded record.
         """
-        identity = identity_of(record.key, record.contact)
-        old = self._index.get(identity)
+        key, contact = record.key, record.contact
+        old = self._index.get(hash(identity_of(key, contact)))
         count = len(self._index)
         size = self._size
+        if old is not None and not self._same(old, key, contact):
+            return False  # another identity with the same hash: add() would seal
         if old is not None:
             start, end = self._span(old)
             count -= 1
@@ -391,16 +401,36 @@ class BatchAssembler:
         return len(self._index)
 
     def __contains__(self, identity: object) -> bool:
-        return identity in self._index
+        if isinstance(identity, str):
+            key, contact = identity, None
+        elif isinstance(identity, tuple) and len(identity) == 3:
+            key, contact = identity[2], (identity[0], identity[1])
+        else:
+            return False
+        place = self._index.get(hash(identity))
+        return place is not None and self._same(place, key, contact)
 
     def identity_hashes(self) -> IdentityHashes:
-        """The hashes of the identities in the open batch (what ``seal`` would seal), made in C
-        from the index: much cheaper than from the sealed refs."""
-        return hash_identities(self._index)
+        """The hashes of the identities in the open batch (what ``seal`` would seal): the
+        index's own keys, much cheaper than hashing the sealed refs."""
+        return dict.fromkeys(self._index)
 
-    def holds_any(self, identities: Iterable[object]) -> bool:
-        """Whether the open batch holds any of these identities."""
-        return not self._index.keys().isdisjoint(identities)
+    def holds_any(self, identity_hashes: Iterable[int]) -> bool:
+        """Whether the open batch may hold any of these identities (by their hashes: a hash
+        shared with another identity says yes too)."""
+        return not self._index.keys().isdisjoint(identity_hashes)
+
+    def _same(self, place: int, key: str, contact: tuple[str, str] | None) -> bool:
+        """Whether the record at ``place`` has this identity (its hash matched)."""
+        if self._keys[place] != key:
+            return False
+        if contact is None:
+            return not self._has_contact[place]
+        return (
+            bool(self._has_contact[place])
+            and self._identifiers[place] == contact[0]
+            and self._values[place] == contact[1]
+        )
 
     @property
     def pending_bytes(self) -> int:

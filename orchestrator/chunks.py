@@ -178,7 +178,7 @@ class RecordRun:
     values: list[str]
     origin: str
     lines: array[int]
-    _identities: list[tuple[str, str, str] | str] | None = field(default=None, repr=False)
+    _hashes: list[int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -187,16 +187,21 @@ class RecordRun:
         """Where record ``index`` starts in the segment."""
         return self.ends[index - 1] + 1 if index else 0
 
-    def identities(
-        self, start: int = 0, stop: int | None = None
-    ) -> list[tuple[str, str, str] | str]:
-        """The identities of records ``start`` to ``stop`` (see ``identity_of``)."""
-        if self._identities is None:
+    def identity_hashes(self) -> list[int]:
+        """The hash of each record's identity (``hash(identity_of(...))``), in order.
+
+        No identity is kept: a chunk's worth of tuples alive at once would set off the
+        collector's passes (see ``RecordRefs.identities``); ``zip`` hands ``hash`` one tuple
+        again and again.
+        """
+        if self._hashes is None:
             if self.identifiers is None:
-                self._identities = list(self.keys)
+                self._hashes = list(map(hash, self.keys))
             else:
-                self._identities = list(zip(self.identifiers, self.values, self.keys, strict=True))
-        return self._identities[start:stop]
+                self._hashes = list(
+                    map(hash, zip(self.identifiers, self.values, self.keys, strict=True))
+                )
+        return self._hashes
 
     def record(self, index: int) -> EncodedRecord:
         """Record ``index`` as an ``EncodedRecord``."""

@@ -243,12 +243,12 @@ class Producer:
                 next_reject += 1
 
         in_flight = self._in_flight
-        hashes = list(map(hash, records.identities()))
+        hashes = records.identity_hashes()
         position = 0
         total = len(records)
         while position < total:
             if (in_flight and in_flight.holds_any(hashes[position:])) or (
-                self._held and self._held.holds_any(records.identities(position))
+                self._held and self._held.holds_any(hashes[position:])
             ):
                 for at in range(position, total):  # rare: updates of records still in flight
                     reject_before(records.lines[at])

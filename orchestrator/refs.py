@@ -14,7 +14,7 @@ from typing import overload
 from orchestrator.provenance import Source
 from orchestrator.records import identity_of
 
-__all__ = ["RecordRef", "RecordRefs"]
+__all__ = ["RecordRef", "RecordRefs", "RefColumns"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,30 @@ class RecordRef:
     def identity(self) -> tuple[str, str, str] | str:
         """What "the same record" means to the API: the key, or (identifier, value, key)."""
         return identity_of(self.key, self.contact)
+
+
+@dataclass(frozen=True, slots=True)
+class RefColumns:
+    """The fields of a batch's records as columns: no object per record (a batch can hold
+    100,000), so building or reading them sets off none of the collector's passes.
+
+    Args:
+        keys: each record's key.
+        identifiers: each record's contact identifier (``""`` where it has no contact).
+        values: each record's contact value (``""`` where it has no contact).
+        has_contact: 1 for each record with a contact, else 0.
+        origin_numbers: each record's origin, as an index into ``origins``.
+        origins: the inputs' display names (``None``: unknown).
+        lines: each record's line number in its origin.
+    """
+
+    keys: Sequence[str]
+    identifiers: Sequence[str]
+    values: Sequence[str]
+    has_contact: bytes | bytearray
+    origin_numbers: Sequence[int]
+    origins: Sequence[str | None]
+    lines: Sequence[int]
 
 
 class RecordRefs(Sequence[RecordRef]):
@@ -177,12 +201,22 @@ class RecordRefs(Sequence[RecordRef]):
 
     def __getitem__(self, index: int | slice) -> RecordRef | RecordRefs:
         if isinstance(index, slice):
-            keys, contacts, origins, lines = self.columns()
+            columns = self.columns()
+            origins = [columns.origins[number] for number in columns.origin_numbers[index]]
+            contacts = [
+                (identifier, value) if has else None
+                for identifier, value, has in zip(
+                    columns.identifiers[index],
+                    columns.values[index],
+                    columns.has_contact[index],
+                    strict=True,
+                )
+            ]
             return RecordRefs(
-                keys[index],
-                contacts[index],
-                origins[index],
-                lines[index],
+                columns.keys[index],
+                contacts,
+                origins,
+                columns.lines[index],
                 None if self._ends is None else self._ends[index],
             )
         if index < 0:
@@ -222,25 +256,60 @@ class RecordRefs(Sequence[RecordRef]):
         """Every record's key, in order."""
         return _unpack_all(self._keys, self._key_ends)
 
-    def columns(
-        self,
-    ) -> tuple[list[str], list[tuple[str, str] | None], list[str | None], list[int]]:
-        """The records as four lists: keys, contacts, origins, lines."""
-        origins = [self._origins[number] for number in self._origin_numbers]
-        return self.keys(), self._contact_list(), origins, list(self._line_numbers)
-
-    def _contact_list(self) -> list[tuple[str, str] | None]:
+    def columns(self) -> RefColumns:
+        """The records as plain columns (what the journal stores), with no object per record."""
         identifiers = _unpack_all(self._identifiers, self._identifier_ends)
         values = _unpack_all(self._values, self._value_ends)
-        return [
-            (identifier, value) if has else None
-            for identifier, value, has in zip(identifiers, values, self._has_contact, strict=True)
-        ]
+        return RefColumns(
+            keys=self.keys(),
+            identifiers=identifiers,
+            values=values,
+            has_contact=self._has_contact,
+            origin_numbers=self._origin_numbers,
+            origins=self._origins,
+            lines=self._line_numbers,
+        )
+
+    @classmethod
+    def of_columns(cls, columns: RefColumns, ends: Sequence[int] | None = None) -> RecordRefs:
+        """The refs of :meth:`columns` (read back from the journal, say)."""
+        if not (
+            len(columns.keys)
+            == len(columns.identifiers)
+            == len(columns.values)
+            == len(columns.has_contact)
+            == len(columns.origin_numbers)
+            == len(columns.lines)
+        ):
+            raise ValueError("every column must have one entry per record")
+        if ends is not None and len(ends) != len(columns.keys):
+            raise ValueError("ends must have one offset per record")
+        return cls._of_columns(
+            columns.keys,
+            columns.identifiers,
+            columns.values,
+            bytes(columns.has_contact),
+            array("I", columns.origin_numbers),
+            tuple(columns.origins),
+            array("q", columns.lines),
+            None if ends is None else array("q", ends),
+        )
 
     def identities(self) -> Iterator[tuple[str, str, str] | str]:
-        """Each record's identity, in order, without making a ref per record."""
-        for key, contact in zip(self.keys(), self._contact_list(), strict=True):
-            yield identity_of(key, contact)
+        """Each record's identity, in order, without making a ref per record.
+
+        Made one at a time from the packed columns: hashed and dropped at once, the identities
+        of a batch (up to 100,000) are never all alive together. A list of them would count
+        against the collector's threshold and set off passes over the young objects, and the
+        asyncio objects alive at each pass would move on towards the full passes that walk the
+        whole heap (tens of milliseconds with the loop stopped).
+        """
+        identifiers = _unpack_all(self._identifiers, self._identifier_ends)
+        values = _unpack_all(self._values, self._value_ends)
+        for key, identifier, value, has in zip(
+            self.keys(), identifiers, values, self._has_contact, strict=True
+        ):
+            yield (identifier, value, key) if has else key
 
 
 def _pack(texts: Sequence[str]) -> tuple[str, array[int]]:

@@ -478,7 +478,9 @@ def test_record_offsets_match_the_body(
         batches.append(last)
     for batch in batches:
         spans = record_spans(batch, collection)
-        legacy = Batch(batch.body, RecordRefs(*batch.refs.columns()))  # refs without offsets
+        legacy = Batch(
+            batch.body, RecordRefs.of_columns(batch.refs.columns())
+        )  # refs without offsets
         assert spans == record_spans(legacy, collection)
         records = orjson.loads(batch.body)["records"]
         assert [orjson.loads(batch.body[start:end]) for start, end in spans] == records
@@ -486,5 +488,86 @@ def test_record_offsets_match_the_body(
         assert [r for half in halves for r in orjson.loads(half.body)["records"]] == records
         for half in halves:
             assert record_spans(half, collection) == record_spans(
-                Batch(half.body, RecordRefs(*half.refs.columns())), collection
+                Batch(half.body, RecordRefs.of_columns(half.refs.columns())), collection
             )
+
+
+class CollidingKey(str):
+    """A key whose hash every other CollidingKey shares: distinct identities, one hash."""
+
+    def __hash__(self) -> int:
+        return 42
+
+
+def colliding(key: str, *, email: str | None = None) -> EncodedRecord:
+    record = make(key, 3, email=email)
+    return EncodedRecord(CollidingKey(key), record.contact, record.data, record.source)
+
+
+@pytest.mark.parametrize("email", [None, "x@y.io"])
+def test_identities_with_one_hash_are_never_taken_for_each_other(email: str | None) -> None:
+    """The open batch is indexed by identity hash, but a shared hash is never a repeat: the
+    batch is sealed before another identity with its hash goes in (fits() says so first), so
+    nothing is dropped, and a real repeat still replaces the older record."""
+    assembler = BatchAssembler(CONTACT if email else ACCOUNT)
+    sealed = []
+    for key in ["a", "a", "b", "c", "c"]:
+        record = colliding(key, email=email)
+        identity = record.identity
+        if len(assembler) and not assembler.fits(record):
+            assert identity not in assembler  # the hash matches, the identity does not
+            sealed.append(assembler.seal())
+        assert assembler.add(record) is None
+        assert identity in assembler
+    sealed.append(assembler.seal())
+    assert [[r["key"] for r in records_of(b)] for b in sealed if b] == [["a"], ["b"], ["c"]]
+
+
+def test_a_run_with_one_hash_falls_back_to_one_by_one() -> None:
+    """Records of a run whose identities share a hash are packed one batch each, none lost."""
+    data = b"".join(
+        orjson.dumps({"key": key, "json": {"n": n}}) + b"\n" for n, key in enumerate("abcab")
+    )
+    encoded = encode_chunk(data, contact_scope=False, first_line=1)
+    run = encoded.records(data, "t", contact_scope=False)
+    run.keys = [CollidingKey(key) for key in run.keys]
+    assembler = BatchAssembler(ACCOUNT)
+    batches, position = [], 0
+    while position < len(run):
+        stopped = assembler.add_run(run, position)
+        if stopped == position:
+            batches.append(assembler.seal())
+        position = stopped
+    batches.append(assembler.seal())
+    assert [[r["json"]["n"] for r in records_of(b)] for b in batches if b] == [
+        [i] for i in range(5)
+    ]
+
+
+def test_packing_a_chunk_leaves_no_object_per_record() -> None:
+    """The open batch holds its records in flat columns and a dict of ints: a body's worth of
+    records adds no object the collector tracks per record (each would bring its passes over
+    the young objects, and the full ones that stop the event loop, closer)."""
+    lines = b"".join(
+        orjson.dumps(
+            {
+                "key": f"k{n}",
+                "contactIdentity": {"identifier": "email", "value": f"c{n}@x.io"},
+                "json": {"n": n},
+            }
+        )
+        + b"\n"
+        for n in range(20_000)
+    )
+    encoded = encode_chunk(lines, contact_scope=True, first_line=1)
+    run = encoded.records(lines, "t", contact_scope=True)
+    assembler = BatchAssembler(CONTACT)
+    gc.collect()
+    before = len(gc.get_objects())
+    assert assembler.add_run(run) == len(run)
+    hashes = assembler.identity_hashes()
+    held = len(gc.get_objects()) - before
+    assert held < 100, held
+    batch = assembler.seal()
+    assert batch is not None
+    assert len(hashes) == batch.record_count == 20_000

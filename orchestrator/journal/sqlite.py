@@ -52,7 +52,7 @@ from orchestrator.journal.base import (
     redirected,
 )
 from orchestrator.logs import get_logger
-from orchestrator.refs import RecordRef, RecordRefs
+from orchestrator.refs import RecordRef, RecordRefs, RefColumns
 
 __all__ = ["SqliteJournal"]
 
@@ -1072,16 +1072,21 @@ def _packed(refs: Sequence[RecordRef]) -> RecordRefs:
 def _encode_refs(refs: RecordRefs) -> bytes:
     # Column by column, so that no object is made per record (a batch can hold 100,000): keys,
     # contacts as two columns (null where there is none), and origins named by number.
-    keys, contacts, origins, lines = refs.columns()
-    numbers: dict[str | None, int] = {}
+    columns = refs.columns()
+    has_contact = columns.has_contact
+    identifiers: Sequence[str | None] = columns.identifiers
+    values: Sequence[str | None] = columns.values
+    if not all(has_contact):
+        identifiers = [i if has else None for i, has in zip(identifiers, has_contact, strict=True)]
+        values = [v if has else None for v, has in zip(values, has_contact, strict=True)]
     return orjson.dumps(
         {
-            "keys": keys,
-            "identifiers": [None if c is None else c[0] for c in contacts],
-            "values": [None if c is None else c[1] for c in contacts],
-            "origins": [numbers.setdefault(origin, len(numbers)) for origin in origins],
-            "origin_names": list(numbers),
-            "lines": lines,
+            "keys": columns.keys,
+            "identifiers": identifiers,
+            "values": values,
+            "origins": list(columns.origin_numbers),
+            "origin_names": list(columns.origins),
+            "lines": list(columns.lines),
             "ends": None if refs.ends is None else list(refs.ends),
         }
     )
@@ -1089,10 +1094,20 @@ def _encode_refs(refs: RecordRefs) -> bytes:
 
 def _decode_refs(raw: bytes) -> RecordRefs:
     columns = orjson.loads(raw)
-    names = columns["origin_names"]
-    contacts: list[tuple[str, str] | None] = [
-        None if identifier is None else (identifier, value)
-        for identifier, value in zip(columns["identifiers"], columns["values"], strict=True)
-    ]
-    origins = [names[number] for number in columns["origins"]]
-    return RecordRefs(columns["keys"], contacts, origins, columns["lines"], columns.get("ends"))
+    identifiers, values = columns["identifiers"], columns["values"]
+    has_contact = bytes(identifier is not None for identifier in identifiers)
+    if not all(has_contact):
+        identifiers = [identifier or "" for identifier in identifiers]
+        values = [value or "" for value in values]
+    return RecordRefs.of_columns(
+        RefColumns(
+            keys=columns["keys"],
+            identifiers=identifiers,
+            values=values,
+            has_contact=has_contact,
+            origin_numbers=columns["origins"],
+            origins=columns["origin_names"],
+            lines=columns["lines"],
+        ),
+        columns.get("ends"),
+    )
