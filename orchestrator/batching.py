@@ -394,6 +394,7 @@ class BatchAssembler:
             and not self._index
             and len(body) > len(self._body)
             and body is not self._body
+            and _resizable(body)
         ):
             self._reset(body)
 
@@ -439,6 +440,17 @@ class BatchAssembler:
         if not count:
             return 0
         return self._base + self._size + count - 1
+
+
+def _resizable(body: bytearray) -> bool:
+    """Whether nothing holds a view of ``body`` (a bytearray with views cannot change size): a
+    traceback or a profiler keeping an upload's frame alive keeps its view of the body too."""
+    try:
+        body.append(0)
+    except BufferError:
+        return False
+    del body[-1]
+    return True
 
 
 def record_spans(batch: Batch, collection: Collection) -> list[tuple[int, int]]:

@@ -438,6 +438,30 @@ def test_a_recycled_body_gives_the_same_bodies(
     assert bodies(recycle=True) == bodies(recycle=False)
 
 
+def test_a_body_something_still_views_is_not_recycled() -> None:
+    """A body handed back while a view of it is alive (an upload's frame kept by a traceback,
+    say) cannot change size: the next body is built in fresh memory, not over it."""
+    assembler = BatchAssembler(ACCOUNT)
+    for key in ("a", "b", "c"):
+        assembler.add(make(key, 50))
+    sealed = assembler.seal()
+    assert sealed is not None
+    kept = bytes(sealed.body)
+    view = memoryview(sealed.body)
+    assembler.recycle(sealed.body)
+    assert assembler.add(make("d", 3)) is None
+    line = b'{"key":"e","json":{}}\n'
+    run = encode_chunk(line, contact_scope=False, first_line=1).records(
+        line, "t", contact_scope=False
+    )
+    assert assembler.add_run(run) == 1
+    batch = assembler.seal()
+    assert batch is not None
+    assert [r["key"] for r in records_of(batch)] == ["d", "e"]
+    assert view.tobytes() == kept  # the viewed body was left as it was
+    view.release()
+
+
 def test_identity_hashes_are_those_of_the_sealed_refs() -> None:
     """The hashes taken from the open batch are the hashes of the records sealed (replaced
     records not included)."""
