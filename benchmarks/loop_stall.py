@@ -51,6 +51,7 @@ from orchestrator import (
     Settings,
     SqliteJournal,
 )
+from orchestrator.parsing import default_processes
 
 TICK = 0.005
 GOAL_S = 0.050
@@ -232,10 +233,12 @@ def main() -> None:
     parser.add_argument(
         "--parse-processes",
         type=int,
-        default=0,
-        help="parse worker processes (default 0, the library's default: parse in a thread)",
+        default=None,
+        help="parse worker processes (default: the library's, one per CPU; 0 parses in a thread)",
     )
     args = parser.parse_args()
+    if args.parse_processes is None:
+        args.parse_processes = default_processes()
     quiet_logs()
     ensure_free_disk(DATA_DIR, int(args.mb * 1e6 + 1e9))
     path = DATA_DIR / f"loop-stall-{args.mb:g}mb.jsonl"
@@ -291,8 +294,9 @@ def main() -> None:
     )
     parsing = (
         f"parsing in {args.parse_processes} worker processes"
+        + (", the library's default" if args.parse_processes == default_processes() else "")
         if args.parse_processes
-        else "parsing in a worker thread, the library's default"
+        else "parsing in a worker thread (`parse_processes=0`)"
     )
     max_ratio = busy_max / GOAL_S
     p99_ratio = busy_p99 / idle_p99 if idle_p99 > 0 else float("inf")
@@ -330,6 +334,8 @@ def main() -> None:
     title = "Event-loop stalls during a 1 GB in-process import"
     if args.parse_processes:
         title += f", {args.parse_processes} parse processes"
+    else:
+        title += ", parsing in a thread"
     if args.freeze:
         title += ", start-up heap frozen"
     record_section(title, body)

@@ -131,8 +131,14 @@ class ParsePool:
             try:
                 for future in [executor.submit(os.getpid) for _ in range(self.processes)]:
                     future.result()
-            except BaseException:
+            except BaseException as error:
                 executor.shutdown(wait=False, cancel_futures=True)
+                if isinstance(error, Exception) and not isinstance(error, BrokenProcessPool):
+                    # e.g. a daemonic process (a prefork task worker's) may have no children,
+                    # which multiprocessing asserts: the callers parse in a thread instead
+                    raise BrokenProcessPool(
+                        f"parse worker processes cannot start here: {type(error).__name__}"
+                    ) from error
                 raise
             self._executor = executor
             return executor

@@ -96,10 +96,12 @@ class Settings:
             goes, however large). Bodies are the biggest thing a run holds, so this bounds its
             memory; the uploads share one network link anyway. Small bodies still go together.
         parse_processes: worker processes that parse and validate large input files (past their
-            first 8 MB), shared by the whole process; ``None``: one per CPU. The default, ``0``,
-            parses in a worker thread: starting processes is the embedding application's call
-            (its main module must be import-safe, ``if __name__ == "__main__":``). The CLI uses
-            one per CPU.
+            first 8 MB), owned by the ``Orchestrator``; ``None`` (the default): one per CPU.
+            They start on the first large input, never import the program's main module, run
+            niced below it and stop with the orchestrator; where processes cannot start (a
+            daemonic process, a process limit) parsing falls back to a thread. ``0`` parses in
+            a worker thread, which shares the GIL with the event loop: the loop then waits up
+            to the interpreter's 5 ms switch interval each time it takes the GIL back.
         status_calls_per_minute: the most status polls a minute (in any 60 s) for the account,
             all its imports and collections together; polls wait their turn, which may stretch
             a gap past ``poll_max`` (logged as ``poll.budget_stretched``). The default stays
@@ -120,7 +122,7 @@ class Settings:
     linger: float = 5.0
     status_error_budget: int = 60
     max_upload_bytes: int = 60_000_000
-    parse_processes: int | None = 0
+    parse_processes: int | None = None
     status_calls_per_minute: float | None = 30.0
 
     if TYPE_CHECKING:  # the dataclass's own __init__ runs; this tells type checkers about timedelta

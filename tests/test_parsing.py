@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from orchestrator import InsightClient, Orchestrator, RunStats, Settings, inputs, parsing
 from orchestrator.errors import OrchestratorError
 from orchestrator.inputs import FileInput
+from orchestrator.logs import capture_events
 from orchestrator.parsing import ParsePool
 from orchestrator.records import Collection, Scope
 from orchestrator.simulator import Simulator, SimulatorConfig
@@ -129,6 +131,39 @@ async def test_a_dead_worker_falls_back_to_a_thread(
         assert await read_chunks(path, pool) == expected
         assert pool._executor is not None
         assert pool._executor is not executor
+
+
+def _read_in_a_daemon(path: str, answers: multiprocessing.SimpleQueue[object]) -> None:
+    parsing.PROCESS_AFTER = 0  # ask for the workers from the first chunk
+
+    async def read() -> tuple[list[tuple[object, ...]], list[str]]:
+        with capture_events() as events:
+            async with ParsePool(2) as pool:
+                seen = await read_chunks(Path(path), pool)
+        return seen, [event["event"] for event in events]
+
+    try:
+        answers.put(anyio.run(read))
+    except BaseException as error:
+        answers.put(repr(error))
+
+
+def test_a_daemonic_process_parses_in_a_thread(tmp_path: Path) -> None:
+    """A daemonic process (a prefork task worker's) may not start processes: its parser says so
+    once and parses in a thread, reading exactly what workers would have."""
+    path = tmp_path / "mixed.jsonl"
+    write_mixed(path, 3_000)
+    expected = anyio.run(read_chunks, path, None)
+    context = multiprocessing.get_context("spawn")
+    answers: multiprocessing.SimpleQueue[object] = context.SimpleQueue()
+    daemon = context.Process(target=_read_in_a_daemon, args=(str(path), answers), daemon=True)
+    daemon.start()
+    answer = answers.get()
+    daemon.join(30)
+    assert isinstance(answer, tuple), answer
+    seen, events = answer
+    assert seen == expected
+    assert events.count("parsing.processes_unavailable") == 1
 
 
 def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
