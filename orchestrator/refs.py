@@ -202,21 +202,16 @@ class RecordRefs(Sequence[RecordRef]):
     def __getitem__(self, index: int | slice) -> RecordRef | RecordRefs:
         if isinstance(index, slice):
             columns = self.columns()
-            origins = [columns.origins[number] for number in columns.origin_numbers[index]]
-            contacts = [
-                (identifier, value) if has else None
-                for identifier, value, has in zip(
-                    columns.identifiers[index],
-                    columns.values[index],
-                    columns.has_contact[index],
-                    strict=True,
-                )
-            ]
-            return RecordRefs(
-                columns.keys[index],
-                contacts,
-                origins,
-                columns.lines[index],
+            return RecordRefs.of_columns(
+                RefColumns(
+                    keys=columns.keys[index],
+                    identifiers=columns.identifiers[index],
+                    values=columns.values[index],
+                    has_contact=columns.has_contact[index],
+                    origin_numbers=columns.origin_numbers[index],
+                    origins=columns.origins,
+                    lines=columns.lines[index],
+                ),
                 None if self._ends is None else self._ends[index],
             )
         if index < 0:
@@ -304,10 +299,9 @@ class RecordRefs(Sequence[RecordRef]):
         asyncio objects alive at each pass would move on towards the full passes that walk the
         whole heap (tens of milliseconds with the loop stopped).
         """
-        identifiers = _unpack_all(self._identifiers, self._identifier_ends)
-        values = _unpack_all(self._values, self._value_ends)
+        columns = self.columns()
         for key, identifier, value, has in zip(
-            self.keys(), identifiers, values, self._has_contact, strict=True
+            columns.keys, columns.identifiers, columns.values, columns.has_contact, strict=True
         ):
             yield (identifier, value, key) if has else key
 

@@ -825,3 +825,24 @@ async def test_bodies_waiting_for_their_answer_are_bounded_too() -> None:
         answers[1].set()
         answers[2].set()
     assert budget.admits(8)
+
+
+async def test_a_later_orchestrator_started_from_the_history_aims_its_first_polls() -> None:
+    """``poll_history()`` of one orchestrator, handed to ``restore_poll_history()`` of the next,
+    lets that one aim its first import's polls: fewer than probing for it takes."""
+    config = SimulatorConfig(records_per_second=100_000, min_processing_s=1.0, jitter=0.0)
+    settings = Settings.scaled(0.01, max_body_bytes=20_000, poll_max=1.5)
+    collection = Collection("History", "contact")
+    async with Simulator(config) as sim:
+        async with Orchestrator(client_for(sim), settings=settings) as first:
+            probed = await first.import_records(collection, orders(100, seed=1))
+            history = first.poll_history()
+        async with Orchestrator(client_for(sim), settings=settings) as later:
+            assert later.restore_poll_history(history)
+            aimed = await later.import_records(collection, orders(100, seed=2))
+            assert later.poll_history()[:-1] == history  # and what it learned itself after
+    assert len(history) == len(probed.imports) == 1
+    assert probed.imports[0].polls >= 5  # 0.05, 0.125, 0.24, 0.41, 0.66, 1.04 s
+    # aimed at the estimate (one probed import's: the middle of its last two probes), and if
+    # that is early, probed from there
+    assert aimed.imports[0].polls <= 3

@@ -418,6 +418,20 @@ def test_every_line_longer_than_the_limit_gets_its_stand_in(
         assert chunks[-1].end_digest == fingerprint(expected)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 64, 4096])
+async def test_only_the_first_lines_byte_order_mark_is_left_out_of_a_stand_in(
+    tmp_path: Path, chunk_bytes: int
+) -> None:
+    """An over-long first line's stand-in keeps its text without the input's byte order mark,
+    however the mark is split across reads; a later line's mark is its own text and stays."""
+    first, later = b"x" * 50, b"\xef\xbb\xbf" + b"y" * 50
+    path = tmp_path / "marked.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + first + b"\n" + later + b"\n")
+    lines = flatten(await read_limited(str(path), chunk_bytes, 10))
+    # a stand-in ends with the line's first bytes, after the last of its NUL separators
+    assert [line.rsplit(b"\x00", 1)[1] for line in lines] == [first, later]
+
+
 async def test_a_long_line_keeps_only_its_prefix_and_resumes_the_same(tmp_path: Path) -> None:
     """A 5 MB line is dropped as read (1 KiB kept); skip() over it gives the same fingerprint."""
     long = b'{"key": "big", "json": {"x": "' + b"0" * 5_000_000 + b'"}}'
