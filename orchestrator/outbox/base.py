@@ -84,6 +84,7 @@ __all__ = [
     "StoredDeadLetter",
     "StoredImport",
     "identity_text",
+    "identity_texts",
 ]
 
 RECORD_ORIGIN = "insight_outbox"
@@ -136,6 +137,23 @@ def identity_text(key: str, contact: tuple[str, str] | None) -> str:
     if contact is None:
         return orjson.dumps(key).decode()
     return orjson.dumps([contact[0], contact[1], key]).decode()
+
+
+def identity_texts(
+    keys: Sequence[str], identifiers: Sequence[str] | None, values: Sequence[str]
+) -> list[str]:
+    """``identity_text`` of many records at once, from their columns (a ``RecordRun``'s).
+
+    Args:
+        keys: the records' keys.
+        identifiers: their contacts' identifiers, or ``None`` for account scope.
+        values: their contacts' values (ignored for account scope).
+    """
+    decode = bytes.decode
+    if identifiers is None:
+        return list(map(decode, map(orjson.dumps, keys)))
+    # a tuple is written as the list identity_text writes
+    return list(map(decode, map(orjson.dumps, zip(identifiers, values, keys, strict=True))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,12 +277,7 @@ class ClaimedRun(Sequence[ClaimedRow]):
     def identities(self) -> list[str]:
         """Each row's identity as stored text (see ``identity_text``), in order."""
         run = self.run
-        if run.identifiers is None:
-            return [identity_text(key, None) for key in run.keys]
-        return [
-            identity_text(key, (identifier, value))
-            for key, identifier, value in zip(run.keys, run.identifiers, run.values, strict=True)
-        ]
+        return identity_texts(run.keys, run.identifiers, run.values)
 
 
 @dataclass(frozen=True, slots=True)
