@@ -22,7 +22,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from orchestrator.body_files import BodyFiles
 from orchestrator.errors import JournalError, JournalMismatchError, JournalStateError
 from orchestrator.journal.base import (
     SUBMITS_IN_DOUBT,
@@ -68,7 +68,6 @@ _MIGRATIONS = {
     2: ("ALTER TABLE payloads ADD COLUMN body_file TEXT",),
 }
 _BLOB_CHUNK = 1 << 20
-_BODY_SUFFIX = ".body"
 _APPLICATION_ID = 0x494E5349  # "INSI": marks the file as one of our journals
 
 _SCHEMA = """
@@ -166,7 +165,7 @@ class SqliteJournal(SealOne):
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 2.0) -> None:
         self._path = Path(path).expanduser()
-        self._bodies = self._path.with_name(self._path.name + ".bodies")
+        self._bodies = BodyFiles(self._path.with_name(self._path.name + ".bodies"))
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -437,12 +436,11 @@ class SqliteJournal(SealOne):
         if file is None:  # kept in the table by an older version
             return await self._read(lambda conn: _read_blob(conn, batch_id), what)
         # Read outside the journal's thread: other batches' transactions go on meanwhile.
-        path = self._bodies / file
         try:
-            return await anyio.to_thread.run_sync(_read_file, path)
+            return await anyio.to_thread.run_sync(self._bodies.read, file)
         except OSError as exc:
             raise JournalError(
-                f"journal {self._path}: cannot {what}: {exc.strerror or exc} ({path.name}); "
+                f"journal {self._path}: cannot {what}: {exc.strerror or exc} ({file}); "
                 f"{_DEFAULT_ADVICE}"
             ) from exc
 
@@ -457,8 +455,8 @@ class SqliteJournal(SealOne):
         """Mark the run complete, then give the space of dropped bodies back to the disk."""
         await self._write(lambda conn: conn.execute("UPDATE run SET complete = 1"), "complete")
         await self._run(self._vacuum, "reclaim space")
-        with contextlib.suppress(OSError):  # not there, or a body file someone else left in it
-            await anyio.to_thread.run_sync(self._bodies.rmdir)
+        # not there, or a body file someone else left in it: kept
+        await anyio.to_thread.run_sync(self._bodies.remove_directory)
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Return every dead letter of the run, in insertion order."""
@@ -511,30 +509,12 @@ class SqliteJournal(SealOne):
         if not bodies:
             return []
         self._require_spec()
-        directory = self._bodies
-
-        def store() -> list[str]:
-            names: list[str] = []
-            try:
-                if not directory.is_dir():
-                    directory.mkdir(mode=0o700, exist_ok=True)
-                    _fsync_directory(directory.parent)
-                for body in bodies:
-                    name = secrets.token_hex(8) + _BODY_SUFFIX
-                    names.append(name)
-                    _write_file(directory / name, body)
-                _fsync_directory(directory)  # the files' names are durable before a row names them
-            except BaseException:
-                _unlink_all(directory, names)
-                raise
-            return names
-
         try:
-            return await anyio.to_thread.run_sync(store)
+            return await anyio.to_thread.run_sync(self._bodies.store, bodies)
         except OSError as exc:
             advice = _ADVICE["SQLITE_FULL"] if exc.errno == errno.ENOSPC else _DEFAULT_ADVICE
             raise JournalError(
-                f"journal {self._path}: cannot store a body in {directory}: "
+                f"journal {self._path}: cannot store a body in {self._bodies.directory}: "
                 f"{exc.strerror or exc}; {advice}"
             ) from exc
 
@@ -552,22 +532,19 @@ class SqliteJournal(SealOne):
     async def _unlink_bodies(self, files: list[str]) -> None:
         if files:
             # A file left behind (an error, a crash) is removed at the next open.
-            await anyio.to_thread.run_sync(_unlink_all, self._bodies, files)
+            await anyio.to_thread.run_sync(self._bodies.unlink, files)
 
     def _sweep_bodies(self, conn: sqlite3.Connection) -> None:
         """Remove body files no batch names: written for a seal that never committed, or kept
         by a crash between a batch's end and the file's unlink."""
-        try:
-            present = [p.name for p in self._bodies.iterdir() if p.name.endswith(_BODY_SUFFIX)]
-        except FileNotFoundError:
-            return
-        if not present:
-            return
-        named = {
-            row[0]
-            for row in conn.execute("SELECT body_file FROM payloads WHERE body_file IS NOT NULL")
-        }
-        _unlink_all(self._bodies, [name for name in present if name not in named])
+        self._bodies.sweep(
+            {
+                row[0]
+                for row in conn.execute(
+                    "SELECT body_file FROM payloads WHERE body_file IS NOT NULL"
+                )
+            }
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -857,41 +834,6 @@ def _drop_payload(conn: sqlite3.Connection, batch_id: int) -> list[str]:
     row = conn.execute("SELECT body_file FROM payloads WHERE batch_id = ?", (batch_id,)).fetchone()
     conn.execute("DELETE FROM payloads WHERE batch_id = ?", (batch_id,))
     return [row[0]] if row is not None and row[0] is not None else []
-
-
-def _write_file(path: Path, body: bytes | bytearray) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(body)
-        written = 0
-        while written < len(view):  # in 1 MB pieces: the GIL is handed over between them
-            written += os.write(fd, view[written : written + _BLOB_CHUNK])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_file(path: Path) -> bytearray:
-    """Read a body file in 1 MB pieces into one buffer (see ``_read_blob`` for why)."""
-    body = bytearray()
-    with open(path, "rb", buffering=0) as handle:
-        while piece := handle.read(_BLOB_CHUNK):
-            body += piece
-    return body
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_all(directory: Path, names: Iterable[str]) -> None:
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
 
 
 def _body_file(conn: sqlite3.Connection, batch_id: int) -> str | None:
