@@ -315,6 +315,23 @@ async def test_seal_holds_the_rows_and_refuses_rows_no_longer_pending(backend: B
     assert held == {1: sealed.ref, 2: None}
 
 
+@pytest.mark.parametrize("json", [True, False])
+async def test_a_seal_holds_every_row_with_or_without_sqlites_json_functions(
+    tmp_path: Path, json: bool
+) -> None:
+    """Rows are held in one statement through ``json_each``, or one by one on a SQLite built
+    without it; either way a row held already refuses the seal."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path) as store:
+        store._json = json
+        await store.enqueue("acme", ORDERS, [line(f"k{i}") for i in range(300)])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        sealed = await store.seal(QUEUE, claim.rows[:250], b"body")
+        with pytest.raises(ClaimConflict, match="1 of the 51 rows"):
+            await store.seal(QUEUE, claim.rows[249:], b"again")
+    assert rows_of_table(path, "insight_held") == [(i, sealed.ref) for i in range(1, 251)]
+
+
 async def test_phases_move_forward_only(backend: Backend) -> None:
     """submitting needs sealed (or submitted, to resubmit); submitted needs submitting."""
     async with backend.store() as store:
@@ -415,6 +432,96 @@ async def test_recover_after_kill_9_finds_submits_in_doubt(tmp_path: Path) -> No
         assert await store.load_body(two.ref) == b"body-two"
         again = await store.recover()
         assert [imp.in_doubt for imp in again] == [0, 1]  # counted once
+
+
+def body_files(path: Path) -> list[bytes]:
+    """The contents of the SQLite store's body files, sorted."""
+    directory = path.with_name(path.name + ".bodies")
+    return sorted(f.read_bytes() for f in directory.iterdir()) if directory.exists() else []
+
+
+async def test_bodies_are_files_beside_the_database_until_their_import_ends(
+    tmp_path: Path,
+) -> None:
+    """A sealed body is a file, not rows of the database; a seal refused, a split and a finish
+    leave no file behind; the worker's store removes the empty directory when it closes."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path, exclusive=True) as store:
+        await store.enqueue("acme", ORDERS, [line("a"), line("b"), line("c")])
+        claim = await store.claim(QUEUE, budget_bytes=10**6)
+        one = await store.seal(QUEUE, claim.rows[:2], b"body-one")
+        with pytest.raises(ClaimConflict):
+            await store.seal(QUEUE, claim.rows, b"refused")
+        two = await store.seal(QUEUE, claim.rows[2:], b"body-two")
+        assert body_files(path) == [b"body-one", b"body-two"]
+        assert rows_of_table(path, "insight_body") == []
+        assert await store.load_body(one.ref) == b"body-one"
+        halves = [ImportPart((1,), b"half-1", (3,)), ImportPart((2,), b"half-2", (3,))]
+        first, second = await store.split(one.ref, halves)
+        assert body_files(path) == [b"body-two", b"half-1", b"half-2"]
+        for ref in (first.ref, second.ref, two.ref):
+            await store.finish(ref)
+        assert body_files(path) == []
+    assert not path.with_name("outbox.sqlite.bodies").exists()
+
+
+def rows_of_table(path: Path, table: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT * FROM {table}").fetchall()
+
+
+async def test_the_worker_store_removes_body_files_no_import_names(tmp_path: Path) -> None:
+    """A file left by a seal that never committed (or a crash before an unlink) goes when the
+    worker's store opens; a store opened beside a worker (the CLI) leaves every file alone."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path, exclusive=True) as store:
+        await store.enqueue("acme", ORDERS, [line("a")])
+        sealed = await store.seal(
+            QUEUE, (await store.claim(QUEUE, budget_bytes=10**6)).rows, b"kept"
+        )
+    stray = path.with_name("outbox.sqlite.bodies") / "0123456789abcdef.body"
+    stray.write_bytes(b"never committed")
+    async with SqliteOutbox(path) as store:
+        assert await store.load_body(sealed.ref) == b"kept"
+    assert stray.exists()
+    async with SqliteOutbox(path, exclusive=True) as store:
+        assert await store.load_body(sealed.ref) == b"kept"
+        assert body_files(path) == [b"kept"]
+
+
+async def test_a_body_an_earlier_release_kept_in_the_database_is_still_sent(
+    tmp_path: Path,
+) -> None:
+    """An import sealed with its body in ``insight_body`` (schema 3) loads it from there and
+    drops it when it ends."""
+    from orchestrator.outbox.sqlite import _MIGRATIONS
+
+    path = tmp_path / "outbox.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE insight_schema (version INTEGER NOT NULL)")
+        for statement in (s for statements in _MIGRATIONS[:3] for s in statements):
+            conn.execute(statement)
+        conn.execute("INSERT INTO insight_schema (version) VALUES (3)")
+        conn.executemany(INSERT_ROW, [(*QUEUE_VALUES, line("a"))])
+        conn.execute(
+            "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
+            " body_bytes, sealed_at, row_ids, ends, body, identities) VALUES"
+            " (?, ?, ?, ?, 'sealed', 8, 0, ?, ?, x'', ?)",
+            (
+                *QUEUE_VALUES,
+                array("q", [1]).tobytes(),
+                array("q", [7]).tobytes(),
+                orjson.dumps([identity_text("a", None)]).decode(),
+            ),
+        )
+        conn.execute("INSERT INTO insight_held (row_id, ref) VALUES (1, 1)")
+        conn.execute("INSERT INTO insight_body (ref, body) VALUES (1, x'6f6c642d626f6479')")
+    async with SqliteOutbox(path, exclusive=True) as store:
+        (held,) = await store.recover()
+        assert await store.load_body(held.ref) == b"old-body"
+        assert (await store.finish(held.ref)).imported == 1
+    assert rows_of_table(path, "insight_body") == []
+    assert body_files(path) == []
 
 
 async def test_a_second_worker_on_the_same_file_is_refused(tmp_path: Path) -> None:

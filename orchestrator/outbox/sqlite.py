@@ -15,11 +15,16 @@ waits up to the busy timeout for it. All SQLite calls of a store run on a worker
 time, never on the event loop. A claim reads and validates rows outside the write lock, so the
 application's inserts are held up only for the short write that follows.
 
-What makes a 50 MB import cheap to keep: its body lives in a table of its own (``insight_body``,
-written and read through incremental blob I/O), so a phase change rewrites a small row, not the
-body; the rows it holds are listed in a narrow table (``insight_held``: row id -> import), so
-sealing writes a few bytes per row instead of rewriting every outbox row; the identities of its
-records are one value of the import's row.
+What makes a 50 MB import cheap to keep: its body is a file of its own in ``<database>.bodies/``
+(``orchestrator.body_files``: written and fsync'd before the seal that names it commits, unlinked
+after the import ends): in the database it took 0.4-0.6 s to write, as long to delete, and its
+pages were written twice (the WAL, then the file) and stayed in the application's file once
+freed. Bodies sealed by releases before are read from their table (``insight_body``) until their
+imports end. The rows an import holds are listed in a narrow table (``insight_held``: row id ->
+import), so sealing writes a few bytes per row instead of rewriting every outbox row; the
+identities of its records are one value of the import's row. A store opened by the worker
+(``exclusive``) removes the body files no import names (a seal that never committed, a crash
+before an unlink).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from orchestrator.body_files import BodyFiles
 from orchestrator.errors import ConfigError
 from orchestrator.outbox.base import (
     Claim,
@@ -136,6 +142,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE insight_import ADD COLUMN identities TEXT",
         "UPDATE insight_outbox SET held_by = NULL WHERE held_by IS NOT NULL",
     ),
+    # Bodies move to files of their own (see the module docstring); NULL: in insight_body.
+    ("ALTER TABLE insight_import ADD COLUMN body_file TEXT",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version the migrations of this release lead to."""
@@ -271,6 +279,8 @@ class SqliteOutbox:
         # ref -> its queue and the hashes of its identities, for claims to hold rows back by:
         # an import's identities never change, and refs of imports that ended are dropped.
         self._in_flight: dict[int, tuple[OutboxQueue, IdentityHashes]] = {}
+        self._bodies = BodyFiles(self._path.with_name(self._path.name + ".bodies"))
+        self._json = True  # whether this SQLite has its JSON functions (since 3.38 unless omitted)
 
     def __repr__(self) -> str:
         return f"SqliteOutbox({str(self._path)!r})"
@@ -416,7 +426,8 @@ class SqliteOutbox:
             ref = _insert_import(
                 conn,
                 queue,
-                body,
+                len(body),
+                body_file,
                 row_ids=row_ids,
                 ends=ends,
                 identities=identities,
@@ -425,10 +436,7 @@ class SqliteOutbox:
             )
             # A row held by another import is ignored here; one deleted since (or of another
             # queue) is not counted below: either way the seal is refused and rolled back.
-            conn.executemany(
-                "INSERT OR IGNORE INTO insight_held (row_id, ref) VALUES (?, ?)",
-                ((row_id, ref) for row_id in row_ids),
-            )
+            _hold(conn, ref, row_ids, json=self._json)
             held = conn.execute(
                 "SELECT count(*) FROM insight_held AS h JOIN insight_outbox AS o"
                 f" ON o.id = h.row_id WHERE h.ref = ? AND {_QUEUE}",
@@ -441,8 +449,16 @@ class SqliteOutbox:
                 )
             return ref
 
+        body_file = ""
+
         def seal(conn: sqlite3.Connection) -> int:
-            ref = _transaction(conn, write)
+            nonlocal body_file
+            [body_file] = self._bodies.store([body])  # durable before the row naming it commits
+            try:
+                ref = _transaction(conn, write)
+            except BaseException:
+                self._bodies.unlink([body_file])
+                raise
             self._in_flight[ref] = (queue, hash_identities(identities))
             return ref
 
@@ -540,11 +556,12 @@ class SqliteOutbox:
                 raise OutboxError(f"cannot split: the parts do not hold exactly the rows of {ref}")
             identity_of = dict(zip(old.row_ids, old.identities, strict=True))
             new_refs = []
-            for part in parts:
+            for part, body_file in zip(parts, body_files, strict=True):
                 new = _insert_import(
                     conn,
                     old.queue,
-                    part.body,
+                    len(part.body),
+                    body_file,
                     row_ids=part.row_ids,
                     ends=part.ends,
                     identities=tuple(identity_of[row_id] for row_id in part.row_ids),
@@ -567,7 +584,7 @@ class SqliteOutbox:
                         "UPDATE insight_import SET depends_on = ? WHERE id = ?",
                         (orjson.dumps(redirected).decode(), other),
                     )
-            _forget_import(conn, ref)
+            forgotten.extend(_forget_import(conn, ref))
             return [
                 _stored_import(conn, found)
                 for found in conn.execute(
@@ -577,9 +594,19 @@ class SqliteOutbox:
                 )
             ]
 
+        body_files: list[str] = []
+        forgotten: list[str] = []
+
         def split(conn: sqlite3.Connection) -> list[StoredImport]:
             self._in_flight.pop(ref, None)
-            return _transaction(conn, write)
+            body_files[:] = self._bodies.store([part.body for part in parts])
+            try:
+                stored = _transaction(conn, write)
+            except BaseException:
+                self._bodies.unlink(body_files)
+                raise
+            self._bodies.unlink(forgotten)  # after the commit: a crash before leaves it swept
+            return stored
 
         return await self._run(split, "split an import")
 
@@ -625,12 +652,15 @@ class SqliteOutbox:
                 (ref,),
             ).rowcount
             conn.execute("DELETE FROM insight_held WHERE ref = ?", (ref,))
-            _forget_import(conn, ref)
+            forgotten.extend(_forget_import(conn, ref))
             return Finished(imported=deleted - len(letters), dead_lettered=len(letters))
+
+        forgotten: list[str] = []
 
         def finish(conn: sqlite3.Connection) -> Finished:
             done = _transaction(conn, write)
             self._in_flight.pop(ref, None)
+            self._bodies.unlink(forgotten)  # after the commit: a crash before leaves it swept
             return done
 
         return await self._run(finish, "finish an import")
@@ -668,7 +698,13 @@ class SqliteOutbox:
         """See ``OutboxStore.load_body`` (a new bytearray each time: the caller may free it)."""
 
         def read(conn: sqlite3.Connection) -> bytearray:
-            try:
+            row = conn.execute("SELECT body_file FROM insight_import WHERE id = ?", (ref,))
+            found = row.fetchone()
+            if found is None:
+                raise OutboxError(f"import {ref} is not held by the outbox store")
+            if found[0] is not None:
+                return self._bodies.read(found[0])
+            try:  # sealed by a release that kept bodies in the database
                 blob = conn.blobopen("insight_body", "body", ref, readonly=True)
             except sqlite3.OperationalError:  # no such row
                 raise OutboxError(f"import {ref} is not held by the outbox store") from None
@@ -754,6 +790,12 @@ class SqliteOutbox:
                 return fn(conn)
             except sqlite3.Error as error:
                 raise OutboxError(self._explain(what, error)) from error
+            except OSError as error:  # a body file
+                raise OutboxError(
+                    f"outbox database {self._path}: cannot {what}: {error.strerror or error}"
+                    f" (in {self._bodies.directory}); check that the directory is writable and"
+                    " that its disk has room"
+                ) from error
             finally:
                 if not read:
                     self._written()
@@ -814,6 +856,19 @@ class SqliteOutbox:
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * 4096}")
             migrate(conn)
+            try:
+                conn.execute("SELECT json_valid('[]')").fetchone()
+            except sqlite3.OperationalError:
+                self._json = False
+            if self._exclusive:  # no other worker may be storing a body meanwhile
+                self._bodies.sweep(
+                    {
+                        name
+                        for (name,) in conn.execute(
+                            "SELECT body_file FROM insight_import WHERE body_file IS NOT NULL"
+                        )
+                    }
+                )
             for lane in _READ_LANES:
                 reader = self._readers[lane] = self._connect()
                 reader.execute("PRAGMA query_only = ON")
@@ -843,6 +898,8 @@ class SqliteOutbox:
                 reader.close()
             if conn is not None:
                 conn.close()
+            if fd is not None:
+                self._bodies.remove_directory()  # when no import holds a body
         finally:
             if fd is not None:
                 os.close(fd)  # releases the flock
@@ -909,7 +966,8 @@ def _lock(path: Path) -> int:
 def _insert_import(
     conn: sqlite3.Connection,
     queue: OutboxQueue,
-    body: bytes | bytearray,
+    body_bytes: int,
+    body_file: str,
     *,
     row_ids: Sequence[int],
     ends: Sequence[int],
@@ -917,37 +975,50 @@ def _insert_import(
     depends_on: Sequence[int],
     sealed_at: float,
 ) -> int:
-    """Insert a sealed import and its body; return its ref (the rows are held by the caller)."""
+    """Insert a sealed import naming its body file; return its ref (the rows are held by the
+    caller)."""
     cursor = conn.execute(
         "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
-        " body_bytes, depends_on, sealed_at, row_ids, ends, body, identities)"
-        " VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, x'', ?)",
+        " body_bytes, depends_on, sealed_at, row_ids, ends, body, identities, body_file)"
+        " VALUES (?, ?, ?, ?, 'sealed', ?, ?, ?, ?, ?, x'', ?, ?)",
         (
             *_queue_values(queue),
-            len(body),
+            body_bytes,
             orjson.dumps(list(depends_on)).decode(),
             sealed_at,
             array("q", row_ids).tobytes(),
             array("q", ends).tobytes(),
             orjson.dumps(list(identities)).decode(),
+            body_file,
         ),
     )
     ref = cursor.lastrowid
     assert ref is not None
-    # Through incremental blob I/O: bound as a parameter, SQLite would copy all of the body
-    # before writing it, and hold the GIL meanwhile.
-    conn.execute("INSERT INTO insight_body (ref, body) VALUES (?, zeroblob(?))", (ref, len(body)))
-    if body:
-        view = memoryview(body)
-        with conn.blobopen("insight_body", "body", ref) as blob:
-            for start in range(0, len(view), _BLOB_CHUNK):
-                blob.write(view[start : start + _BLOB_CHUNK])
     return ref
 
 
-def _forget_import(conn: sqlite3.Connection, ref: int) -> None:
+def _hold(conn: sqlite3.Connection, ref: int, row_ids: Sequence[int], *, json: bool) -> None:
+    """Mark rows held by import ``ref``; a row held already is left as it is (for the caller's
+    count to find). In one statement where SQLite has ``json_each``: a third of the time of a
+    statement per row (0.04 s against 0.13 s for a body of 42,000 rows)."""
+    if json:
+        conn.execute(
+            "INSERT OR IGNORE INTO insight_held (row_id, ref) SELECT value, ? FROM json_each(?)",
+            (ref, orjson.dumps(list(row_ids)).decode()),
+        )
+    else:
+        conn.executemany(
+            "INSERT OR IGNORE INTO insight_held (row_id, ref) VALUES (?, ?)",
+            ((row_id, ref) for row_id in row_ids),
+        )
+
+
+def _forget_import(conn: sqlite3.Connection, ref: int) -> list[str]:
+    """Delete an import; return its body file's name, to unlink once the transaction commits."""
+    row = conn.execute("SELECT body_file FROM insight_import WHERE id = ?", (ref,)).fetchone()
     conn.execute("DELETE FROM insight_body WHERE ref = ?", (ref,))
     conn.execute("DELETE FROM insight_import WHERE id = ?", (ref,))
+    return [row[0]] if row is not None and row[0] is not None else []
 
 
 def _held_identities(conn: sqlite3.Connection, ref: int) -> list[tuple[int, str]]:
