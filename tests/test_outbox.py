@@ -3,13 +3,14 @@ finishes, recovery (each store test runs on both backends)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import sys
 import tempfile
 import textwrap
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +131,24 @@ async def test_a_database_of_a_newer_release_is_refused(tmp_path: Path) -> None:
             pass
 
 
-async def test_an_import_held_in_a_version_2_file_is_migrated_whole(tmp_path: Path) -> None:
-    """A file of schema 2 (rows marked held, body in the import) keeps its import on upgrade."""
+@contextlib.contextmanager
+def at_schema(path: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A connection to a new database with the outbox tables of schema ``version`` (as an
+    earlier release made them), committed when the block ends."""
     from orchestrator.outbox.sqlite import _MIGRATIONS
 
-    path = tmp_path / "outbox.sqlite"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE insight_schema (version INTEGER NOT NULL)")
-        for statement in (s for statements in _MIGRATIONS[:2] for s in statements):
+        for statement in (s for statements in _MIGRATIONS[:version] for s in statements):
             conn.execute(statement)
-        conn.execute("INSERT INTO insight_schema (version) VALUES (2)")
+        conn.execute("INSERT INTO insight_schema (version) VALUES (?)", (version,))
+        yield conn
+
+
+async def test_an_import_held_in_a_version_2_file_is_migrated_whole(tmp_path: Path) -> None:
+    """A file of schema 2 (rows marked held, body in the import) keeps its import on upgrade."""
+    path = tmp_path / "outbox.sqlite"
+    with at_schema(path, 2) as conn:
         conn.executemany(INSERT_ROW, [(*QUEUE_VALUES, line(k)) for k in ("a", "b", "c")])
         conn.execute(
             "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
@@ -494,14 +503,8 @@ async def test_a_body_an_earlier_release_kept_in_the_database_is_still_sent(
 ) -> None:
     """An import sealed with its body in ``insight_body`` (schema 3) loads it from there and
     drops it when it ends."""
-    from orchestrator.outbox.sqlite import _MIGRATIONS
-
     path = tmp_path / "outbox.sqlite"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE insight_schema (version INTEGER NOT NULL)")
-        for statement in (s for statements in _MIGRATIONS[:3] for s in statements):
-            conn.execute(statement)
-        conn.execute("INSERT INTO insight_schema (version) VALUES (3)")
+    with at_schema(path, 3) as conn:
         conn.executemany(INSERT_ROW, [(*QUEUE_VALUES, line("a"))])
         conn.execute(
             "INSERT INTO insight_import (account, collection, scope, collection_type, phase,"
