@@ -259,7 +259,7 @@ class _AccountRun:
             collection: Collection | None = queue.target()
         except (ConfigError, ValueError):
             collection = None  # the claim dead-letters its rows
-        batches = OutboxBatches(self.worker.store, queue)
+        batches = OutboxBatches(self.worker.store, queue, on_finished=self.worker._import_ended)
         send, receive = anyio.create_memory_object_stream[BatchTask](math.inf)
         run = self.queues[queue] = _QueueRun(queue, collection, batches, send)
         gates: list[tuple[SlotGate, MemoryObjectReceiveStream[BatchTask], str]] = [
@@ -546,6 +546,7 @@ class Worker:
         self._beats: dict[str, float] = {}  # loop -> monotonic time of its last tick
         self._last_beat = 0.0  # epoch seconds of the last tick of any loop
         self._stopping = anyio.Event()
+        self._ended = anyio.Event()  # set when an import ends: a burst may be done
         self._running = False
         self._unknown: set[OutboxQueue] = set()
         self._queue_states: dict[tuple[str, str], QueueState] = {}
@@ -695,10 +696,14 @@ class Worker:
                     in_doubt=sum(1 for held in adopted if held.in_doubt),
                 )
 
+    def _import_ended(self) -> None:
+        self._ended.set()
+
     async def _watch(self) -> None:
         failures = 0
         while True:
             self._beat("watcher")
+            ended = self._ended = anyio.Event()
             try:
                 listing = await self.store.pending()
             except FencedOut:
@@ -739,6 +744,10 @@ class Worker:
                     await self.shared.wait_for_rows(self._interval())  # an insert wakes it
                 except OutboxError:
                     await anyio.sleep(self._interval())
+            elif self.burst:
+                # the last import's end ends a burst: seen at once, not at the next look
+                with anyio.move_on_after(self._interval()):
+                    await ended.wait()
             else:
                 await anyio.sleep(self._interval())
 

@@ -93,6 +93,23 @@ async def test_burst_imports_every_row_and_empties_the_outbox(
     assert worker.dead_lettered == 0
 
 
+async def test_a_burst_ends_when_its_last_import_does_not_at_the_next_look(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """The store is looked at every 30 s here: the burst still returns as soon as its one import
+    ends (before, it waited for the watcher's next look, 24-36 s later)."""
+    path = tmp_path / "outbox.sqlite"
+    async with SqliteOutbox(path, exclusive=True) as store:
+        insert(path, "default", ORDERS, [line(f"o-{i}") for i in range(20)])
+        async with Worker(store, default_account(sim), settings=fast(), poll_interval=30) as w:
+            started = time.monotonic()
+            with anyio.fail_after(20):
+                await w.run(burst=True)
+            elapsed = time.monotonic() - started
+    assert len(sim.collections["Orders"]) == 20
+    assert elapsed < 10, elapsed
+
+
 class CountingLoads(SqliteOutbox):
     """A real SQLite store that counts the bodies read back from the file."""
 

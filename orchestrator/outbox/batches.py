@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import orjson
@@ -50,13 +50,21 @@ class OutboxBatches:
     Args:
         store: the outbox store.
         queue: the queue whose imports these are.
+        on_finished: called after each import's rows are settled in the store.
     """
 
     keeps_bodies = False  # each load_body gives a body of its own, freed after the PUT
 
-    def __init__(self, store: OutboxStore, queue: OutboxQueue) -> None:
+    def __init__(
+        self,
+        store: OutboxStore,
+        queue: OutboxQueue,
+        *,
+        on_finished: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.queue = queue
+        self._on_finished = on_finished
         self.counters: Counter[str] = Counter()
         self._batches: dict[int, StoredBatch] = {}
         self._rows: dict[int, tuple[int, ...]] = {}  # ref -> row ids in body order
@@ -218,6 +226,8 @@ class OutboxBatches:
         del self._batches[batch_id]
         del self._rows[batch_id]
         self._kept.pop(batch_id, None)
+        if self._on_finished is not None:
+            self._on_finished()
         return dataclasses.replace(
             stored,
             phase=BatchPhase.FINISHED,
