@@ -91,6 +91,10 @@ class ParsePool:
         """
         return await anyio.to_thread.run_sync(self._start)
 
+    def started(self) -> ProcessPoolExecutor:
+        """``executor`` for a caller already in a worker thread (blocking: up to a second)."""
+        return self._start()
+
     def discard(self, broken: ProcessPoolExecutor) -> None:
         """Forget workers that died: the next ``executor`` call starts fresh ones."""
         with self._lock:

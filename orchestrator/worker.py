@@ -68,6 +68,7 @@ from orchestrator.outbox.base import (
 )
 from orchestrator.outbox.batches import OutboxBatches, stored_refs
 from orchestrator.outcomes import ImportOutcome, RunStats
+from orchestrator.parsing import ParsePool, default_processes
 from orchestrator.polling import CallBudget, PollPlanner
 from orchestrator.records import Collection, EncodedRecord
 from orchestrator.refs import RecordRefs
@@ -341,7 +342,9 @@ class _AccountRun:
         else:
             prefix, suffix = run.collection.envelope()
             budget = max_body - len(prefix) - len(suffix)
-        claim = await self.worker.store.claim(run.queue, budget_bytes=budget)
+        claim = await self.worker.store.claim(
+            run.queue, budget_bytes=budget, parse_pool=self.worker.parse_pool
+        )
         labels = (run.queue.account, run.queue.collection)
         events = self.worker.metrics.events
         if claim.superseded:
@@ -507,8 +510,10 @@ class Worker:
     Use it as ``async with Worker(store, accounts) as worker: await worker.run()``. Entering
     opens one API client per account and recovers what an earlier worker left (submitted
     imports are polled by id, submits in doubt sent again with the same body); leaving closes
-    the clients. It installs no signal handler and configures no logging: call ``stop()`` (from
-    a signal handler of the application, for one).
+    the clients and stops the parse worker processes that large claims were encoded in
+    (``settings.parse_processes``; started when a claim first needs them). It installs no
+    signal handler and configures no logging: call ``stop()`` (from a signal handler of the
+    application, for one).
 
     Args:
         store: the outbox store, open (``async with SqliteOutbox(...)``).
@@ -542,6 +547,10 @@ class Worker:
         self.stats = WorkerStats()
         self.burst = False
         self._held = ByteBudget(max_held_bytes)
+        processes = self.settings.parse_processes
+        if processes is None:
+            processes = default_processes()
+        self.parse_pool = ParsePool(processes) if processes else None
         self._runs: dict[str, _AccountRun] = {}
         self._beats: dict[str, float] = {}  # loop -> monotonic time of its last tick
         self._last_beat = 0.0  # epoch seconds of the last tick of any loop
@@ -590,6 +599,8 @@ class Worker:
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self._close_clients()
+            if self.parse_pool is not None:
+                await self.parse_pool.aclose()
 
     def _take_over(self, imports: Sequence[StoredImport]) -> int:
         """Give imports found by ``recover`` or ``adopt`` to their accounts' runs."""

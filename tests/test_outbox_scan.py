@@ -26,8 +26,8 @@ _KEYS = ["a", "b", "c", "é"]
 _EMAILS = ["x@example.com", "y@example.com"]
 
 
-def _record(key: str, email: str, n: int, *, contact: bool, pretty: bool) -> bytes:
-    record: dict[str, object] = {"key": key, "json": {"n": n, "pad": "p" * (n % 7)}}
+def _record(key: str, email: str, n: int, *, contact: bool, pretty: bool, pad: int = 0) -> bytes:
+    record: dict[str, object] = {"key": key, "json": {"n": n, "pad": "p" * (n % 7 + pad)}}
     if contact:
         record["contactIdentity"] = {"identifier": "email", "value": email}
     return orjson.dumps(record, option=orjson.OPT_INDENT_2 if pretty else 0)
@@ -40,11 +40,12 @@ _row_kinds = st.one_of(
 )
 
 
-def _rows(kinds: list[tuple[str, ...]], *, contact: bool) -> list[tuple[int, bytes]]:
+def _rows(kinds: list[tuple[str, ...]], *, contact: bool, pad: int = 0) -> list[tuple[int, bytes]]:
     rows = []
     for row_id, kind in enumerate(kinds, start=1):
         if kind[0] in ("valid", "pretty"):
-            raw = _record(kind[1], kind[2], row_id, contact=contact, pretty=kind[0] == "pretty")
+            pretty = kind[0] == "pretty"
+            raw = _record(kind[1], kind[2], row_id, contact=contact, pretty=pretty, pad=pad)
         else:
             raw = {
                 "blank": b"  ",
@@ -160,3 +161,45 @@ def test_identities_in_bulk_are_each_ones_text(keys: list[str], values: list[str
     assert identity_texts(keys, identifiers, values) == [
         identity_text(key, ("email", value)) for key, value in zip(keys, values, strict=True)
     ]
+
+
+def test_a_scan_with_parse_workers_claims_what_one_in_a_thread_does() -> None:
+    """Pages big enough go to the parse worker processes a few pieces ahead: the same rows,
+    bytes, deletions and dead letters as encoding them in the calling thread; a pool whose
+    workers died is dropped, and the scan goes on in its thread."""
+    from orchestrator.parsing import ParsePool
+
+    kinds: list[tuple[str, ...]] = []
+    for i in range(3000):  # pieces of 1,000 rows of ~700 bytes: each sent to a worker
+        kinds.append(("valid", f"k{i % 2500}", _EMAILS[i % 2]) if i % 97 else ("not json",))
+    rows = _rows(kinds, contact=True, pad=600)
+
+    def scanned(pool: ParsePool | None) -> tuple[object, ...]:
+        scan = ClaimScan(OutboxQueue.of("acme", CONTACT_ORDERS), set(), 1_500_000, pool=pool)
+        for start in range(0, len(rows), 1200):
+            scan.add(rows[start : start + 1200])
+        found = scan.result()
+        return (
+            [(row.row_id, row.record) for row in found.rows],
+            found.records_bytes,
+            found.full,
+            found.superseded,
+            [(i, r.reason, key) for i, r, key in found.invalid],
+        )
+
+    alone = scanned(None)
+    superseded, invalid, full = alone[3], alone[4], alone[2]
+    assert superseded  # the case holds rows superseded,
+    assert invalid  # rows to dead-letter
+    assert full  # and rows left for the next claim
+    pool = ParsePool(2)
+    try:
+        assert scanned(pool) == alone
+        executor = pool.started()
+        assert executor._processes  # the pieces went to the workers
+        for process in list(executor._processes.values()):
+            process.kill()
+            process.join()
+        assert scanned(pool) == alone  # workers gone: encoded in the thread
+    finally:
+        pool._shutdown()

@@ -55,7 +55,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self, overload
+from typing import TYPE_CHECKING, Any, Protocol, Self, overload
 
 import orjson
 
@@ -63,6 +63,9 @@ from orchestrator.chunks import RecordRun
 from orchestrator.errors import JournalError
 from orchestrator.records import Collection, EncodedRecord, Scope
 from orchestrator.slots import SlotGate
+
+if TYPE_CHECKING:
+    from orchestrator.parsing import ParsePool
 
 __all__ = [
     "RECORD_ORIGIN",
@@ -559,7 +562,12 @@ class OutboxStore(Protocol):
         ...
 
     async def claim(
-        self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
+        self,
+        queue: OutboxQueue,
+        *,
+        budget_bytes: int,
+        max_scan_rows: int = 100_000,
+        parse_pool: ParsePool | None = None,
     ) -> Claim:
         """Read a queue's pending rows in id order and return the valid ones that fit.
 
@@ -570,6 +578,7 @@ class OutboxStore(Protocol):
             queue: the queue.
             budget_bytes: the most bytes the returned records may take joined with commas.
             max_scan_rows: read at most this many rows (bounds one claim's work).
+            parse_pool: worker processes to validate and encode large pages in.
         """
         ...
 

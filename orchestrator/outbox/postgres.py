@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -52,6 +52,9 @@ from orchestrator.outbox.base import (
 )
 from orchestrator.outbox.scan import ClaimScan, Letter, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
+
+if TYPE_CHECKING:
+    from orchestrator.parsing import ParsePool
 
 __all__ = [
     "INSERT_ROW",
@@ -499,7 +502,12 @@ class PostgresOutbox:
         return await self._call(read, "list pending rows")
 
     async def claim(
-        self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
+        self,
+        queue: OutboxQueue,
+        *,
+        budget_bytes: int,
+        max_scan_rows: int = 100_000,
+        parse_pool: ParsePool | None = None,
     ) -> Claim:
         """See ``OutboxStore.claim``; a queue another live worker holds gives an empty claim."""
         if budget_bytes < 1 or max_scan_rows < 1:
@@ -510,7 +518,7 @@ class PostgresOutbox:
             if not await self._lock_queue(conn, queue):
                 return Claim(queue, (), 0, False, 0, 0, 0)
             in_flight = await self._in_flight_hashes(conn, queue)
-            found = await _scan(conn, queue, in_flight, budget_bytes, max_scan_rows)
+            found = await _scan(conn, queue, in_flight, budget_bytes, max_scan_rows, parse_pool)
             deleted = await _delete_pending(conn, found.superseded)
             moved = await _dead_letter_pending(conn, found.invalid)
             if not found.rows:
@@ -1356,7 +1364,12 @@ async def _value(conn: _Conn, query: str, params: Sequence[object] = ()) -> Any:
 
 
 async def _scan(
-    conn: _Conn, queue: OutboxQueue, in_flight: set[int], budget: int, max_scan: int
+    conn: _Conn,
+    queue: OutboxQueue,
+    in_flight: set[int],
+    budget: int,
+    max_scan: int,
+    pool: ParsePool | None,
 ) -> Scanned:
     """Which rows to return, delete, dead-letter and hold back (the read half of a claim).
 
@@ -1364,7 +1377,7 @@ async def _scan(
     average size so far): a 50 MB body is read in two pages, not forty; each page is encoded
     off the event loop while the transaction waits.
     """
-    scan = ClaimScan(queue, in_flight, budget)
+    scan = ClaimScan(queue, in_flight, budget, pool=pool)
     scanned = 0
     after = 0
     while scanned < max_scan and scan.wants_more:
@@ -1386,7 +1399,7 @@ async def _scan(
         await anyio.to_thread.run_sync(scan.add, page)
         if len(page) < limit:
             break
-    return scan.result()
+    return await anyio.to_thread.run_sync(scan.result)  # joins up to a body's bytes
 
 
 def _joined_ints(values: Sequence[int]) -> str:

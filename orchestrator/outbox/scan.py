@@ -11,22 +11,28 @@ A claim reads up to a body's worth of rows (50 MB, ~40,000 orders) on the worker
 so the scan keeps no object per row: each row read has a slot (its place in the scan), with its
 id and size in arrays, and the latest row of each identity is an int in a dict keyed by the
 identity's text. A page that is all valid one-line rows of new identities (the common case) is
-taken in bulk.
+taken in bulk. Given the worker's ``ParsePool``, pieces of 1,000 rows are encoded in its
+processes, a few ahead of the one being taken in, while the store reads the next page.
 """
 
 from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Container, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import orjson
 
-from orchestrator.chunks import RecordRun, encode_chunk
+from orchestrator import parse_worker
+from orchestrator.chunks import EncodedLines, RecordRun, encode_chunk
 from orchestrator.errors import ConfigError, RecordError
+from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
     RECORD_ORIGIN,
@@ -40,12 +46,24 @@ from orchestrator.outbox.base import (
 from orchestrator.provenance import Source
 from orchestrator.records import Collection, EncodedRecord, Scope, encode_line
 
+if TYPE_CHECKING:
+    from orchestrator.parsing import ParsePool
+
 __all__ = ["ClaimScan", "Letter", "Scanned", "key_of_record"]
 
 Letter = tuple[int, Rejection, str | None]
 """A row bound for the dead letters: its id, why, and its key when it could be read."""
 
 _Rejected = tuple[Rejection, str | None]  # why a row is not a record, and its key
+_Rows = Sequence[tuple[int, bytes]]
+# A piece of a page on its way in: its rows, them joined as lines (None: a row spans lines),
+# and the parse worker's result to come (None: encoded when taken in).
+_Sent = tuple[_Rows, bytes | None, "Future[tuple[EncodedLines, int]] | None"]
+
+_PIECE_ROWS = 1000  # rows a parse worker encodes at a time
+_PROCESS_BYTES = 256 << 10  # smaller pieces are encoded in the calling thread
+
+log = get_logger("orchestrator.outbox")
 
 
 @dataclass(slots=True)
@@ -113,11 +131,25 @@ class ClaimScan:
             still in flight; a row whose identity hash is in it waits (a collision only makes a
             row wait longer, never join two imports).
         budget: the most bytes the returned records may take joined with commas.
+        pool: parse worker processes to encode large pages in (``None``: the calling thread).
     """
 
-    def __init__(self, queue: OutboxQueue, in_flight: Container[int], budget: int) -> None:
+    def __init__(
+        self,
+        queue: OutboxQueue,
+        in_flight: Container[int],
+        budget: int,
+        *,
+        pool: ParsePool | None = None,
+    ) -> None:
         self._in_flight = in_flight
         self._budget = budget
+        self._pool = pool
+        self._executor: ProcessPoolExecutor | None = None
+        # pieces sent to the pool and not taken in yet: enough to keep every process busy
+        self._ahead: deque[_Sent] = deque()
+        self._ahead_bytes = 0
+        self._depth = pool.processes + 1 if pool is not None else 0
         self._collection: Collection | None
         self._invalid_queue: Rejection | None = None
         try:
@@ -143,7 +175,7 @@ class ClaimScan:
     @property
     def wants_more(self) -> bool:
         """Whether the rows so far leave room in the budget (read another page if any)."""
-        return self._joined <= self._budget
+        return self._joined + self._ahead_bytes <= self._budget
 
     def rows_wanted(self, least: int, most: int) -> int:
         """How many rows the next page should read: at least ``least`` (so that a later write
@@ -153,14 +185,16 @@ class ClaimScan:
         wanted = least
         if self._rows:
             average = self._bytes / self._rows + 1
-            missing = (self._budget - max(self._joined, 0)) / average
+            missing = (self._budget - max(self._joined, 0) - self._ahead_bytes) / average
             wanted = max(least, int(missing * 1.05) + 1)
         return max(1, min(most, wanted))
 
     def add(self, page: Sequence[tuple[int, bytes]]) -> None:
-        """Take one page of ``(row id, record as stored bytes)``, in id order after the last."""
+        """Take one page of ``(row id, record as stored bytes)``, in id order after the last
+        (blocking: run it in a worker thread)."""
+        size = sum(len(raw) for _, raw in page)
         self._rows += len(page)
-        self._bytes += sum(len(raw) for _, raw in page)
+        self._bytes += size
         collection = self._collection
         if collection is None:
             assert self._invalid_queue is not None
@@ -168,12 +202,61 @@ class ClaimScan:
                 (row_id, self._invalid_queue, key_of_record(raw)) for row_id, raw in page
             )
             return
+        for start in range(0, len(page), _PIECE_ROWS):
+            piece = page[start : start + _PIECE_ROWS]
+            data = _joined(piece)
+            self._ahead.append((piece, data, self._send(data, collection)))
+            self._ahead_bytes += len(data) if data is not None else size
+            while len(self._ahead) > self._depth:
+                self._take(*self._ahead.popleft())
+
+    def _send(
+        self, data: bytes | None, collection: Collection
+    ) -> Future[tuple[EncodedLines, int]] | None:
+        """Hand a piece's lines to a parse worker, when there is a pool and the piece is big."""
+        if self._pool is None or data is None or len(data) < _PROCESS_BYTES:
+            return None
+        try:
+            if self._executor is None:
+                self._executor = self._pool.started()
+            contact_scope = collection.scope is Scope.CONTACT
+            return self._executor.submit(parse_worker.parse_bytes, data, contact_scope, 1)
+        except (BrokenProcessPool, OSError, RuntimeError) as error:  # RuntimeError: shut down
+            self._lose_pool(error)
+            return None
+
+    def _lose_pool(self, error: BaseException) -> None:
+        log.warning(
+            "parsing.processes_unavailable",
+            error=type(error).__name__,
+            detail="parse worker processes are unavailable; claims encode in a thread",
+        )
+        if self._pool is not None and self._executor is not None:
+            self._pool.discard(self._executor)
+        self._pool = self._executor = None
+
+    def _take(
+        self,
+        page: Sequence[tuple[int, bytes]],
+        data: bytes | None,
+        sent: Future[tuple[EncodedLines, int]] | None,
+    ) -> None:
+        """Take in a piece sent ahead: encoded by then, or encoded here."""
+        collection = self._collection
+        assert collection is not None
+        self._ahead_bytes -= len(data) if data is not None else sum(len(raw) for _, raw in page)
+        encoded = None
+        if sent is not None:
+            try:
+                encoded = sent.result()[0]
+            except BrokenProcessPool as error:  # a worker died: slower, not lost
+                self._lose_pool(error)
         first = len(self._ids)
         ids = array("q", [row_id for row_id, _ in page])
-        encoded, texts, sizes, rejected = _encode_page(page, ids, collection, first)
+        records, texts, sizes, rejected = _encode_page(page, ids, collection, first, data, encoded)
         self._ids.extend(ids)
         self._sizes.extend(sizes)
-        self._pages.append(encoded)
+        self._pages.append(records)
         self._firsts.append(first)
         self._invalid.extend((ids[place], rejection, key) for place, rejection, key in rejected)
         latest = self._latest
@@ -206,7 +289,9 @@ class ClaimScan:
 
     def result(self) -> Scanned:
         """The rows that fit the budget (one row larger than the budget comes alone), and the
-        rows to delete and dead-letter."""
+        rows to delete and dead-letter (blocking: run it in a worker thread)."""
+        while self._ahead:
+            self._take(*self._ahead.popleft())
         slots = list(self._latest.values())
         sizes, budget = self._sizes, self._budget
         kept = 0
@@ -307,27 +392,42 @@ def key_of_record(raw: str | bytes) -> str | None:
     return key if isinstance(key, str) else None
 
 
+def _joined(page: Sequence[tuple[int, bytes]]) -> bytes | None:
+    """The rows as lines of one chunk, or ``None`` when a row spans lines (or holds a CR)."""
+    data = b"\n".join([raw for _, raw in page]) + b"\n"
+    if data.count(b"\n") == len(page) and b"\r" not in data:
+        return data
+    return None
+
+
 def _encode_page(
-    page: Sequence[tuple[int, bytes]], ids: array[int], collection: Collection, first: int
+    page: Sequence[tuple[int, bytes]],
+    ids: array[int],
+    collection: Collection,
+    first: int,
+    data: bytes | None,
+    encoded: EncodedLines | None = None,
 ) -> tuple[_Page, list[str | None], array[int], list[tuple[int, Rejection, str | None]]]:
     """Validate and encode a page of rows, in id order: one pass of the chunk encoder (as a file's
     lines are read) for rows that are one line each, the per-line encoder for the others.
+
+    Args:
+        data: ``_joined(page)``.
+        encoded: ``encode_chunk(data)`` when a parse worker made it.
 
     Returns the page's records, and by place in the page: each row's identity text (``None``:
     not a record) and record size; then the rows that are not records, by place.
     """
     contact_scope = collection.scope is Scope.CONTACT
-    data = b"\n".join([raw for _, raw in page]) + b"\n"
     count = len(page)
     places: array[int] | None = None
     singles: dict[int, EncodedRecord] = {}
     rejected: list[tuple[int, Rejection, str | None]] = []
-    encoded = None
-    if data.count(b"\n") == count and b"\r" not in data:
+    if data is not None and encoded is None:
         encoded = encode_chunk(data, contact_scope=contact_scope, first_line=1)
-        if encoded.read != count:  # a blank row, which the encoder skips: row by row below
-            encoded = None
-    if encoded is None:
+    if encoded is not None and encoded.read != count:  # a blank row (the encoder skips it)
+        encoded = None
+    if data is None or encoded is None:
         lines: list[bytes] = []
         line_places: list[int] = []
         for place, (row_id, raw) in enumerate(page):

@@ -39,7 +39,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -65,6 +65,9 @@ from orchestrator.outbox.base import (
 )
 from orchestrator.outbox.scan import ClaimScan, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
+
+if TYPE_CHECKING:
+    from orchestrator.parsing import ParsePool
 
 __all__ = ["INSERT_ROW", "SCHEMA_VERSION", "SqliteOutbox", "migrate"]
 
@@ -373,14 +376,24 @@ class SqliteOutbox:
         return await self._run(read, "list pending rows", read="listings")
 
     async def claim(
-        self, queue: OutboxQueue, *, budget_bytes: int, max_scan_rows: int = 100_000
+        self,
+        queue: OutboxQueue,
+        *,
+        budget_bytes: int,
+        max_scan_rows: int = 100_000,
+        parse_pool: ParsePool | None = None,
     ) -> Claim:
         """See ``OutboxStore.claim``."""
         if budget_bytes < 1 or max_scan_rows < 1:
             raise ValueError("budget_bytes and max_scan_rows must be at least 1")
         found = await self._run(
             lambda conn: _scan(
-                conn, queue, self._in_flight_hashes(conn, queue), budget_bytes, max_scan_rows
+                conn,
+                queue,
+                self._in_flight_hashes(conn, queue),
+                budget_bytes,
+                max_scan_rows,
+                parse_pool,
             ),
             "claim rows",
             read="claims",
@@ -1053,9 +1066,10 @@ def _scan(
     in_flight: set[int],
     budget: int,
     max_scan: int,
+    pool: ParsePool | None,
 ) -> Scanned:
     """The read half of a claim: which rows to return, delete, dead-letter and hold back."""
-    scan = ClaimScan(queue, in_flight, budget)
+    scan = ClaimScan(queue, in_flight, budget, pool=pool)
     scanned = 0
     after = 0
     while scanned < max_scan and scan.wants_more:
