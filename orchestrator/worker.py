@@ -37,6 +37,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
 from typing import Self, cast
 
@@ -676,12 +677,29 @@ class Worker:
             if self.shared is not None:
                 await tg.start(self.shared.run_heartbeats)
                 tg.start_soon(self._adopt)
+            if self.parse_pool is not None:
+                tg.start_soon(self._start_parse_pool)
             for run in self._runs.values():
                 await tg.start(run.drain)
             tg.start_soon(self._watch)
             await self._stopping.wait()
             log.info("worker.stopping", **self._in_flight())
             tg.cancel_scope.cancel()
+
+    async def _start_parse_pool(self) -> None:
+        """Start the parse workers beside the first claim, not inside it (0.2-0.3 s)."""
+        pool = self.parse_pool
+        assert pool is not None
+        try:
+            await pool.executor()
+        except (BrokenProcessPool, OSError) as error:  # e.g. a daemonic process, a process limit
+            log.warning(
+                "parsing.processes_unavailable",
+                error=type(error).__name__,
+                detail="parse worker processes cannot start; claims encode in a thread",
+            )
+            self.parse_pool = None
+            await pool.aclose()
 
     # ------------------------------------------------------------------ watching the store
 

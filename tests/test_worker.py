@@ -110,6 +110,32 @@ async def test_a_burst_ends_when_its_last_import_does_not_at_the_next_look(
     assert elapsed < 10, elapsed
 
 
+async def test_large_claims_are_encoded_in_the_workers_parse_processes(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """The worker starts its parse processes as it starts, encodes large claims in them, and
+    stops them when it closes; with parse_processes=0 it starts none."""
+    import os
+
+    path = tmp_path / "outbox.sqlite"
+    pad = "x" * 1000
+    async with SqliteOutbox(path, exclusive=True) as store:
+        insert(path, "default", ORDERS, [line(f"o-{i}", pad=pad) for i in range(600)])
+        settings = fast(parse_processes=2)
+        async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
+            with anyio.fail_after(30):
+                await w.run(burst=True)
+            assert w.parse_pool is not None
+            pids = list(w.parse_pool.started()._processes)
+        async with Worker(store, default_account(sim), settings=fast(parse_processes=0)) as none:
+            assert none.parse_pool is None
+    assert len(pids) == 2
+    assert len(sim.collections["Orders"]) == 600
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 class CountingLoads(SqliteOutbox):
     """A real SQLite store that counts the bodies read back from the file."""
 
