@@ -6,6 +6,8 @@ so each worker costs a few MB of its own.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -28,17 +30,21 @@ def init(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(_NICENESS)
-    threading.Thread(target=_exit_with_parent, args=(parent, os.getppid()), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _exit_with_parent(parent: int, spawner: int) -> None:
+def _exit_with_parent(parent: int) -> None:
     # A parent killed outright cannot shut the pool down: its workers leave on their own. The
-    # process that started this one (the forkserver, which ends with the parent, or the parent
-    # itself) going away shows it even while the dead parent is not yet reaped.
-    while True:
+    # pipe multiprocessing keeps from the parent reads EOF once the parent is gone, reaped or
+    # not: a dead parent that nobody reaped yet (its caller still reading the output the
+    # workers share) still answers kill(pid, 0), and the fork server stays while its children
+    # do, so neither of those would show it.
+    from_parent = multiprocessing.parent_process()
+    if from_parent is not None:
+        multiprocessing.connection.wait([from_parent.sentinel])
+        os._exit(0)
+    while True:  # started some other way: the parent's pid is all there is
         time.sleep(1.0)
-        if os.getppid() != spawner:
-            os._exit(0)
         try:
             os.kill(parent, 0)
         except (ProcessLookupError, PermissionError):  # gone, or the pid now someone else's

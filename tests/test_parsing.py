@@ -193,6 +193,34 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_workers_of_a_killed_parent_leave_while_it_is_not_reaped(tmp_path: Path) -> None:
+    """A parent killed outright, whose caller still reads the output it shares with its parse
+    workers (so nobody has reaped it yet), leaves no worker behind to keep that output open:
+    the caller sees the end of it (before, the workers and the fork server kept each other,
+    and the caller, waiting for ever)."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from orchestrator import parsing
+        if __name__ == "__main__":
+            executor = parsing.ParsePool(2)._start()
+            print(" ".join(map(str, executor._processes)), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    (tmp_path / "parent.py").write_text(script)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "parent.py")], capture_output=True, timeout=30
+    )
+    assert done.returncode == -signal.SIGKILL
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
