@@ -73,6 +73,12 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ("poll-max", float, 30.0, "seconds: most time between two status polls of one import"),
     ("max-resubmits", int, 2, "times a Failed import is sent again before dead-lettering"),
     ("request-timeout", _positive(float), 120.0, "seconds allowed for one API call"),
+    (
+        "parse-processes",
+        int,
+        None,
+        "processes validating large claims (default: one per CPU; 0: in a thread)",
+    ),
     ("base-url", str, None, "API root of accounts that set none (default: the --region host)"),
     ("region", str, None, "r1, r2 or r3: region of accounts that set none"),
     ("log-level", str, "info", "debug, info, warning or error"),
@@ -161,6 +167,7 @@ def run_worker_command(args: argparse.Namespace, environ: Mapping[str, str] = os
             poll_max=opts["poll_max"],
             max_resubmits=opts["max_resubmits"],
             linger=opts["linger"],
+            parse_processes=opts["parse_processes"],
         )
         http = parse_address(opts["http"]) if opts["http"] else None
     except ConfigError as error:

@@ -172,6 +172,11 @@ def test_usage_and_credential_errors_have_their_exit_status(
     init(database)
     bad = run_cli(*worker_args(simulator_process, database, "--burst", "--http", "nonsense"))
     assert bad.returncode == 2
+    negative = run_cli(
+        *worker_args(simulator_process, database, "--burst", "--parse-processes", "-1")
+    )
+    assert negative.returncode == 2
+    assert b"parse_processes" in negative.stderr
     insert(database, "Creds", [{"key": "k", "json": {}}])
     refused = run_cli(
         *worker_args(simulator_process, database, "--burst"),
