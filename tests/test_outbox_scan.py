@@ -105,6 +105,7 @@ def _model(
     page_sizes=st.lists(st.integers(1, 12), min_size=1, max_size=8),
     in_flight_keys=st.sets(st.sampled_from(_KEYS), max_size=2),
     budget=st.integers(1, 2_000),
+    piece_rows=st.integers(1, 13),
 )
 @example(  # a page that is all valid new rows, then one that supersedes its middle
     kinds=[("valid", k, _EMAILS[0]) for k in "abc"] + [("valid", "b", _EMAILS[0])],
@@ -112,6 +113,7 @@ def _model(
     page_sizes=[3, 1],
     in_flight_keys=set(),
     budget=2_000,
+    piece_rows=13,
 )
 @settings(max_examples=300, deadline=None)
 def test_a_scan_claims_what_reading_row_by_row_would(
@@ -120,6 +122,7 @@ def test_a_scan_claims_what_reading_row_by_row_would(
     page_sizes: list[int],
     in_flight_keys: set[str],
     budget: int,
+    piece_rows: int,
 ) -> None:
     collection = CONTACT_ORDERS if contact else ORDERS
     rows = _rows(kinds, contact=contact)
@@ -128,13 +131,17 @@ def test_a_scan_claims_what_reading_row_by_row_would(
         for key in in_flight_keys
         for email in _EMAILS
     }
-    scan = ClaimScan(OutboxQueue.of("acme", collection), {hash(t) for t in in_flight}, budget)
+    queue = OutboxQueue.of("acme", collection)
+    hashes = {hash(t) for t in in_flight}
+    scan = ClaimScan(queue, hashes, budget, piece_rows=piece_rows)
     position = 0
     for size in page_sizes * len(rows):  # pages of the drawn sizes, in turn, until the end
         if position >= len(rows):
             break
         scan.add(rows[position : position + size])
         position += size
+        # nothing is left ahead without a pool: the budget's test counts what was taken in
+        assert scan.wants_more == (scan._joined <= budget)
     scanned = scan.result()
     expected = _model(rows, collection, in_flight, budget)
 

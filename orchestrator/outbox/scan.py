@@ -56,9 +56,9 @@ Letter = tuple[int, Rejection, str | None]
 
 _Rejected = tuple[Rejection, str | None]  # why a row is not a record, and its key
 _Rows = Sequence[tuple[int, bytes]]
-# A piece of a page on its way in: its rows, them joined as lines (None: a row spans lines),
-# and the parse worker's result to come (None: encoded when taken in).
-_Sent = tuple[_Rows, bytes | None, "Future[tuple[EncodedLines, int]] | None"]
+# A piece of a page on its way in: its rows, their bytes, them joined as lines (None: a row
+# spans lines), and the parse worker's result to come (None: encoded when taken in).
+_Sent = tuple[_Rows, int, bytes | None, "Future[tuple[EncodedLines, int]] | None"]
 
 _PIECE_ROWS = 1000  # rows a parse worker encodes at a time
 _PROCESS_BYTES = 256 << 10  # smaller pieces are encoded in the calling thread
@@ -72,14 +72,14 @@ class _Page:
 
     Args:
         first: the slot of the page's first row.
-        run: the records of its one-line rows (``run.lines`` are the rows' ids), or ``None``.
+        run: the records of its one-line rows (``run.lines`` are the rows' ids).
         places: the index in ``run`` of each row of the page (-1: not in it); ``None`` when row
             ``i`` is record ``i`` (every row of the page is a one-line record).
         singles: the records of rows of more than one line, by place in the page.
     """
 
     first: int
-    run: RecordRun | None
+    run: RecordRun
     places: array[int] | None = None
     singles: dict[int, EncodedRecord] = field(default_factory=dict)
 
@@ -132,6 +132,7 @@ class ClaimScan:
             row wait longer, never join two imports).
         budget: the most bytes the returned records may take joined with commas.
         pool: parse worker processes to encode large pages in (``None``: the calling thread).
+        piece_rows: rows encoded at a time (a page is cut into pieces of that many).
     """
 
     def __init__(
@@ -141,8 +142,10 @@ class ClaimScan:
         budget: int,
         *,
         pool: ParsePool | None = None,
+        piece_rows: int = _PIECE_ROWS,
     ) -> None:
         self._in_flight = in_flight
+        self._piece_rows = piece_rows
         self._budget = budget
         self._pool = pool
         self._executor: ProcessPoolExecutor | None = None
@@ -192,9 +195,8 @@ class ClaimScan:
     def add(self, page: Sequence[tuple[int, bytes]]) -> None:
         """Take one page of ``(row id, record as stored bytes)``, in id order after the last
         (blocking: run it in a worker thread)."""
-        size = sum(len(raw) for _, raw in page)
         self._rows += len(page)
-        self._bytes += size
+        self._bytes += sum(len(raw) for _, raw in page)
         collection = self._collection
         if collection is None:
             assert self._invalid_queue is not None
@@ -202,11 +204,12 @@ class ClaimScan:
                 (row_id, self._invalid_queue, key_of_record(raw)) for row_id, raw in page
             )
             return
-        for start in range(0, len(page), _PIECE_ROWS):
-            piece = page[start : start + _PIECE_ROWS]
+        for start in range(0, len(page), self._piece_rows):
+            piece = page[start : start + self._piece_rows]
+            size = sum(len(raw) for _, raw in piece)
             data = _joined(piece)
-            self._ahead.append((piece, data, self._send(data, collection)))
-            self._ahead_bytes += len(data) if data is not None else size
+            self._ahead.append((piece, size, data, self._send(data, collection)))
+            self._ahead_bytes += size
             while len(self._ahead) > self._depth:
                 self._take(*self._ahead.popleft())
 
@@ -238,13 +241,14 @@ class ClaimScan:
     def _take(
         self,
         page: Sequence[tuple[int, bytes]],
+        size: int,
         data: bytes | None,
         sent: Future[tuple[EncodedLines, int]] | None,
     ) -> None:
         """Take in a piece sent ahead: encoded by then, or encoded here."""
         collection = self._collection
         assert collection is not None
-        self._ahead_bytes -= len(data) if data is not None else sum(len(raw) for _, raw in page)
+        self._ahead_bytes -= size
         encoded = None
         if sent is not None:
             try:
@@ -341,7 +345,6 @@ class ClaimScan:
                 i += 1
                 continue
             run = page.run
-            assert run is not None
             first = page.index(place)
             # the stretch: slots i..j-1 whose records are consecutive in the run; at most to the
             # run's end, and all of that when no slot in between is missing (the common case)
