@@ -512,7 +512,7 @@ class Worker:
     opens one API client per account and recovers what an earlier worker left (submitted
     imports are polled by id, submits in doubt sent again with the same body); leaving closes
     the clients and stops the parse worker processes that large claims were encoded in
-    (``settings.parse_processes``; started when a claim first needs them). It installs no
+    (``settings.parse_processes``, one per CPU by default; started by ``run()``). It installs no
     signal handler and configures no logging: call ``stop()`` (from a signal handler of the
     application, for one).
 
@@ -551,6 +551,7 @@ class Worker:
         processes = self.settings.parse_processes
         if processes is None:
             processes = default_processes()
+        #: the processes that validate large claims (``None``: claims are encoded in a thread)
         self.parse_pool = ParsePool(processes) if processes else None
         self._runs: dict[str, _AccountRun] = {}
         self._beats: dict[str, float] = {}  # loop -> monotonic time of its last tick
