@@ -114,7 +114,8 @@ async def test_large_claims_are_encoded_in_the_workers_parse_processes(
     sim: Simulator, tmp_path: Path
 ) -> None:
     """The worker starts its parse processes as it starts, encodes large claims in them, and
-    stops them when it closes; with parse_processes=0 it starts none."""
+    stops them when it closes; with parse_processes=0, or bodies of 8 MB at most (claims that
+    small are cheaper in a thread), it starts none."""
     import os
 
     path = tmp_path / "outbox.sqlite"
@@ -127,8 +128,9 @@ async def test_large_claims_are_encoded_in_the_workers_parse_processes(
                 await w.run(burst=True)
             assert w.parse_pool is not None
             pids = list(w.parse_pool.started()._processes)
-        async with Worker(store, default_account(sim), settings=fast(parse_processes=0)) as none:
-            assert none.parse_pool is None
+        for settings in (fast(parse_processes=0), fast(max_body_bytes=8 << 20)):
+            async with Worker(store, default_account(sim), settings=settings) as none:
+                assert none.parse_pool is None
     assert len(pids) == 2
     assert len(sim.collections["Orders"]) == 600
     for pid in pids:
