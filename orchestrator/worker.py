@@ -502,7 +502,12 @@ def _assemble_run(
         return None
     # the body holds the records' bytes now: keep what sealing needs (ids, keys, contacts), so
     # a body's worth of records is not held twice while the body is stored
-    return assembler.seal(), ClaimedRun(dataclasses.replace(run, segment=b"")), {}
+    # (with the identities the claim made, for the seal)
+    return (
+        assembler.seal(),
+        ClaimedRun(dataclasses.replace(run, segment=b""), rows.identities()),
+        {},
+    )
 
 
 class Worker:

@@ -146,6 +146,10 @@ def test_a_scan_claims_what_reading_row_by_row_would(
     expected = _model(rows, collection, in_flight, budget)
 
     assert [(row.row_id, row.record) for row in scanned.rows] == expected.rows
+    # the identities the seal stores come with the claim, as each record's own
+    assert scanned.rows.identities() == tuple(
+        identity_text(record.key, record.contact) for _, record in expected.rows
+    )
     assert scanned.records_bytes == expected.records_bytes
     assert len(b",".join(record.data for _, record in expected.rows)) == scanned.records_bytes
     assert scanned.full == expected.full

@@ -237,12 +237,14 @@ class ClaimedRun(Sequence[ClaimedRow]):
 
     Args:
         run: the records, in row id order; ``run.lines`` are the rows' ids.
+        identities: the rows' identity texts, when the claim already made them.
     """
 
-    __slots__ = ("run",)
+    __slots__ = ("_identities", "run")
 
-    def __init__(self, run: RecordRun) -> None:
+    def __init__(self, run: RecordRun, identities: tuple[str, ...] | None = None) -> None:
         self.run = run
+        self._identities = identities
 
     def __repr__(self) -> str:
         return f"ClaimedRun({len(self)} rows)"
@@ -277,10 +279,27 @@ class ClaimedRun(Sequence[ClaimedRow]):
         """The rows' ids, in order."""
         return tuple(self.run.lines)
 
-    def identities(self) -> list[str]:
+    def identities(self) -> tuple[str, ...]:
         """Each row's identity as stored text (see ``identity_text``), in order."""
-        run = self.run
-        return identity_texts(run.keys, run.identifiers, run.values)
+        if self._identities is None:
+            run = self.run
+            self._identities = tuple(identity_texts(run.keys, run.identifiers, run.values))
+        return self._identities
+
+
+def row_ids_of(rows: Sequence[ClaimedRow]) -> tuple[int, ...]:
+    """The ids of claimed rows, in order (``ClaimedRun`` or ``ClaimedRow`` objects)."""
+    if isinstance(rows, ClaimedRun):
+        return rows.row_ids
+    return tuple(row.row_id for row in rows)
+
+
+def identities_of(rows: Sequence[ClaimedRow]) -> tuple[str, ...]:
+    """The identity texts of claimed rows, in order (one per record: run it off the event
+    loop for a body's worth)."""
+    if isinstance(rows, ClaimedRun):
+        return rows.identities()
+    return tuple(row.identity for row in rows)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,6 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
-    ClaimedRun,
     FencedOut,
     Finished,
     ImportPart,
@@ -49,6 +48,8 @@ from orchestrator.outbox.base import (
     StoredDeadLetter,
     StoredImport,
     dead_letters_query,
+    identities_of,
+    row_ids_of,
 )
 from orchestrator.outbox.scan import ClaimScan, Letter, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
@@ -541,11 +542,9 @@ class PostgresOutbox:
             raise ValueError("a sealed import holds at least one row")
         if ends and len(ends) != len(rows):
             raise ValueError(f"ends has {len(ends)} offsets for {len(rows)} rows")
-        row_ids = (
-            rows.row_ids if isinstance(rows, ClaimedRun) else tuple(row.row_id for row in rows)
-        )
+        row_ids = row_ids_of(rows)
         # off the event loop: a 50 MB body holds some 40,000 records
-        identities = await anyio.to_thread.run_sync(_identities_of, rows)
+        identities = await anyio.to_thread.run_sync(identities_of, rows)
         joined_identities = _joined_texts(identities)
         sealed_at = time.time()
         me, fence = self._identity()
@@ -1411,12 +1410,6 @@ def _joined_ints(values: Sequence[int]) -> str:
 def _joined_texts(values: Sequence[str]) -> str:
     """Identity texts as one parameter for ``_TEXTS`` (JSON text never holds a raw newline)."""
     return "\n".join(values)
-
-
-def _identities_of(rows: Sequence[ClaimedRow]) -> tuple[str, ...]:
-    if isinstance(rows, ClaimedRun):
-        return tuple(rows.identities())
-    return tuple(row.identity for row in rows)
 
 
 async def _delete_pending(conn: _Conn, row_ids: Sequence[int]) -> int:

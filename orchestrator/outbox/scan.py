@@ -24,7 +24,7 @@ from collections.abc import Container, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import islice, pairwise
 from typing import TYPE_CHECKING, cast
 
 import orjson
@@ -309,7 +309,8 @@ class ClaimScan:
         collection = self._collection
         contact_scope = collection is not None and collection.scope is Scope.CONTACT
         return Scanned(
-            rows=self._claimed_run(slots[:kept], contact_scope),
+            # the identities as the scan keyed them: the seal stores them without making them again
+            rows=self._claimed_run(slots[:kept], tuple(islice(self._latest, kept)), contact_scope),
             records_bytes=max(total, 0),
             full=kept < len(slots),
             superseded=self._superseded,
@@ -317,9 +318,11 @@ class ClaimScan:
             held_back=len(self._held),
         )
 
-    def _claimed_run(self, slots: Sequence[int], contact_scope: bool) -> ClaimedRun:
-        """The records of ``slots`` (ascending) as one run: each stretch of consecutive records
-        of a page's run is copied in one piece."""
+    def _claimed_run(
+        self, slots: Sequence[int], identities: tuple[str, ...], contact_scope: bool
+    ) -> ClaimedRun:
+        """The records of ``slots`` (ascending; ``identities``, theirs) as one run: each stretch
+        of consecutive records of a page's run is copied in one piece."""
         parts: list[bytes | memoryview] = []
         ends = array("q")
         keys: list[str] = []
@@ -379,7 +382,8 @@ class ClaimScan:
                 values if contact_scope else [],
                 RECORD_ORIGIN,
                 lines,
-            )
+            ),
+            identities,
         )
 
 
@@ -457,7 +461,7 @@ def _encode_page(
     run_texts = identity_texts(run.keys, run.identifiers, run.values)
     run_sizes = [end - before - 1 for before, end in pairwise([-1, *run.ends])]
     if len(run) == count:  # every row a record of the run: place i is record i
-        return _Page(first, run), list(run_texts), array("q", run_sizes), []
+        return _Page(first, run), cast("list[str | None]", run_texts), array("q", run_sizes), []
     texts: list[str | None] = [None] * count
     sizes = array("q", bytes(8 * count))
     places = array("q", [-1]) * count

@@ -51,7 +51,6 @@ from orchestrator.outbox.base import (
     Claim,
     ClaimConflict,
     ClaimedRow,
-    ClaimedRun,
     Finished,
     ImportPart,
     ImportPhase,
@@ -62,6 +61,8 @@ from orchestrator.outbox.base import (
     StoredDeadLetter,
     StoredImport,
     dead_letters_query,
+    identities_of,
+    row_ids_of,
 )
 from orchestrator.outbox.scan import ClaimScan, Scanned, key_of_record
 from orchestrator.records import Collection, IdentityHashes, hash_identities
@@ -423,19 +424,13 @@ class SqliteOutbox:
             raise ValueError("a sealed import holds at least one row")
         if ends and len(ends) != len(rows):
             raise ValueError(f"ends has {len(ends)} offsets for {len(rows)} rows")
-        row_ids = (
-            rows.row_ids if isinstance(rows, ClaimedRun) else tuple(row.row_id for row in rows)
-        )
+        row_ids = row_ids_of(rows)
         sealed_at = time.time()
         identities: tuple[str, ...] = ()
 
         def write(conn: sqlite3.Connection) -> int:
             nonlocal identities
-            # here: off the event loop
-            if isinstance(rows, ClaimedRun):
-                identities = tuple(rows.identities())
-            else:
-                identities = tuple(row.identity for row in rows)
+            identities = identities_of(rows)  # here: off the event loop
             ref = _insert_import(
                 conn,
                 queue,
