@@ -95,6 +95,36 @@ class ParsePool:
         """``executor`` for a caller already in a worker thread (blocking: up to a second)."""
         return self._start()
 
+    def submit_bytes(
+        self, data: bytes, *, contact_scope: bool
+    ) -> Future[tuple[EncodedLines, int]] | None:
+        """Encode a chunk in a worker process, its bytes sent through the pipe (blocking: call it
+        in a worker thread). ``None`` when the workers cannot start or take it (said in the
+        log): the caller encodes the chunk itself. A result that raises ``BrokenProcessPool``
+        goes to ``lost``."""
+        executor = None
+        try:
+            executor = self._start()
+            return executor.submit(parse_worker.parse_bytes, data, contact_scope, 1)
+        except (BrokenProcessPool, OSError, RuntimeError) as error:  # RuntimeError: shut down
+            log.warning(
+                "parsing.processes_unavailable",
+                error=type(error).__name__,
+                detail="parse worker processes are unavailable; encoding in a thread",
+            )
+            if executor is not None:
+                self.discard(executor)
+            return None
+
+    def lost(self, broken: ProcessPoolExecutor | None = None) -> None:
+        """A worker died under a chunk (its result raised ``BrokenProcessPool``): drop the
+        workers (``broken``, or the running ones), and the next chunk starts fresh ones."""
+        log.warning("parsing.processes_lost", detail="a parse worker died; parsing in a thread")
+        with self._lock:
+            broken = broken or self._executor
+        if broken is not None:
+            self.discard(broken)
+
     def discard(self, broken: ProcessPoolExecutor) -> None:
         """Forget workers that died: the next ``executor`` call starts fresh ones."""
         with self._lock:
@@ -371,9 +401,8 @@ class ChunkParser:
         return encoded, None
 
     def _give_up(self, executor: ProcessPoolExecutor) -> None:
-        log.warning("parsing.processes_lost", detail="a parse worker died; parsing in a thread")
         if self.pool is not None:
-            self.pool.discard(executor)
+            self.pool.lost(executor)
         self.pool = None
         self._executor = None
 

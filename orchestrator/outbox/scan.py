@@ -21,7 +21,7 @@ from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Container, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice, pairwise
@@ -29,10 +29,8 @@ from typing import TYPE_CHECKING, cast
 
 import orjson
 
-from orchestrator import parse_worker
 from orchestrator.chunks import EncodedLines, RecordRun, encode_chunk
 from orchestrator.errors import ConfigError, RecordError
-from orchestrator.logs import get_logger
 from orchestrator.outbox.base import (
     COLLECTION_INVALID,
     RECORD_ORIGIN,
@@ -62,8 +60,6 @@ _Sent = tuple[_Rows, int, bytes | None, "Future[tuple[EncodedLines, int]] | None
 
 _PIECE_ROWS = 1000  # rows a parse worker encodes at a time
 _PROCESS_BYTES = 256 << 10  # smaller pieces are encoded in the calling thread
-
-log = get_logger("orchestrator.outbox")
 
 
 @dataclass(slots=True)
@@ -148,7 +144,6 @@ class ClaimScan:
         self._piece_rows = piece_rows
         self._budget = budget
         self._pool = pool
-        self._executor: ProcessPoolExecutor | None = None
         # pieces sent to the pool and not taken in yet: enough to keep every process busy
         self._ahead: deque[_Sent] = deque()
         self._ahead_bytes = 0
@@ -208,35 +203,21 @@ class ClaimScan:
             piece = page[start : start + self._piece_rows]
             size = sum(len(raw) for _, raw in piece)
             data = _joined(piece)
-            self._ahead.append((piece, size, data, self._send(data, collection)))
+            self._ahead.append((piece, size, data, self._send(data)))
             self._ahead_bytes += size
             while len(self._ahead) > self._depth:
                 self._take(*self._ahead.popleft())
 
-    def _send(
-        self, data: bytes | None, collection: Collection
-    ) -> Future[tuple[EncodedLines, int]] | None:
+    def _send(self, data: bytes | None) -> Future[tuple[EncodedLines, int]] | None:
         """Hand a piece's lines to a parse worker, when there is a pool and the piece is big."""
         if self._pool is None or data is None or len(data) < _PROCESS_BYTES:
             return None
-        try:
-            if self._executor is None:
-                self._executor = self._pool.started()
-            contact_scope = collection.scope is Scope.CONTACT
-            return self._executor.submit(parse_worker.parse_bytes, data, contact_scope, 1)
-        except (BrokenProcessPool, OSError, RuntimeError) as error:  # RuntimeError: shut down
-            self._lose_pool(error)
-            return None
-
-    def _lose_pool(self, error: BaseException) -> None:
-        log.warning(
-            "parsing.processes_unavailable",
-            error=type(error).__name__,
-            detail="parse worker processes are unavailable; claims encode in a thread",
-        )
-        if self._pool is not None and self._executor is not None:
-            self._pool.discard(self._executor)
-        self._pool = self._executor = None
+        assert self._collection is not None
+        contact_scope = self._collection.scope is Scope.CONTACT
+        sent = self._pool.submit_bytes(data, contact_scope=contact_scope)
+        if sent is None:
+            self._pool = None  # this claim goes on in its thread
+        return sent
 
     def _take(
         self,
@@ -253,8 +234,10 @@ class ClaimScan:
         if sent is not None:
             try:
                 encoded = sent.result()[0]
-            except BrokenProcessPool as error:  # a worker died: slower, not lost
-                self._lose_pool(error)
+            except BrokenProcessPool:  # a worker died: slower, not lost
+                if self._pool is not None:
+                    self._pool.lost()
+                    self._pool = None
         first = len(self._ids)
         ids = array("q", [row_id for row_id, _ in page])
         records, texts, sizes, rejected = _encode_page(page, ids, collection, first, data, encoded)
