@@ -84,7 +84,7 @@ class BodyFiles:
 
     def remove_directory(self) -> None:
         """Remove the directory if it is empty (it is made again when needed)."""
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with contextlib.suppress(OSError):  # not there, or not empty
             self.directory.rmdir()
 
 

@@ -68,6 +68,14 @@ def default_account(sim: Simulator) -> dict[str, Account]:
     return {"default": Account("default", sim_client_settings(sim))}
 
 
+async def burst(store: SqliteOutbox, sim: Simulator, settings: Settings) -> Worker:
+    """Run a worker of the default account over ``store`` once (``run(burst=True)``)."""
+    async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
+        with anyio.fail_after(30):
+            await w.run(burst=True)
+    return w
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator(SimulatorConfig(records_per_second=20_000, jitter=0.3, seed=5)) as s:
@@ -110,6 +118,23 @@ async def test_a_burst_ends_when_its_last_import_does_not_at_the_next_look(
     assert elapsed < 10, elapsed
 
 
+class RecordingPools(SqliteOutbox):
+    """A real SQLite store that records the parse pool each claim is given, and its workers."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, exclusive=True)
+        self.pools: list[object] = []
+        self.pids: set[int] = set()
+
+    async def claim(self, queue: OutboxQueue, **kwargs: Any) -> Any:
+        found = await super().claim(queue, **kwargs)
+        pool = kwargs.get("parse_pool")
+        self.pools.append(pool)
+        if pool is not None and pool._executor is not None:  # started by the claim at the latest
+            self.pids.update(pool._executor._processes)
+        return found
+
+
 async def test_large_claims_are_encoded_in_the_workers_parse_processes(
     sim: Simulator, tmp_path: Path
 ) -> None:
@@ -120,20 +145,17 @@ async def test_large_claims_are_encoded_in_the_workers_parse_processes(
 
     path = tmp_path / "outbox.sqlite"
     pad = "x" * 1000
-    async with SqliteOutbox(path, exclusive=True) as store:
+    async with RecordingPools(path) as store:
         insert(path, "default", ORDERS, [line(f"o-{i}", pad=pad) for i in range(600)])
-        settings = fast(parse_processes=2)
-        async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
-            with anyio.fail_after(30):
-                await w.run(burst=True)
-            assert w.parse_pool is not None
-            pids = list(w.parse_pool.started()._processes)
+        worker = await burst(store, sim, fast(parse_processes=2))
+        assert store.pools
+        assert all(pool is worker.parse_pool is not None for pool in store.pools)
         for settings in (fast(parse_processes=0), fast(max_body_bytes=8 << 20)):
             async with Worker(store, default_account(sim), settings=settings) as none:
                 assert none.parse_pool is None
-    assert len(pids) == 2
+    assert len(store.pids) == 2
     assert len(sim.collections["Orders"]) == 600
-    for pid in pids:
+    for pid in store.pids:  # stopped with the worker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
@@ -155,10 +177,7 @@ async def test_a_body_is_sent_from_memory_and_stored_before_the_put(
     path = tmp_path / "outbox.sqlite"
     async with CountingLoads(path, exclusive=True) as store:
         insert(path, "default", ORDERS, [line(f"o-{i}", i=i) for i in range(300)])
-        settings = fast(max_body_bytes=4_000)
-        async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
-            with anyio.fail_after(30):
-                await w.run(burst=True)
+        await burst(store, sim, fast(max_body_bytes=4_000))
     assert len(sim.collections["Orders"]) == 300
     assert len(sim.stats.imports) > 2
     assert store.loads == 0
@@ -327,10 +346,7 @@ async def test_a_body_the_api_finds_too_large_is_split_and_imported(tmp_path: Pa
         SqliteOutbox(path, exclusive=True) as store,
     ):
         insert(path, "default", ORDERS, [line(f"p-{i}", pad="q" * 40) for i in range(200)])
-        settings = fast(max_body_bytes=10_000)
-        async with Worker(store, default_account(sim), settings=settings, poll_interval=0.05) as w:
-            with anyio.fail_after(30):
-                await w.run(burst=True)
+        w = await burst(store, sim, fast(max_body_bytes=10_000))
         assert len(sim.collections["Orders"]) == 200
         assert sim.stats.rejected_too_large >= 1
         assert outbox_rows(path) == 0
